@@ -1,0 +1,48 @@
+// Torch-free definitions shared by every compiled backend (CPU C++, CUDA) and
+// mirrored in fastmine/_contract.py.  The integer values are part of the op
+// schema `fastmine::mine_select` and must never change.
+#pragma once
+#include <cstdint>
+
+namespace fastmine {
+
+// Which same-class reference becomes the positive.
+enum class PosStrategy : int64_t {
+  Easy = 0,  // nearest same-class reference (EPS, Levi et al. 2021)
+  Hard = 1,  // farthest same-class reference
+};
+
+// Which different-class reference becomes the negative.
+enum class NegStrategy : int64_t {
+  Hard = 0,      // nearest different-class reference
+  SemiHard = 1,  // nearest with d_an > d_ap (and d_an < d_ap + margin if given)
+  Easy = 2,      // farthest different-class reference
+};
+
+enum class Distance : int64_t {
+  Euclidean = 0,         // ||a - b||_2        (mined on the square, a monotone map)
+  SquaredEuclidean = 1,  // ||a - b||_2^2
+  Cosine = 2,            // 1 - cos(a, b)
+};
+
+// Selection as "argmin of a key": a nearest rule uses key = d, a farthest rule
+// key = -d.  Ties keep the smallest reference index.
+inline constexpr bool pos_is_nearest(PosStrategy s) { return s == PosStrategy::Easy; }
+inline constexpr bool neg_is_nearest(NegStrategy s) { return s != NegStrategy::Easy; }
+
+// The semi-hard window is applied to the *mining* value v, which for
+// Euclidean is the squared distance.  Given the positive's mining value
+// v_ap, a negative is admissible iff  lo < v_an < hi  with
+//   lo = v_ap,  hi = +inf (no margin)  or
+//   hi = (sqrt(v_ap) + margin)^2  (Euclidean)  |  v_ap + margin (others).
+template <typename acc_t>
+inline acc_t semihard_upper(acc_t v_ap, double margin, Distance dist, acc_t inf) {
+  if (margin < 0) return inf;  // no margin given
+  if (dist == Distance::Euclidean) {
+    double r = __builtin_sqrt(static_cast<double>(v_ap)) + margin;
+    return static_cast<acc_t>(r * r);
+  }
+  return static_cast<acc_t>(static_cast<double>(v_ap) + margin);
+}
+
+}  // namespace fastmine

@@ -1,0 +1,13 @@
+"""fastmine: fused, exact triplet mining for deep metric learning.
+
+    res = fastmine.mine(embeddings, labels)      # easy positive, hard negative
+    loss = torch.relu(res.pos_dist - res.neg_dist + 0.1)[res.valid].mean()
+"""
+from . import reference
+from ._backends import available as available_backends
+from ._extension import build_info
+from .mine import MiningResult, mine
+
+__version__ = "0.1.0"
+
+__all__ = ["mine", "MiningResult", "reference", "available_backends", "build_info", "__version__"]
