@@ -6,8 +6,8 @@
 from . import reference
 from ._backends import available as available_backends
 from ._extension import build_info
-from .mine import MiningResult, mine
+from .mine import MineFunction, MiningResult, mine
 
 __version__ = "0.1.0"
 
-__all__ = ["mine", "MiningResult", "reference", "available_backends", "build_info", "__version__"]
+__all__ = ["mine", "MineFunction", "MiningResult", "reference", "available_backends", "build_info", "__version__"]

@@ -77,17 +77,22 @@ def setup_context(ctx, inputs, output) -> None:
     ctx.backend = backend
 
 
-def backward(ctx, _g_pos_idx, _g_neg_idx, grad_pos_dist, grad_neg_dist):
+def pair_grads(ctx, grad_pos_dist, grad_neg_dist):
+    """(grad_embeddings, grad_ref_emb) from the tensors saved by setup_context."""
     embeddings, ref_emb, pos_idx, neg_idx = ctx.saved_tensors
-    need_x, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-    if not (need_x or need_r):
-        return (None,) * 11
     zeros = lambda: torch.zeros(pos_idx.shape, dtype=embeddings.dtype, device=embeddings.device)
     grad_pos_dist = zeros() if grad_pos_dist is None else grad_pos_dist
     grad_neg_dist = zeros() if grad_neg_dist is None else grad_neg_dist
-    grad_x, grad_r = torch.ops.fastmine.mine_backward(
+    return torch.ops.fastmine.mine_backward(
         grad_pos_dist, grad_neg_dist, embeddings, ref_emb, pos_idx, neg_idx,
         ctx.distance, ctx.backend)
+
+
+def backward(ctx, _g_pos_idx, _g_neg_idx, grad_pos_dist, grad_neg_dist):
+    need_x, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    if not (need_x or need_r):
+        return (None,) * 11
+    grad_x, grad_r = pair_grads(ctx, grad_pos_dist, grad_neg_dist)
     return (grad_x if need_x else None, None, grad_r if need_r else None) + (None,) * 8
 
 

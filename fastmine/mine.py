@@ -103,3 +103,42 @@ def mine(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
                     distance, margin, query_ids, ref_ids, backend)
     pos_idx, neg_idx, pos_dist, neg_dist = torch.ops.fastmine.mine(*args)
     return MiningResult(pos_idx, neg_idx, pos_dist, neg_dist, (pos_idx >= 0) & (neg_idx >= 0))
+
+
+class MineFunction(torch.autograd.Function):
+    """Mining as a ``torch.autograd.Function``, for research code that wants the raw op.
+
+    ``MineFunction.apply(embeddings, labels, ref_emb=None, ref_labels=None,
+    pos_strategy="easy", neg_strategy="hard", distance="euclidean", margin=None,
+    query_ids=None, ref_ids=None, backend="auto")`` (positional, as ``apply``
+    requires) returns ``(pos_idx, neg_idx, pos_dist, neg_dist)``: the indices
+    are int64 [N] and marked non-differentiable; the distances [N] are
+    differentiable w.r.t. ``embeddings`` and ``ref_emb``.  The backward is the
+    same explicit scatter (``fastmine::mine_backward``) that ``mine`` uses;
+    when the references are the batch, both halves of it land in
+    ``embeddings.grad``.
+    """
+
+    @staticmethod
+    def forward(ctx, embeddings, labels, ref_emb=None, ref_labels=None, pos_strategy="easy",
+                neg_strategy="hard", distance="euclidean", margin=None, query_ids=None,
+                ref_ids=None, backend="auto"):
+        args = _prepare(embeddings, labels, ref_emb, ref_labels, pos_strategy, neg_strategy,
+                        distance, margin, query_ids, ref_ids, backend)
+        pos_idx, neg_idx, pos_dist, neg_dist = torch.ops.fastmine.mine(*args)
+        ctx.mark_non_differentiable(pos_idx, neg_idx)
+        ctx.save_for_backward(args[0], args[2], pos_idx, neg_idx)
+        ctx.self_refs = ref_emb is None
+        ctx.distance, ctx.backend = distance, args[-1]
+        return pos_idx, neg_idx, pos_dist, neg_dist
+
+    @staticmethod
+    def backward(ctx, _g_pos_idx, _g_neg_idx, grad_pos_dist, grad_neg_dist):
+        rest = (None,) * 9
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[2]):
+            return (None, None) + rest
+        grad_x, grad_r = _ops.pair_grads(ctx, grad_pos_dist, grad_neg_dist)
+        if ctx.self_refs:
+            return (grad_x + grad_r, None) + rest
+        return (grad_x if ctx.needs_input_grad[0] else None, None,
+                grad_r if ctx.needs_input_grad[2] else None) + (None,) * 8
