@@ -11,3 +11,11 @@ from .mine import MineFunction, MiningResult, mine
 __version__ = "0.1.0"
 
 __all__ = ["mine", "MineFunction", "MiningResult", "reference", "available_backends", "build_info", "__version__"]
+
+# Optional backends register themselves on import (never raising when their
+# dependency is missing): 'triton' needs triton and CUDA tensors, or CPU
+# tensors under TRITON_INTERPRET=1.
+try:
+    from . import _triton  # noqa: F401
+except ImportError:  # the module itself is absent only in partial checkouts
+    pass
