@@ -28,6 +28,8 @@ def _gather(x: Tensor, r: Tensor, idx: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     cdt = compute_dtype(x.dtype)
     valid = idx >= 0
     a = x.to(cdt)
+    if r.shape[0] == 0:  # no references: every idx is -1 and b is never used
+        return a, torch.ones_like(a), valid
     b = r.to(cdt).index_select(0, idx.clamp_min(0))
     return a, b, valid
 
@@ -88,6 +90,8 @@ def pair_distance_backward(grad_pos: Tensor, grad_neg: Tensor, x: Tensor, r: Ten
         ga, gb = _pair_grads(a, b, distance)
         w = torch.where(valid, g.to(cdt), torch.zeros((), dtype=cdt, device=g.device))[:, None]
         grad_x += w * ga
+        if r.shape[0] == 0:
+            continue
         rows = idx.clamp_min(0)
         if deterministic:
             grad_r.index_put_((rows,), w * gb, accumulate=True)
