@@ -21,6 +21,7 @@ Method
 * TFLOP/s = 2 N M D / t (the Gram product every exact method must do).
   "t/floor" = t / t(matmul blocked floor, same size/dtype, forward), and
   "PML/t" = t(PML BatchEasyHardMiner, same cell) / t, i.e. speed-up over PML.
+  TFLOP/s and t/floor are left empty in backward mode (no Gram product there).
 * Peak memory = peak extra memory of one call above the inputs.  CUDA:
   torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus the
   memory allocated before the call.  CPU: measured in a fresh spawned process
@@ -256,15 +257,15 @@ def _malloc_trim():
 
 def measure_cpu_peak(setup, fn) -> tuple:
     """(peak RSS increase in bytes of one fn(setup()) call, method name), in this process."""
+    state = setup()  # untimed part (e.g. the forward before a backward) is not counted
     gc.collect()
-    _malloc_trim()
+    _malloc_trim()  # return freed heap pages, so the call cannot reuse them unseen
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM (peak RSS) to the current RSS
         reset = True
     except OSError:
         reset = False
-    state = setup()
     if reset:
         before = _proc_status_kb("VmRSS")
         fn(state)
@@ -364,7 +365,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="names or words of names: cpu torch triton cuda pml BatchEasyHardMiner "
                          "BatchHardMiner keops floor (default: all available)")
     ap.add_argument("--modes", nargs="+", choices=MODES)
-    ap.add_argument("--repeats", type=int)
+    ap.add_argument("--repeats", type=int, help="timed runs per cell (0: measure memory only)")
     ap.add_argument("--warmup", type=int)
     ap.add_argument("--samples-per-class", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
@@ -474,9 +475,12 @@ def run(args) -> dict:
                 else:
                     try:
                         setup, fn = _call(prov, mode, data, strategy)
-                        times = time_call(setup, fn, device, args.repeats, args.warmup)
-                        row["times_s"] = times
-                        row["time_s"] = statistics.median(times)
+                        if args.repeats > 0:  # --repeats 0: memory only
+                            times = time_call(setup, fn, device, args.repeats, args.warmup)
+                            row["times_s"] = times
+                            row["time_s"] = statistics.median(times)
+                        else:
+                            fn(setup())  # still check that it runs (and fails here, not later)
                         if memory == "inprocess":
                             if device.type == "cuda":
                                 peak, method = measure_cuda_peak(setup, fn, device)

@@ -26,7 +26,7 @@ def add_derived(rows: List[dict]) -> None:
     """Fill tflops, t_over_floor and pml_over_t in place.
 
     tflops = 2 N M D / t; t_over_floor = t / t(floor, same size & dtype,
-    forward); pml_over_t = t(PML BatchEasyHardMiner, same cell) / t.
+    forward) (both None in backward mode); pml_over_t = t(PML BatchEasyHardMiner, same cell) / t.
     """
     floor: Dict[tuple, float] = {}
     pml: Dict[tuple, float] = {}
@@ -39,8 +39,10 @@ def add_derived(rows: List[dict]) -> None:
             pml[_size_key(r) + (r["strategy"], r["mode"])] = r["time_s"]
     for r in rows:
         t = r.get("time_s")
-        r["tflops"] = 2.0 * r["n"] * r["m"] * r["d"] / t / 1e12 if t else None
-        f = floor.get(_size_key(r))
+        # The backward alone does no N x M work: a rate or a floor ratio would mislead.
+        gram = r["mode"] != "backward"
+        r["tflops"] = 2.0 * r["n"] * r["m"] * r["d"] / t / 1e12 if (t and gram) else None
+        f = floor.get(_size_key(r)) if gram else None
         r["t_over_floor"] = t / f if (t and f) else None
         p = pml.get(_size_key(r) + (r["strategy"], r["mode"]))
         r["pml_over_t"] = p / t if (t and p) else None

@@ -87,3 +87,17 @@ def test_providers_solve_the_same_problem(strategy):
         if want is None:
             want = got
         torch.testing.assert_close(got, want, msg=lambda m: f"{p.name}: {m}")
+
+
+def test_backward_mode_rows(tmp_path):
+    result = M.main(["--device", "cpu", "--n", "128", "--d", "16", "--providers", "torch", "floor",
+                     "--modes", "forward", "backward", "--repeats", "1", "--warmup", "0",
+                     "--memory", "off", "--no-progress", "--no-plots", "--out", str(tmp_path)])
+    rows = {(r["provider"], r["mode"]): r for r in result["results"]}
+    # The floor is a forward-only row; the backward alone gets no rate or floor ratio.
+    assert set(rows) == {("fastmine torch", "forward"), ("fastmine torch", "backward"),
+                         (P.FLOOR, "forward")}
+    back = rows[("fastmine torch", "backward")]
+    assert back["status"] == "ok" and back["time_s"] > 0
+    assert back["tflops"] is None and back["t_over_floor"] is None
+    assert rows[("fastmine torch", "forward")]["t_over_floor"] > 0
