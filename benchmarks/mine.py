@@ -18,6 +18,8 @@ Method
   untimed before each repeat).
 * Time: warm-up runs, then the median of --repeats timed runs; CPU uses
   time.perf_counter, CUDA uses CUDA events around the call (synchronised).
+  A cell stops repeating once its calls took --cell-budget-s (times_s in the
+  JSON lists the runs actually timed).
 * TFLOP/s = 2 N M D / t (the Gram product every exact method must do).
   "t/floor" = t / t(matmul blocked floor, same size/dtype, forward), and
   "PML/t" = t(PML BatchEasyHardMiner, same cell) / t, i.e. speed-up over PML.
@@ -215,13 +217,26 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_call(setup, fn, device: torch.device, repeats: int, warmup: int) -> List[float]:
-    """Seconds per timed call, ``repeats`` of them after ``warmup`` untimed calls."""
+def time_call(setup, fn, device: torch.device, repeats: int, warmup: int,
+              budget_s: float = float("inf")) -> List[float]:
+    """Seconds per timed call, ``repeats`` of them after ``warmup`` untimed calls.
+
+    Once the calls made so far have taken ``budget_s`` in total, no more are
+    started (at least one is always timed): a provider taking minutes per call
+    at large N gets fewer repeats instead of stalling the sweep.
+    """
+    spent = 0.0
     for _ in range(warmup):
+        t0 = time.perf_counter()
         fn(setup())
-    _sync(device)
+        _sync(device)
+        spent += time.perf_counter() - t0
+        if spent > budget_s:
+            break
     times = []
     for _ in range(repeats):
+        if times and spent > budget_s:
+            break
         state = setup()
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -235,6 +250,7 @@ def time_call(setup, fn, device: torch.device, repeats: int, warmup: int) -> Lis
             t0 = time.perf_counter()
             fn(state)
             times.append(time.perf_counter() - t0)
+        spent += times[-1]
         del state
     return times
 
@@ -367,6 +383,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--modes", nargs="+", choices=MODES)
     ap.add_argument("--repeats", type=int, help="timed runs per cell (0: measure memory only)")
     ap.add_argument("--warmup", type=int)
+    ap.add_argument("--cell-budget-s", type=float, default=60.0,
+                    help="stop repeating a cell once its calls took this long (>= 1 timed run)")
     ap.add_argument("--samples-per-class", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -476,7 +494,8 @@ def run(args) -> dict:
                     try:
                         setup, fn = _call(prov, mode, data, strategy)
                         if args.repeats > 0:  # --repeats 0: memory only
-                            times = time_call(setup, fn, device, args.repeats, args.warmup)
+                            times = time_call(setup, fn, device, args.repeats, args.warmup,
+                                              args.cell_budget_s)
                             row["times_s"] = times
                             row["time_s"] = statistics.median(times)
                         else:

@@ -29,9 +29,10 @@ PML_EASY_HARD = "pml BatchEasyHardMiner"
 PML_BATCH_HARD = "pml BatchHardMiner"
 KEOPS = "keops"
 
-# Elements of one floor block (rows x M): 2**24 fp32 = 64 MiB, enough to run
-# the GEMM at full speed while keeping memory independent of N.
-FLOOR_BLOCK_ELEMS = 1 << 24
+# Elements of one floor block (rows x M), enough to run the GEMM at full speed
+# while keeping memory independent of N: 2**24 (64 MiB fp32) on CPU; 2**28
+# (1 GiB fp32) on GPU, so that even a 1M-row bank gets 256-row blocks.
+FLOOR_BLOCK_ELEMS = {"cpu": 1 << 24, "cuda": 1 << 28}
 
 
 @dataclass
@@ -168,12 +169,15 @@ def _keops() -> Provider:
 
 
 # ---------------------------------------------------------------- floor
-def blocked_matmul(x: Tensor, r: Tensor, block_elems: int = FLOOR_BLOCK_ELEMS) -> None:
+def blocked_matmul(x: Tensor, r: Tensor, block_elems: Optional[int] = None) -> None:
     """X @ R.T in row blocks of at most ``block_elems`` outputs; results discarded.
 
-    x: [N, D], r: [M, D], same dtype.  Runs at the current float32 matmul
-    precision, like mining does.
+    x: [N, D], r: [M, D], same dtype and device.  Runs at the current float32
+    matmul precision, like mining does.  block_elems defaults per device type
+    (FLOOR_BLOCK_ELEMS).
     """
+    if block_elems is None:
+        block_elems = FLOOR_BLOCK_ELEMS.get(x.device.type, FLOOR_BLOCK_ELEMS["cpu"])
     m = max(r.shape[0], 1)
     rows = max(1, block_elems // m)
     rt = r.T

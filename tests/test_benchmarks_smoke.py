@@ -101,3 +101,16 @@ def test_backward_mode_rows(tmp_path):
     assert back["status"] == "ok" and back["time_s"] > 0
     assert back["tflops"] is None and back["t_over_floor"] is None
     assert rows[("fastmine torch", "forward")]["t_over_floor"] > 0
+
+
+def test_time_budget_limits_repeats():
+    import time
+    calls = []
+
+    def fn(_):
+        calls.append(1)
+        time.sleep(0.02)
+    times = M.time_call(lambda: None, fn, torch.device("cpu"), repeats=5, warmup=2, budget_s=0.01)
+    assert len(calls) == 2 and len(times) == 1 and times[0] >= 0.02  # 1 warm-up, then 1 timed run
+    times = M.time_call(lambda: None, fn, torch.device("cpu"), repeats=3, warmup=0)
+    assert len(times) == 3
