@@ -12,6 +12,7 @@ import glob
 import os
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 try:
     import torch
@@ -42,18 +43,41 @@ def extensions():
     include_dirs = [os.path.join(HERE, "csrc", "include")]
     cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-std=c++17"]
     if _want_cuda():
+        # Target GPUs: TORCH_CUDA_ARCH_LIST (e.g. "8.0;9.0"), read by BuildExtension;
+        # unset, torch builds for the visible GPU (or its default list without one).
+        # No -std flag: torch's BuildExtension picks the C++ standard its headers need.
         sources += rel("csrc/cuda/*.cu")
         return [CUDAExtension(
-            "fastmine._C", sources, include_dirs=include_dirs,
+            "fastmine._C", sources, include_dirs=include_dirs + [os.path.join(HERE, "csrc", "cuda")],
             define_macros=[("FASTMINE_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
             extra_link_args=["-fopenmp"])]
     return [CppExtension("fastmine._C", sources, include_dirs=include_dirs,
                          extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])]
 
 
+class BuildPyWithSources(build_py):
+    """Also ship csrc/ inside the package (fastmine/_csrc) for the JIT CUDA build
+    (fastmine/_jit.py) of a wheel install; editable installs use the checkout's csrc/."""
+
+    def run(self):
+        super().run()
+        if self.editable_mode:
+            return
+        src = os.path.join(HERE, "csrc")
+        dst = os.path.join(self.build_lib, "fastmine", "_csrc")
+        for path in glob.glob(os.path.join(src, "**", "*"), recursive=True):
+            if os.path.isfile(path) and path.endswith((".h", ".cuh", ".cpp", ".cu")):
+                self.copy_file(path, os.path.join(dst, os.path.relpath(path, src)), preserve_mode=False)
+        return None
+
+    def copy_file(self, infile, outfile, *args, **kwargs):
+        os.makedirs(os.path.dirname(outfile), exist_ok=True)
+        return super().copy_file(infile, outfile, *args, **kwargs)
+
+
 setup(
     packages=find_packages(include=["fastmine", "fastmine.*"]),
     ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True), "build_py": BuildPyWithSources},
 )

@@ -1,6 +1,7 @@
 """Loading the compiled extension; importing fastmine never fails without it."""
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -18,9 +19,57 @@ def loaded() -> bool:
     return _C is not None
 
 
-def has_cuda_kernels() -> bool:
-    """True when the extension was built with the CUDA kernels."""
+def _built_with_cuda() -> bool:
     return loaded() and "cuda=on" in _C.build_info()
+
+
+def jit_enabled() -> bool:
+    """True when FASTMINE_JIT=1: backend="cuda" may JIT-build missing CUDA kernels."""
+    return os.environ.get("FASTMINE_JIT", "0").lower() in ("1", "on", "true")
+
+
+def has_cuda_kernels() -> bool:
+    """True when CUDA kernels are registered for fastmine::mine_select.
+
+    That is: the extension was built with them, or they were JIT-built in this
+    process (fastmine._jit).  With FASTMINE_JIT=1, a CUDA torch on a machine
+    with a GPU and no built kernels, the first call tries the JIT build once;
+    its failure is remembered (see :func:`cuda_why_missing`) and gives False.
+    """
+    if _built_with_cuda():
+        return True
+    from . import _jit
+
+    if _jit.loaded():
+        return True
+    if jit_enabled() and _jit.last_error() is None and torch.cuda.is_available():
+        try:
+            _jit.load_cuda_extension()
+        except _jit.JitBuildError:
+            return False
+        return True
+    return False
+
+
+def cuda_why_missing() -> str:
+    """Why no CUDA kernels are available ('' when they are), for error messages."""
+    if _built_with_cuda():
+        return ""
+    from . import _jit
+
+    if _jit.loaded():
+        return ""
+    if _jit.last_error() is not None:
+        return str(_jit.last_error())
+    base = "fastmine was built without its CUDA kernels"
+    if not jit_enabled():
+        return (base + "; rebuild with a CUDA torch and toolkit (FASTMINE_CUDA=1), or set "
+                "FASTMINE_JIT=1 to compile them on first use")
+    try:
+        _jit.check_toolchain()
+    except _jit.JitBuildError as exc:
+        return f"{base} and the JIT build cannot run: {exc}"
+    return base + " (JIT build not attempted: no CUDA device is visible)"
 
 
 def why_missing() -> str:
@@ -32,7 +81,12 @@ def why_missing() -> str:
 
 
 def build_info() -> str:
-    return _C.build_info() if loaded() else "not built"
+    """Compiler/OpenMP/CUDA flags of the compiled extension ('not built' without it);
+    '; cuda=jit' is appended once the CUDA kernels were JIT-built in this process."""
+    from . import _jit
+
+    info = _C.build_info() if loaded() else "not built"
+    return info + "; cuda=jit" if _jit.loaded() else info
 
 
 def select_op():

@@ -4,6 +4,14 @@
 #pragma once
 #include <cstdint>
 
+// Helpers below are usable from CUDA device code too (csrc/cuda); plain
+// inline functions for host compilers.
+#if defined(__CUDACC__)
+#define FASTMINE_HD __host__ __device__
+#else
+#define FASTMINE_HD
+#endif
+
 namespace fastmine {
 
 // Which same-class reference becomes the positive.
@@ -27,8 +35,8 @@ enum class Distance : int64_t {
 
 // Selection as "argmin of a key": a nearest rule uses key = d, a farthest rule
 // key = -d.  Ties keep the smallest reference index.
-inline constexpr bool pos_is_nearest(PosStrategy s) { return s == PosStrategy::Easy; }
-inline constexpr bool neg_is_nearest(NegStrategy s) { return s != NegStrategy::Easy; }
+FASTMINE_HD inline constexpr bool pos_is_nearest(PosStrategy s) { return s == PosStrategy::Easy; }
+FASTMINE_HD inline constexpr bool neg_is_nearest(NegStrategy s) { return s != NegStrategy::Easy; }
 
 // The semi-hard window is applied to the *mining* value v, which for
 // Euclidean is the squared distance.  Given the positive's mining value
@@ -36,11 +44,17 @@ inline constexpr bool neg_is_nearest(NegStrategy s) { return s != NegStrategy::E
 //   lo = v_ap,  hi = +inf (no margin)  or
 //   hi = (sqrt(v_ap) + margin)^2  (Euclidean)  |  v_ap + margin (others).
 template <typename acc_t>
-inline acc_t semihard_upper(acc_t v_ap, double margin, Distance dist, acc_t inf) {
+FASTMINE_HD inline acc_t semihard_upper(acc_t v_ap, double margin, Distance dist, acc_t inf) {
   if (margin < 0) return inf;  // no margin given
   if (dist == Distance::Euclidean) {
+#if defined(__CUDA_ARCH__)
+    // Correctly rounded sqrt/add/mul without FMA contraction: bit-identical to the host.
+    double r = __dadd_rn(::sqrt(static_cast<double>(v_ap)), margin);
+    return static_cast<acc_t>(__dmul_rn(r, r));
+#else
     double r = __builtin_sqrt(static_cast<double>(v_ap)) + margin;
     return static_cast<acc_t>(r * r);
+#endif
   }
   return static_cast<acc_t>(static_cast<double>(v_ap) + margin);
 }

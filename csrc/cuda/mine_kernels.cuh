@@ -1,0 +1,628 @@
+// CUDA kernels of fastmine::mine_select (torch-free: raw pointers and a stream).
+//
+// Forward, per anchor row i and reference j, without ever holding the N x M matrix:
+//   dot(i, j)   tiled BM x BN block tile, K-loop over the embedding dimension in
+//               BK slices staged through shared memory; the tile product runs on
+//               tensor cores (WMMA: fp16/bf16 inputs, or tf32 for fp32 when the
+//               matmul precision allows it) or on FFMA (exact fp32, fp64).
+//   v(i, j)     squared Euclidean  a_i + b_j - 2 dot   (a, b = squared norms)
+//               cosine             1 - dot * a_i * b_j  (a, b = inverse norms)
+//               clamped at +0; Euclidean is mined on its square (same order).
+//   key         nearest rule: v, farthest rule: -v, +inf when inadmissible
+//               (label mask, same-sample mask query_ids[i] == ref_ids[j],
+//               semi-hard window lo < v < hi).
+//   selection   argmin of the key, ties -> smallest reference index.  Every
+//               (key, index) comparison is lexicographic, so the result does not
+//               depend on the order in which tiles, threads or splits are merged.
+// Each block owns BM anchor rows and a contiguous range of reference tiles (a
+// "split" of the reference axis, gridDim.y splits so that small N still fills the
+// GPU).  Thread t owns row t / TPR of the tile and the columns congruent to
+// t % TPR: its running (key, index) for positive and negative live in registers
+// across all reference tiles of the block.  The TPR lanes of a row are merged
+// with warp shuffles, the splits by merge_kernel.  Semi-hard runs two sweeps:
+// positives (PosOnly) then negatives inside the window (NegWindow) whose bounds
+// merge_kernel derives from the positive's key with semihard_upper().
+//
+// Backward: pair_backward_kernel evaluates the exact pair gradients of
+// fastmine/_pairs.py (see there for the formulas) for each anchor's positive and
+// negative, writes dL/dx densely and scatters dL/dr with atomicAdd; the
+// deterministic variant writes per-pair contributions and gathers them per
+// reference row in pair order (gather_ref_grad_kernel), O(M * 2N) index reads.
+//
+// Indexing is int64 throughout (row * D offsets can exceed 2^31).
+#pragma once
+
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <mma.h>
+
+#include <cstdint>
+#include <cstddef>
+#include <type_traits>
+
+#include "fastmine/strategies.h"
+
+namespace fastmine {
+namespace cuda {
+
+// How the tile of dot products is computed.
+enum class DotPath : int {
+  Ffma = 0,  // CUDA cores in the accumulation type (exact fp32 / fp64)
+  Wmma = 1,  // tensor cores, fp16/bf16 inputs, fp32 accumulate (sm_70 fp16 / sm_80 bf16)
+  Tf32 = 2,  // tensor cores, fp32 inputs rounded to tf32, fp32 accumulate (sm_80)
+};
+
+enum class Pass : int { Fused = 0, PosOnly = 1, NegWindow = 2 };
+
+constexpr int64_t kNoIndex = INT64_MAX;  // "no candidate" sentinel while merging
+
+// ---------------------------------------------------------------- type helpers
+template <typename T> struct AccOf { using type = float; };
+template <> struct AccOf<double> { using type = double; };
+
+template <typename acc_t> FASTMINE_HD inline acc_t to_acc(float v) { return static_cast<acc_t>(v); }
+FASTMINE_HD inline float load_acc(float v) { return v; }
+FASTMINE_HD inline double load_acc(double v) { return v; }
+__device__ inline float load_acc(__half v) { return __half2float(v); }
+__device__ inline float load_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename acc_t> FASTMINE_HD inline acc_t acc_inf();
+template <> FASTMINE_HD inline float acc_inf<float>() { return __builtin_huge_valf(); }
+template <> FASTMINE_HD inline double acc_inf<double>() { return __builtin_huge_val(); }
+
+// Round-to-nearest arithmetic that the compiler may not contract into FMA, so
+// that host references (and the CPU kernel, built with -ffp-contract=off)
+// reproduce the device's mining values bit for bit.
+#if defined(__CUDA_ARCH__)
+__device__ inline float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ inline float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ inline float sub_rn(float a, float b) { return __fsub_rn(a, b); }
+__device__ inline double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ inline double add_rn(double a, double b) { return __dadd_rn(a, b); }
+__device__ inline double sub_rn(double a, double b) { return __dsub_rn(a, b); }
+#else
+template <typename A> inline A mul_rn(A a, A b) { return a * b; }
+template <typename A> inline A add_rn(A a, A b) { return a + b; }
+template <typename A> inline A sub_rn(A a, A b) { return a - b; }
+#endif
+
+// Mining value from a dot product (see the file comment); mirrors
+// csrc/cpu/mine_cpu.cpp::mining_value, including the evaluation order.
+template <typename acc_t, Distance DIST>
+FASTMINE_HD inline acc_t mining_value(acc_t dot, acc_t ai, acc_t bj) {
+  acc_t v;
+  if constexpr (DIST == Distance::Cosine) {
+    v = sub_rn(acc_t(1), mul_rn(mul_rn(dot, ai), bj));
+  } else {
+    v = sub_rn(add_rn(ai, bj), mul_rn(acc_t(2), dot));
+  }
+  return v > acc_t(0) ? v : acc_t(0);
+}
+
+// Lexicographic (key, index) order: smaller key, then smaller index.
+template <typename acc_t>
+FASTMINE_HD inline bool better(acc_t k1, int64_t i1, acc_t k2, int64_t i2) {
+  return k1 < k2 || (k1 == k2 && i1 < i2);
+}
+
+// ------------------------------------------------------------------ tile config
+// BM x BN output tile, BK-deep K slices, NT threads; TPR threads per row.
+template <typename T, DotPath P> struct TileConfig {
+  static constexpr int BM = 64, BN = 64, NT = 256, TPR = NT / BM;
+  static constexpr int BK = (P == DotPath::Ffma) ? (sizeof(T) == 8 ? 16 : 32) : 32;
+  using stage_t = typename std::conditional<P == DotPath::Wmma, T, typename AccOf<T>::type>::type;
+  using acc_t = typename AccOf<T>::type;
+  // Shared-memory strides (elements).  WMMA needs ldm % (16 bytes) == 0.
+  static constexpr int LDS = (P == DotPath::Ffma) ? BK + 1 : BK + (P == DotPath::Wmma ? 8 : 4);
+  static constexpr int LDC = BN + ((P == DotPath::Ffma && sizeof(acc_t) == 8) ? 1 : 4);
+  static constexpr size_t kStageBytes = size_t(BM + BN) * LDS * sizeof(stage_t);
+  static constexpr size_t kTileBytes = size_t(BM) * LDC * sizeof(acc_t);
+  static constexpr size_t kSmemBytes = kStageBytes > kTileBytes ? kStageBytes : kTileBytes;
+  static_assert(kSmemBytes <= 48 * 1024, "static shared memory limit");
+  static_assert(NT % BM == 0 && BN % TPR == 0, "row ownership");
+};
+
+// Everything the forward kernels read.  Terms/labels are per row.
+template <typename T>
+struct ForwardArgs {
+  using acc_t = typename AccOf<T>::type;
+  const T* x;              // [n, d] anchors, row-major contiguous
+  const T* r;              // [m, d] references
+  const acc_t* a;          // [n] anchor terms (|x|^2 or 1/|x|)
+  const acc_t* b;          // [m] reference terms
+  const int32_t* ql;       // [n] anchor labels (int32 codes)
+  const int32_t* rl;       // [m] reference labels
+  const int32_t* qid;      // [n] or nullptr (no same-sample exclusion)
+  const int32_t* rid;      // [m] or nullptr
+  const acc_t* lo;         // [n] semi-hard window (NegWindow only)
+  const acc_t* hi;         // [n]
+  int64_t n, m, d;
+  acc_t ps, ns;            // +1 nearest / -1 farthest
+  int64_t tiles_per_split; // reference tiles (of BN) per split
+  acc_t* part_pkey;        // [splits, n] partial results
+  int64_t* part_pidx;
+  acc_t* part_nkey;
+  int64_t* part_nidx;
+};
+
+// Stage rows [row0, row0 + ROWS) x cols [k0, k0 + BK) of src into smem (zero padded).
+template <typename T, typename S, int ROWS, int BK, int LDS, int NT>
+__device__ inline void stage_rows(S* dst, const T* src, int64_t row0, int64_t rows, int64_t k0,
+                                  int64_t d) {
+  for (int e = threadIdx.x; e < ROWS * BK; e += NT) {
+    const int rr = e / BK, kk = e % BK;
+    const int64_t row = row0 + rr, k = k0 + kk;
+    S v = S(0.0f);
+    if (row < rows && k < d) {
+      if constexpr (std::is_same<S, T>::value) v = src[row * d + k];
+      else v = static_cast<S>(load_acc(src[row * d + k]));
+    }
+    dst[rr * LDS + kk] = v;
+  }
+}
+
+// C[BM][LDC] (acc_t) = X[i0:i0+BM] . R[j0:j0+BN]^T.
+template <typename T, DotPath P>
+__device__ inline void dot_tile(unsigned char* smem, const T* __restrict__ x,
+                                const T* __restrict__ r, int64_t i0, int64_t j0, int64_t n,
+                                int64_t m, int64_t d) {
+  using C = TileConfig<T, P>;
+  using S = typename C::stage_t;
+  using acc_t = typename C::acc_t;
+  S* As = reinterpret_cast<S*>(smem);
+  S* Bs = As + C::BM * C::LDS;
+  acc_t* Cs = reinterpret_cast<acc_t*>(smem);  // aliases the stage (used after the K loop)
+  constexpr bool kTensor = P != DotPath::Ffma;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  constexpr bool kHaveTensor = true;
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+  constexpr bool kHaveTensor = std::is_same<T, __half>::value;
+#else
+  constexpr bool kHaveTensor = false;
+#endif
+  if constexpr (kTensor && kHaveTensor) {
+    namespace wmma = nvcuda::wmma;
+    // 16 fragments of 16x16 over NT/32 = 8 warps: warp w owns row strip w/2 and
+    // column strips 2*(w%2), 2*(w%2)+1.
+    constexpr int KS = (P == DotPath::Tf32) ? 8 : 16;
+    using in_t = typename std::conditional<P == DotPath::Tf32, wmma::precision::tf32, T>::type;
+    const int warp = threadIdx.x / 32;
+    const int fm = warp / 2, fn0 = (warp % 2) * 2;
+    wmma::fragment<wmma::accumulator, 16, 16, KS, float> acc[2];
+    wmma::fill_fragment(acc[0], 0.0f);
+    wmma::fill_fragment(acc[1], 0.0f);
+    for (int64_t k0 = 0; k0 < d; k0 += C::BK) {
+      stage_rows<T, S, C::BM, C::BK, C::LDS, C::NT>(As, x, i0, n, k0, d);
+      stage_rows<T, S, C::BN, C::BK, C::LDS, C::NT>(Bs, r, j0, m, k0, d);
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < C::BK; kk += KS) {
+        wmma::fragment<wmma::matrix_a, 16, 16, KS, in_t, wmma::row_major> fa;
+        wmma::load_matrix_sync(fa, As + fm * 16 * C::LDS + kk, C::LDS);
+        if constexpr (P == DotPath::Tf32) {
+          for (int t = 0; t < fa.num_elements; ++t) fa.x[t] = wmma::__float_to_tf32(fa.x[t]);
+        }
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          // B^T as a K x BN column-major matrix: element (k, n) at Bs[n * LDS + k].
+          wmma::fragment<wmma::matrix_b, 16, 16, KS, in_t, wmma::col_major> fb;
+          wmma::load_matrix_sync(fb, Bs + (fn0 + q) * 16 * C::LDS + kk, C::LDS);
+          if constexpr (P == DotPath::Tf32) {
+            for (int t = 0; t < fb.num_elements; ++t) fb.x[t] = wmma::__float_to_tf32(fb.x[t]);
+          }
+          wmma::mma_sync(acc[q], fa, fb, acc[q]);
+        }
+      }
+      __syncthreads();
+    }
+    for (int q = 0; q < 2; ++q) {
+      wmma::store_matrix_sync(Cs + fm * 16 * C::LDC + (fn0 + q) * 16, acc[q], C::LDC,
+                              wmma::mem_row_major);
+    }
+    __syncthreads();
+  } else {
+    // FFMA: thread (ty, tx) of a 16 x 16 grid computes rows ty + 16 a, cols tx + 16 b.
+    static_assert(C::NT == 256 && C::BM == 64 && C::BN == 64, "FFMA micro-tile layout");
+    const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+    acc_t c[4][4] = {};
+    for (int64_t k0 = 0; k0 < d; k0 += C::BK) {
+      stage_rows<T, S, C::BM, C::BK, C::LDS, C::NT>(As, x, i0, n, k0, d);
+      stage_rows<T, S, C::BN, C::BK, C::LDS, C::NT>(Bs, r, j0, m, k0, d);
+      __syncthreads();
+#pragma unroll 4
+      for (int kk = 0; kk < C::BK; ++kk) {
+        acc_t av[4], bv[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          av[q] = load_acc(As[(ty + 16 * q) * C::LDS + kk]);
+          bv[q] = load_acc(Bs[(tx + 16 * q) * C::LDS + kk]);
+        }
+#pragma unroll
+        for (int p = 0; p < 4; ++p)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) c[p][q] += av[p] * bv[q];
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int p = 0; p < 4; ++p)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) Cs[(ty + 16 * p) * C::LDC + tx + 16 * q] = c[p][q];
+    __syncthreads();
+  }
+}
+
+// One block: BM anchors x one split of the reference axis.
+template <typename T, DotPath P, Distance DIST, Pass PASS>
+__global__ void __launch_bounds__(TileConfig<T, P>::NT)
+    mine_forward_kernel(const ForwardArgs<T> A) {
+  using C = TileConfig<T, P>;
+  using acc_t = typename C::acc_t;
+  constexpr bool DO_POS = PASS != Pass::NegWindow;
+  constexpr bool DO_NEG = PASS != Pass::PosOnly;
+  constexpr bool WINDOW = PASS == Pass::NegWindow;
+  __shared__ __align__(128) unsigned char smem[C::kSmemBytes];
+  const acc_t inf = acc_inf<acc_t>();
+
+  const int64_t i0 = int64_t(blockIdx.x) * C::BM;
+  const int row = threadIdx.x / C::TPR, lane_col = threadIdx.x % C::TPR;
+  const int64_t i = i0 + row;
+  const bool row_ok = i < A.n;
+  const acc_t ai = row_ok ? A.a[i] : acc_t(0);
+  const int32_t li = row_ok ? A.ql[i] : 0;
+  const bool has_ids = A.qid != nullptr;
+  const int32_t qi = (row_ok && has_ids) ? A.qid[i] : 0;
+  acc_t lo = inf, hi = inf;
+  if (WINDOW && row_ok) { lo = A.lo[i]; hi = A.hi[i]; }
+  // A semi-hard row without a positive has lo = +inf: nothing is admissible.
+  const bool row_active = row_ok && (!WINDOW || lo < inf);
+
+  acc_t bpk = inf, bnk = inf;
+  int64_t bpi = kNoIndex, bni = kNoIndex;
+  const int64_t tiles = (A.m + C::BN - 1) / C::BN;
+  const int64_t t0 = int64_t(blockIdx.y) * A.tiles_per_split;
+  const int64_t t1 = t0 + A.tiles_per_split < tiles ? t0 + A.tiles_per_split : tiles;
+  const acc_t* Cs = reinterpret_cast<const acc_t*>(smem);
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t j0 = t * C::BN;
+    dot_tile<T, P>(smem, A.x, A.r, i0, j0, A.n, A.m, A.d);
+    if (row_active) {
+      // Columns in increasing order with strict '<': first occurrence wins ties.
+      for (int c = lane_col; c < C::BN; c += C::TPR) {
+        const int64_t j = j0 + c;
+        if (j >= A.m) break;
+        const acc_t v = mining_value<acc_t, DIST>(Cs[row * C::LDC + c], ai, A.b[j]);
+        const bool same = has_ids && A.rid[j] == qi;
+        const int32_t lj = A.rl[j];
+        if (DO_POS) {
+          const acc_t k = (lj == li && !same) ? A.ps * v : inf;
+          if (k < bpk) { bpk = k; bpi = j; }
+        }
+        if (DO_NEG) {
+          bool ok = lj != li && !same;
+          if (WINDOW) ok = ok && v > lo && v < hi;
+          const acc_t k = ok ? A.ns * v : inf;
+          if (k < bnk) { bnk = k; bni = j; }
+        }
+      }
+    }
+    __syncthreads();  // Cs aliases the next tile's stage
+  }
+  // Merge the TPR lanes of a row (adjacent lanes of one warp).
+#pragma unroll
+  for (int off = C::TPR / 2; off > 0; off /= 2) {
+    const acc_t opk = __shfl_xor_sync(0xffffffffu, bpk, off);
+    const int64_t opi = __shfl_xor_sync(0xffffffffu, bpi, off);
+    const acc_t onk = __shfl_xor_sync(0xffffffffu, bnk, off);
+    const int64_t oni = __shfl_xor_sync(0xffffffffu, bni, off);
+    if (better(opk, opi, bpk, bpi)) { bpk = opk; bpi = opi; }
+    if (better(onk, oni, bnk, bni)) { bnk = onk; bni = oni; }
+  }
+  if (row_ok && lane_col == 0) {
+    const int64_t o = int64_t(blockIdx.y) * A.n + i;
+    if (DO_POS) { A.part_pkey[o] = bpk; A.part_pidx[o] = bpi; }
+    if (DO_NEG) { A.part_nkey[o] = bnk; A.part_nidx[o] = bni; }
+  }
+}
+
+// Merge the splits of one sweep.  PosOnly also derives the semi-hard window
+// (lo, hi) from the positive's key (key = ps * v_ap).
+template <typename acc_t, Pass PASS>
+__global__ void merge_kernel(int64_t n, int64_t splits, const acc_t* part_pkey,
+                             const int64_t* part_pidx, const acc_t* part_nkey,
+                             const int64_t* part_nidx, int64_t* pos_idx, int64_t* neg_idx,
+                             acc_t ps, double margin, Distance dist, acc_t* lo, acc_t* hi) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const acc_t inf = acc_inf<acc_t>();
+  if (PASS != Pass::NegWindow) {
+    acc_t k = inf; int64_t idx = kNoIndex;
+    for (int64_t s = 0; s < splits; ++s) {
+      if (better(part_pkey[s * n + i], part_pidx[s * n + i], k, idx)) {
+        k = part_pkey[s * n + i]; idx = part_pidx[s * n + i];
+      }
+    }
+    pos_idx[i] = idx == kNoIndex ? -1 : idx;
+    if (PASS == Pass::PosOnly) {
+      if (idx == kNoIndex) { lo[i] = inf; hi[i] = inf; }
+      else {
+        const acc_t v_ap = ps * k;
+        lo[i] = v_ap;
+        hi[i] = semihard_upper<acc_t>(v_ap, margin, dist, inf);
+      }
+    }
+  }
+  if (PASS != Pass::PosOnly) {
+    acc_t k = inf; int64_t idx = kNoIndex;
+    for (int64_t s = 0; s < splits; ++s) {
+      if (better(part_nkey[s * n + i], part_nidx[s * n + i], k, idx)) {
+        k = part_nkey[s * n + i]; idx = part_nidx[s * n + i];
+      }
+    }
+    neg_idx[i] = idx == kNoIndex ? -1 : idx;
+  }
+}
+
+// Per-row terms: |x|^2 (Euclidean family) or 1/|x| (cosine), in acc_t.
+// One warp per row; the sum is a fixed-order tree, so results are reproducible.
+template <typename T>
+__global__ void row_terms_kernel(const T* x, int64_t n, int64_t d, bool inverse_norm,
+                                 typename AccOf<T>::type* out) {
+  using acc_t = typename AccOf<T>::type;
+  const int64_t row = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= n) return;
+  acc_t s = 0;
+  for (int64_t k = lane; k < d; k += 32) {
+    const acc_t v = load_acc(x[row * d + k]);
+    s += v * v;
+  }
+  for (int off = 16; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
+  if (lane == 0) out[row] = inverse_norm ? acc_t(1) / sqrt(s) : s;
+}
+
+// ------------------------------------------------------------------- host side
+// Workspace layout (bytes): a[n], b[m], lo[n], hi[n] (acc_t), partial keys
+// 2 x [splits, n] (acc_t), partial indices 2 x [splits, n] (int64).
+template <typename acc_t>
+inline size_t workspace_bytes(int64_t n, int64_t m, int64_t splits) {
+  auto up = [](size_t b) { return (b + 255) / 256 * 256; };
+  return up(sizeof(acc_t) * (3 * n + m)) + up(2 * sizeof(acc_t) * splits * n) +
+         up(2 * sizeof(int64_t) * splits * n);
+}
+
+// Splits of the reference axis: enough blocks to fill the GPU (~2 waves of
+// `sm_count` SMs) when N is small, at most one split per reference tile.
+inline int64_t choose_splits(int64_t n, int64_t m, int sm_count, int bm = 64, int bn = 64) {
+  const int64_t row_blocks = (n + bm - 1) / bm, tiles = (m + bn - 1) / bn;
+  int64_t s = (2 * int64_t(sm_count) + row_blocks - 1) / row_blocks;
+  if (s > tiles) s = tiles;
+  if (s > 256) s = 256;
+  return s < 1 ? 1 : s;
+}
+
+struct SelectParams {
+  int64_t n, m, d;
+  PosStrategy pos;
+  NegStrategy neg;
+  Distance dist;
+  double margin;  // < 0: none
+  int64_t splits; // >= 1 (choose_splits)
+};
+
+// The whole forward for one (T, P): terms, one or two sweeps, merges.
+// x [n, d], r [m, d] (may alias x), labels/ids int32 (ids may be nullptr),
+// outputs pos_idx/neg_idx int64 [n] (-1 = none).  `workspace` holds
+// workspace_bytes<acc_t>(n, m, splits) bytes.  Returns the first launch error.
+template <typename T, DotPath P>
+cudaError_t mine_select_launch(const SelectParams& p, const T* x, const T* r, const int32_t* ql,
+                               const int32_t* rl, const int32_t* qid, const int32_t* rid,
+                               int64_t* pos_idx, int64_t* neg_idx, void* workspace,
+                               cudaStream_t stream) {
+  using C = TileConfig<T, P>;
+  using acc_t = typename C::acc_t;
+  if (p.n == 0) return cudaSuccess;
+  if (p.m == 0) {  // no references: nothing is selected
+    cudaMemsetAsync(pos_idx, 0xff, sizeof(int64_t) * p.n, stream);  // all bytes 0xff == -1
+    cudaMemsetAsync(neg_idx, 0xff, sizeof(int64_t) * p.n, stream);
+    return cudaGetLastError();
+  }
+  auto up = [](size_t b) { return (b + 255) / 256 * 256; };
+  unsigned char* w = static_cast<unsigned char*>(workspace);
+  acc_t* a = reinterpret_cast<acc_t*>(w);
+  acc_t* b = a + p.n;
+  acc_t* lo = b + p.m;
+  acc_t* hi = lo + p.n;
+  w += up(sizeof(acc_t) * (3 * p.n + p.m));
+  acc_t* pkey = reinterpret_cast<acc_t*>(w);
+  acc_t* nkey = pkey + p.splits * p.n;
+  w += up(2 * sizeof(acc_t) * p.splits * p.n);
+  int64_t* pidx = reinterpret_cast<int64_t*>(w);
+  int64_t* nidx = pidx + p.splits * p.n;
+
+  const bool cosine = p.dist == Distance::Cosine;
+  row_terms_kernel<T><<<unsigned((p.n + 7) / 8), 256, 0, stream>>>(x, p.n, p.d, cosine, a);
+  if (r == x && p.m == p.n) {
+    cudaMemcpyAsync(b, a, sizeof(acc_t) * p.n, cudaMemcpyDeviceToDevice, stream);
+  } else {
+    row_terms_kernel<T><<<unsigned((p.m + 7) / 8), 256, 0, stream>>>(r, p.m, p.d, cosine, b);
+  }
+
+  const acc_t ps = pos_is_nearest(p.pos) ? acc_t(1) : acc_t(-1);
+  const acc_t ns = neg_is_nearest(p.neg) ? acc_t(1) : acc_t(-1);
+  const int64_t tiles = (p.m + C::BN - 1) / C::BN;
+  const int64_t per = (tiles + p.splits - 1) / p.splits;
+  const int64_t splits = (tiles + per - 1) / per;  // drop empty splits
+  ForwardArgs<T> A{x, r, a, b, ql, rl, qid, rid, lo, hi, p.n, p.m, p.d, ps, ns, per,
+                   pkey, pidx, nkey, nidx};
+  const dim3 grid(unsigned((p.n + C::BM - 1) / C::BM), unsigned(splits));
+  const unsigned mgrid = unsigned((p.n + 255) / 256);
+  auto sweep = [&](auto pass_tag) {
+    constexpr Pass PASS = decltype(pass_tag)::value;
+    if (cosine) mine_forward_kernel<T, P, Distance::Cosine, PASS><<<grid, C::NT, 0, stream>>>(A);
+    else mine_forward_kernel<T, P, Distance::SquaredEuclidean, PASS><<<grid, C::NT, 0, stream>>>(A);
+    merge_kernel<acc_t, PASS><<<mgrid, 256, 0, stream>>>(p.n, splits, pkey, pidx, nkey, nidx,
+                                                         pos_idx, neg_idx, ps, p.margin, p.dist,
+                                                         lo, hi);
+  };
+  if (p.neg != NegStrategy::SemiHard) {
+    sweep(std::integral_constant<Pass, Pass::Fused>{});
+  } else {
+    sweep(std::integral_constant<Pass, Pass::PosOnly>{});
+    sweep(std::integral_constant<Pass, Pass::NegWindow>{});
+  }
+  return cudaGetLastError();
+}
+
+// --------------------------------------------------------------------- backward
+// Block-wide sum (blockDim.x a multiple of 32, <= 1024); fixed order.
+template <typename acc_t>
+__device__ inline acc_t block_sum(acc_t v, acc_t* scratch) {
+  for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+  const int warp = threadIdx.x / 32, nw = blockDim.x / 32;
+  __syncthreads();
+  if (threadIdx.x % 32 == 0) scratch[warp] = v;
+  __syncthreads();
+  acc_t s = 0;
+  for (int w = 0; w < nw; ++w) s += scratch[w];
+  return s;
+}
+
+// Pair gradients of fastmine/_pairs.py::_pair_grads, one block per anchor.
+// grad_x [n, d] (acc_t) is written densely (both pairs of anchor i);
+// ATOMIC: grad_r [m, d] += g * dd/db via atomicAdd;
+// else:   contrib [2n, d] receives g * dd/db of pair (i, pos) at row i and of
+//         (i, neg) at row n + i (zero for idx == -1), for gather_ref_grad_kernel.
+template <typename T, Distance DIST, bool ATOMIC>
+__global__ void pair_backward_kernel(const T* x, const T* r, int64_t n, int64_t d,
+                                     const int64_t* pos_idx, const int64_t* neg_idx,
+                                     const typename AccOf<T>::type* grad_pos,
+                                     const typename AccOf<T>::type* grad_neg,
+                                     typename AccOf<T>::type* grad_x,
+                                     typename AccOf<T>::type* out_r) {
+  using acc_t = typename AccOf<T>::type;
+  __shared__ acc_t scratch[32];
+  const int64_t i = blockIdx.x;
+  if (i >= n) return;
+  const T* xa = x + i * d;
+  for (int64_t k = threadIdx.x; k < d; k += blockDim.x) grad_x[i * d + k] = acc_t(0);
+  for (int which = 0; which < 2; ++which) {
+    const int64_t j = (which == 0 ? pos_idx : neg_idx)[i];
+    const acc_t g = (which == 0 ? grad_pos : grad_neg)[i];
+    if (j < 0) {
+      if (!ATOMIC) for (int64_t k = threadIdx.x; k < d; k += blockDim.x) out_r[(which * n + i) * d + k] = acc_t(0);
+      continue;
+    }
+    const T* xb = r + j * d;
+    // Reductions needed by the formulas.
+    acc_t s_uu = 0, s_aa = 0, s_bb = 0;
+    for (int64_t k = threadIdx.x; k < d; k += blockDim.x) {
+      const acc_t av = load_acc(xa[k]), bv = load_acc(xb[k]);
+      s_uu += (av - bv) * (av - bv);
+      s_aa += av * av;
+      s_bb += bv * bv;
+    }
+    acc_t na = 0, nb = 0, scale_u = 0, aw = 0, bw = 0;
+    if (DIST == Distance::Euclidean) {
+      const acc_t nu = sqrt(block_sum(s_uu, scratch));
+      scale_u = nu > acc_t(0) ? acc_t(1) / nu : acc_t(0);  // subgradient 0 at u = 0
+    } else if (DIST == Distance::Cosine) {
+      na = sqrt(block_sum(s_aa, scratch));
+      nb = sqrt(block_sum(s_bb, scratch));
+      // a^.w and b^.w with w = a^ - b^
+      acc_t s_aw = 0, s_bw = 0;
+      for (int64_t k = threadIdx.x; k < d; k += blockDim.x) {
+        const acc_t ah = load_acc(xa[k]) / na, bh = load_acc(xb[k]) / nb, w = ah - bh;
+        s_aw += ah * w;
+        s_bw += bh * w;
+      }
+      aw = block_sum(s_aw, scratch);
+      bw = block_sum(s_bw, scratch);
+    }
+    for (int64_t k = threadIdx.x; k < d; k += blockDim.x) {
+      const acc_t av = load_acc(xa[k]), bv = load_acc(xb[k]);
+      acc_t ga, gb;
+      if (DIST == Distance::SquaredEuclidean) {
+        ga = acc_t(2) * (av - bv); gb = -ga;
+      } else if (DIST == Distance::Euclidean) {
+        ga = (av - bv) * scale_u; gb = -ga;
+      } else {
+        const acc_t ah = av / na, bh = bv / nb, w = ah - bh;
+        ga = (w - aw * ah) / na;
+        gb = (-w + bw * bh) / nb;
+      }
+      grad_x[i * d + k] += g * ga;
+      if (ATOMIC) atomicAdd(out_r + j * d + k, g * gb);
+      else out_r[(which * n + i) * d + k] = g * gb;
+    }
+  }
+}
+
+// Deterministic reference-gradient gather: grad_r[j] = sum over pairs p in
+// increasing order (positives 0..n-1, then negatives) with idx[p] == j of
+// contrib[p].  One block per reference row; threads own embedding columns and
+// the index list is streamed through shared memory.
+template <typename acc_t>
+__global__ void gather_ref_grad_kernel(int64_t n, int64_t m, int64_t d, const int64_t* pos_idx,
+                                       const int64_t* neg_idx, const acc_t* contrib,
+                                       acc_t* grad_r) {
+  constexpr int kChunk = 1024;
+  __shared__ int64_t idx_s[kChunk];
+  const int64_t j = blockIdx.x;
+  for (int64_t k0 = 0; k0 < d; k0 += blockDim.x) {
+    const int64_t k = k0 + threadIdx.x;
+    acc_t s = 0;
+    for (int64_t p0 = 0; p0 < 2 * n; p0 += kChunk) {
+      __syncthreads();
+      for (int t = threadIdx.x; t < kChunk && p0 + t < 2 * n; t += blockDim.x) {
+        const int64_t p = p0 + t;
+        idx_s[t] = p < n ? pos_idx[p] : neg_idx[p - n];
+      }
+      __syncthreads();
+      const int64_t cnt = (2 * n - p0) < kChunk ? (2 * n - p0) : kChunk;
+      if (k < d) {
+        for (int64_t t = 0; t < cnt; ++t) {
+          if (idx_s[t] == j) s += contrib[(p0 + t) * d + k];
+        }
+      }
+    }
+    if (k < d) grad_r[j * d + k] = s;
+  }
+}
+
+// Backward scatter for one T: grad_x [n, d], grad_r [m, d] in acc_t (zeroed
+// here).  deterministic: needs `contrib` with 2 * n * d acc_t, else unused.
+template <typename T>
+cudaError_t pair_backward_launch(Distance dist, bool deterministic, const T* x, const T* r,
+                                 int64_t n, int64_t m, int64_t d, const int64_t* pos_idx,
+                                 const int64_t* neg_idx, const typename AccOf<T>::type* grad_pos,
+                                 const typename AccOf<T>::type* grad_neg,
+                                 typename AccOf<T>::type* grad_x, typename AccOf<T>::type* grad_r,
+                                 typename AccOf<T>::type* contrib, cudaStream_t stream) {
+  using acc_t = typename AccOf<T>::type;
+  if (m > 0) cudaMemsetAsync(grad_r, 0, sizeof(acc_t) * m * d, stream);
+  if (n == 0 || d == 0) return cudaGetLastError();
+  const unsigned nt = 128;
+#define FASTMINE_BWD(D)                                                                          \
+  if (deterministic)                                                                             \
+    pair_backward_kernel<T, D, false><<<unsigned(n), nt, 0, stream>>>(x, r, n, d, pos_idx, neg_idx, \
+                                                                  grad_pos, grad_neg, grad_x, contrib); \
+  else                                                                                           \
+    pair_backward_kernel<T, D, true><<<unsigned(n), nt, 0, stream>>>(x, r, n, d, pos_idx, neg_idx,  \
+                                                                 grad_pos, grad_neg, grad_x, grad_r)
+  switch (dist) {
+    case Distance::Euclidean: FASTMINE_BWD(Distance::Euclidean); break;
+    case Distance::SquaredEuclidean: FASTMINE_BWD(Distance::SquaredEuclidean); break;
+    case Distance::Cosine: FASTMINE_BWD(Distance::Cosine); break;
+  }
+#undef FASTMINE_BWD
+  if (deterministic && m > 0) {
+    gather_ref_grad_kernel<acc_t><<<unsigned(m), 128, 0, stream>>>(n, m, d, pos_idx, neg_idx,
+                                                                   contrib, grad_r);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace fastmine

@@ -1,0 +1,207 @@
+"""The hand-written CUDA backend (csrc/cuda): GPU correctness against the float64
+reference (skipped without a GPU), the JIT fallback's error path (CPU), and a
+compile check of the torch-free kernels with nvcc (slow; skipped without nvcc).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastmine
+from fastmine import _extension, _jit
+
+from _oracle import assert_matches_reference
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAS_GPU = torch.cuda.is_available()
+needs_cuda_backend = pytest.mark.skipif(
+    not (HAS_GPU and _extension.has_cuda_kernels()),
+    reason="needs a CUDA device and fastmine's CUDA kernels")
+
+DISTANCES = ["euclidean", "squared_euclidean", "cosine"]
+STRATEGIES = [("easy", "hard", None), ("hard", "easy", None), ("easy", "semihard", None),
+              ("hard", "semihard", 0.3)]
+# Selected mining distances agree with the float64 oracle within rtol (relative
+# to the largest distance): the kernels accumulate in fp32 (fp64 for fp64).
+RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-4}
+
+
+def _data(n, d, classes, dtype, device="cuda", m=None):
+    x = torch.randn(n, d, device=device, dtype=torch.float64).to(dtype)
+    y = torch.randint(0, classes, (n,), device=device)
+    if m is None:
+        return x, y, None, None
+    r = torch.randn(m, d, device=device, dtype=torch.float64).to(dtype)
+    return x, y, r, torch.randint(0, classes, (m,), device=device)
+
+
+@needs_cuda_backend
+@pytest.mark.gpu
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("pos,neg,margin", STRATEGIES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n,m,d", [(1, None, 5), (37, None, 3), (300, None, 64), (200, 1000, 129),
+                                   (2048, None, 128)])
+def test_exact_paths_match_reference(distance, pos, neg, margin, dtype, n, m, d):
+    """fp64 and fp32 with matmul precision "highest" (exact FFMA paths), every strategy."""
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        x, y, r, ry = _data(n, d, 7, dtype, m=m)
+        kw = dict(pos_strategy=pos, neg_strategy=neg, distance=distance, margin=margin)
+        res = fastmine.mine(x, y, r, ry, backend="cuda", **kw)
+        assert_matches_reference(res, x, y, r, ry, rtol=RTOL[dtype], **kw)
+    finally:
+        torch.set_float32_matmul_precision(prev)
+
+
+@needs_cuda_backend
+@pytest.mark.gpu
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("pos,neg", [("easy", "hard"), ("hard", "easy")])
+@pytest.mark.parametrize("dtype,precision", [(torch.float16, "highest"), (torch.bfloat16, "highest"),
+                                             (torch.float32, "high")])
+@pytest.mark.parametrize("n,m,d", [(300, None, 64), (500, 3000, 96), (16384, None, 128)])
+def test_tensor_core_paths_match_reference(distance, pos, neg, dtype, precision, n, m, d):
+    """fp16/bf16 (WMMA) and fp32 under "high" precision (tf32): the oracle runs on the
+    rounded inputs, the kernel's fp32 accumulation (tf32 products) is within rtol."""
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        x, y, r, ry = _data(n, d, 50, dtype, m=m)
+        kw = dict(pos_strategy=pos, neg_strategy=neg, distance=distance)
+        res = fastmine.mine(x, y, r, ry, backend="cuda", **kw)
+        # tf32 rounds each product's inputs to 10 mantissa bits.
+        rtol = 2e-3 if dtype == torch.float32 else RTOL[dtype]
+        assert_matches_reference(res, x, y, r, ry, rtol=rtol, **kw)
+    finally:
+        torch.set_float32_matmul_precision(prev)
+
+
+@needs_cuda_backend
+@pytest.mark.gpu
+def test_large_float32_semihard_with_ids():
+    """N = 16384 references, several reference splits, same-sample exclusion by ids."""
+    torch.set_float32_matmul_precision("highest")
+    x, y, r, ry = _data(4096, 64, 100, torch.float32, m=16384)
+    qid = torch.arange(4096, device="cuda")
+    rid = torch.arange(16384, device="cuda") % 8192
+    kw = dict(pos_strategy="easy", neg_strategy="semihard", distance="euclidean", margin=0.5,
+              query_ids=qid, ref_ids=rid)
+    res = fastmine.mine(x, y, r, ry, backend="cuda", **kw)
+    assert_matches_reference(res, x, y, r, ry, rtol=1e-5, **kw)
+
+
+@needs_cuda_backend
+@pytest.mark.gpu
+def test_ties_go_to_smallest_index():
+    """Duplicated reference rows: exact ties must pick the first copy."""
+    x = torch.randint(-2, 3, (64, 16), device="cuda").float()
+    r = torch.cat([x, x, x])  # three identical copies
+    y = torch.arange(64, device="cuda") % 4
+    ry = torch.cat([y, y, y])
+    res = fastmine.mine(x, y, r, ry, backend="cuda", pos_strategy="easy", neg_strategy="hard")
+    ref = fastmine.mine(x.double(), y, r.double(), ry, backend="torch")
+    assert torch.equal(res.pos_idx, ref.pos_idx) and torch.equal(res.neg_idx, ref.neg_idx)
+
+
+@needs_cuda_backend
+@pytest.mark.gpu
+def test_empty_and_no_candidates():
+    x, y, _, _ = _data(10, 4, 1, torch.float32)
+    res = fastmine.mine(x, y, backend="cuda")  # one class: no negatives
+    assert bool((res.neg_idx == -1).all()) and not bool(res.valid.any())
+    r = torch.empty(0, 4, device="cuda")
+    res = fastmine.mine(x, y, r, torch.empty(0, dtype=torch.long, device="cuda"), backend="cuda")
+    assert bool((res.pos_idx == -1).all())
+
+
+@needs_cuda_backend
+@pytest.mark.gpu
+def test_opcheck_mine_select_cuda():
+    x, y, _, _ = _data(50, 8, 4, torch.float32)
+    for args in [(x, y, x, y, None, None, 0, 0, 0, None),
+                 (x, y, x, y, torch.arange(50, device="cuda"), torch.arange(50, device="cuda"),
+                  1, 1, 2, 0.2)]:
+        torch.library.opcheck(torch.ops.fastmine.mine_select.default, args)
+
+
+@needs_cuda_backend
+@pytest.mark.gpu
+def test_cuda_rejects_bad_arguments():
+    x, y, _, _ = _data(8, 4, 2, torch.float32)
+    with pytest.raises(RuntimeError, match="labels"):
+        torch.ops.fastmine.mine_select(x, y[:3], x, y, None, None, 0, 0, 0, None)
+    with pytest.raises(RuntimeError, match="ref_emb"):
+        torch.ops.fastmine.mine_select(x, y, x.cpu(), y, None, None, 0, 0, 0, None)
+
+
+# ------------------------------------------------------------------ CPU-runnable
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="checks the CPU-only torch message")
+def test_jit_raises_clear_error_without_cuda_torch(monkeypatch):
+    monkeypatch.setattr(_jit, "_error", None)
+    monkeypatch.setattr(_jit, "_loaded", False)
+    with pytest.raises(_jit.JitBuildError, match="CPU-only build"):
+        _jit.load_cuda_extension()
+    # The failure is remembered: a second call raises the same error at once.
+    with pytest.raises(_jit.JitBuildError, match="CPU-only build"):
+        _jit.load_cuda_extension()
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="checks the CPU-only torch message")
+def test_cuda_backend_reports_why(monkeypatch):
+    monkeypatch.setenv("FASTMINE_JIT", "1")
+    monkeypatch.setattr(_jit, "_error", None)
+    monkeypatch.setattr(_jit, "_loaded", False)
+    assert not _extension.has_cuda_kernels()
+    assert "CPU-only build" in _extension.cuda_why_missing()
+    monkeypatch.setenv("FASTMINE_JIT", "0")
+    assert "FASTMINE_JIT=1" in _extension.cuda_why_missing()
+    with pytest.raises(RuntimeError, match="cuda"):
+        fastmine.mine(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), backend="cuda")
+
+
+def test_jit_sources_exist():
+    root = _jit._source_dir()
+    full = _jit._sources(root, with_schema=True)
+    assert any(p.endswith("mine_cuda.cu") for p in full)
+    assert any(p.endswith("fastmine_ops.cpp") for p in full)
+    assert not any(p.endswith("selftest.cu") for p in full)
+    assert all(p.endswith(".cu") for p in _jit._sources(root, with_schema=False))
+
+
+NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc"
+                                if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+def test_selftest_compiles_with_nvcc(tmp_path):
+    """Every kernel template the extension instantiates (variants.cuh) compiles."""
+    cmd = [NVCC, "-std=c++17", "--expt-relaxed-constexpr", "-gencode", "arch=compute_80,code=sm_80",
+           "-I", os.path.join(ROOT, "csrc", "include"), "-I", os.path.join(ROOT, "csrc", "cuda"),
+           "-c", os.path.join(ROOT, "csrc", "cuda", "selftest.cu"), "-o", str(tmp_path / "t.o")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (tmp_path / "t.o").stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(NVCC is None or shutil.which("cmake") is None, reason="nvcc or cmake not found")
+def test_cmake_cuda_configure(tmp_path):
+    """The CUDA-only CMake configure (no Torch) finds nvcc and generates the self-test."""
+    proc = subprocess.run(
+        ["cmake", "-S", ROOT, "-B", str(tmp_path), "-DFASTMINE_WITH_TORCH=OFF",
+         "-DFASTMINE_WITH_CUDA=ON", f"-DCMAKE_CUDA_COMPILER={NVCC}"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cache = (tmp_path / "CMakeCache.txt").read_text()
+    assert "CMAKE_CUDA_ARCHITECTURES:STRING=80;90" in cache
+    assert (tmp_path / "CMakeFiles" / "fastmine_cuda_selftest.dir").is_dir()
