@@ -498,8 +498,8 @@ def run(args) -> dict:
                                               args.cell_budget_s)
                             row["times_s"] = times
                             row["time_s"] = statistics.median(times)
-                        else:
-                            fn(setup())  # still check that it runs (and fails here, not later)
+                        elif memory != "subprocess":
+                            fn(setup())  # still check that it runs (the subprocess would, too)
                         if memory == "inprocess":
                             if device.type == "cuda":
                                 peak, method = measure_cuda_peak(setup, fn, device)
