@@ -402,6 +402,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "gpu" if args.device.type == "cuda" else "quick")
     args.preset = preset
     for k, v in PRESETS[preset].items():
+        if k == "providers" and not (args.quick or args.full):
+            continue  # no preset named: every available provider
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     if args.mem_cap_gb is None:
