@@ -332,8 +332,11 @@ def _memory_worker(provider_name: str, cells: List[dict], cfg: dict, out_path: s
             json.dump(out, f)
 
 
-def measure_cpu_memory(rows: List[dict], cfg: dict, progress) -> None:
-    """Fill rows' peak_mem_bytes, one fresh spawned process per provider."""
+def measure_cpu_memory(rows: List[dict], cfg: dict, progress) -> int:
+    """Fill rows' peak_mem_bytes, one fresh spawned process per provider.
+
+    Calls ``progress(1)`` per provider process; returns how many were started.
+    """
     ctx = mp.get_context("spawn")
     by_provider: Dict[str, List[dict]] = {}
     for row in rows:
@@ -357,7 +360,8 @@ def measure_cpu_memory(rows: List[dict], cfg: dict, progress) -> None:
                 r["peak_mem_bytes"], r["mem_method"] = None, f"process died (exit {proc.exitcode})"
             else:
                 r["peak_mem_bytes"], r["mem_method"] = g["peak_mem_bytes"], g["mem_method"]
-        progress(len(prow))
+        progress(1)
+    return len(by_provider)
 
 
 # ---------------------------------------------------------------- sweep
@@ -463,7 +467,7 @@ def run(args) -> dict:
         memory = "inprocess" if device.type == "cuda" else "subprocess"
     cells = [(n, m, s, d, dt, st, mode) for (n, m, s) in _sizes(args) for d in args.d
              for dt in args.dtype for st in args.strategies for mode in args.modes]
-    total = len(cells) * len(provs) + (len(cells) * len(provs) if memory == "subprocess" else 0)
+    total = len(cells) * len(provs) + (len(provs) if memory == "subprocess" else 0)
     update, postfix, close = _progress_bar(total, not args.no_progress)
     rows: List[dict] = []
     prev_precision = torch.get_float32_matmul_precision()
@@ -515,8 +519,9 @@ def run(args) -> dict:
                 rows.append(row)
                 update()
         if memory == "subprocess":
-            measure_cpu_memory(rows, dict(threads=torch.get_num_threads(), spc=args.samples_per_class),
-                               update)
+            measured = measure_cpu_memory(rows, dict(threads=torch.get_num_threads(),
+                                                     spc=args.samples_per_class), update)
+            update(len(provs) - measured)  # providers with nothing to measure
     finally:
         torch.set_float32_matmul_precision(prev_precision)
         close()
