@@ -184,8 +184,10 @@ NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc"
 @pytest.mark.slow
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found")
 def test_selftest_compiles_with_nvcc(tmp_path):
-    """Every kernel template the extension instantiates (variants.cuh) compiles."""
-    cmd = [NVCC, "-std=c++17", "--expt-relaxed-constexpr", "-gencode", "arch=compute_80,code=sm_80",
+    """Every kernel template the extension instantiates (variants.cuh) compiles, for
+    sm_90 (tensor-core paths) and sm_75 (no bf16/tf32 tensor cores: FFMA fallback)."""
+    cmd = [NVCC, "-std=c++17", "--expt-relaxed-constexpr", "-gencode", "arch=compute_90,code=sm_90",
+           "-gencode", "arch=compute_75,code=sm_75",
            "-I", os.path.join(ROOT, "csrc", "include"), "-I", os.path.join(ROOT, "csrc", "cuda"),
            "-c", os.path.join(ROOT, "csrc", "cuda", "selftest.cu"), "-o", str(tmp_path / "t.o")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

@@ -162,6 +162,21 @@ __device__ inline void stage_rows(S* dst, const T* src, int64_t row0, int64_t ro
   }
 }
 
+// WMMA input type and K step per variant.  tf32 (and bf16) fragments exist only
+// for sm_80+; older targets never take the tensor-core branch for them
+// (kHaveTensor below), but the names must still resolve.
+template <typename T, DotPath P> struct WmmaIn { using type = T; static constexpr int KS = 16; };
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+template <> struct WmmaIn<float, DotPath::Tf32> {
+  using type = nvcuda::wmma::precision::tf32;
+  static constexpr int KS = 8;
+};
+__device__ inline float round_tf32(float v) { return nvcuda::wmma::__float_to_tf32(v); }
+#else
+template <> struct WmmaIn<float, DotPath::Tf32> { using type = float; static constexpr int KS = 8; };
+__device__ inline float round_tf32(float v) { return v; }  // unreachable below sm_80
+#endif
+
 // C[BM][LDC] (acc_t) = X[i0:i0+BM] . R[j0:j0+BN]^T.
 template <typename T, DotPath P>
 __device__ inline void dot_tile(unsigned char* smem, const T* __restrict__ x,
@@ -185,8 +200,8 @@ __device__ inline void dot_tile(unsigned char* smem, const T* __restrict__ x,
     namespace wmma = nvcuda::wmma;
     // 16 fragments of 16x16 over NT/32 = 8 warps: warp w owns row strip w/2 and
     // column strips 2*(w%2), 2*(w%2)+1.
-    constexpr int KS = (P == DotPath::Tf32) ? 8 : 16;
-    using in_t = typename std::conditional<P == DotPath::Tf32, wmma::precision::tf32, T>::type;
+    constexpr int KS = WmmaIn<T, P>::KS;
+    using in_t = typename WmmaIn<T, P>::type;
     const int warp = threadIdx.x / 32;
     const int fm = warp / 2, fn0 = (warp % 2) * 2;
     wmma::fragment<wmma::accumulator, 16, 16, KS, float> acc[2];
@@ -201,7 +216,7 @@ __device__ inline void dot_tile(unsigned char* smem, const T* __restrict__ x,
         wmma::fragment<wmma::matrix_a, 16, 16, KS, in_t, wmma::row_major> fa;
         wmma::load_matrix_sync(fa, As + fm * 16 * C::LDS + kk, C::LDS);
         if constexpr (P == DotPath::Tf32) {
-          for (int t = 0; t < fa.num_elements; ++t) fa.x[t] = wmma::__float_to_tf32(fa.x[t]);
+          for (int t = 0; t < fa.num_elements; ++t) fa.x[t] = round_tf32(fa.x[t]);
         }
 #pragma unroll
         for (int q = 0; q < 2; ++q) {
@@ -209,7 +224,7 @@ __device__ inline void dot_tile(unsigned char* smem, const T* __restrict__ x,
           wmma::fragment<wmma::matrix_b, 16, 16, KS, in_t, wmma::col_major> fb;
           wmma::load_matrix_sync(fb, Bs + (fn0 + q) * 16 * C::LDS + kk, C::LDS);
           if constexpr (P == DotPath::Tf32) {
-            for (int t = 0; t < fb.num_elements; ++t) fb.x[t] = wmma::__float_to_tf32(fb.x[t]);
+            for (int t = 0; t < fb.num_elements; ++t) fb.x[t] = round_tf32(fb.x[t]);
           }
           wmma::mma_sync(acc[q], fa, fb, acc[q]);
         }
