@@ -61,7 +61,6 @@ constexpr int64_t kNoIndex = INT64_MAX;  // "no candidate" sentinel while mergin
 template <typename T> struct AccOf { using type = float; };
 template <> struct AccOf<double> { using type = double; };
 
-template <typename acc_t> FASTMINE_HD inline acc_t to_acc(float v) { return static_cast<acc_t>(v); }
 FASTMINE_HD inline float load_acc(float v) { return v; }
 FASTMINE_HD inline double load_acc(double v) { return v; }
 __device__ inline float load_acc(__half v) { return __half2float(v); }
