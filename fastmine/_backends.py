@@ -48,8 +48,7 @@ def _cuda_unavailable(device: torch.device) -> str:
     if device.type != "cuda":
         return f"backend 'cuda' needs CUDA tensors, got tensors on {device}"
     if not _extension.has_cuda_kernels():
-        return ("the CUDA kernels were not built (install with a CUDA torch and toolkit, "
-                "or FASTMINE_CUDA=1)" if _extension.loaded() else _extension.why_missing())
+        return _extension.cuda_why_missing() or _extension.why_missing()
     return ""
 
 

@@ -30,6 +30,7 @@
 #include <limits>
 #include <vector>
 
+#include "fastmine/compact.h"
 #include "fastmine/strategies.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
@@ -186,23 +187,6 @@ void scan(Distance dist, bool has_ids, Pass pass, const BlockArgs<acc_t>& A) {
     case Distance::Cosine: FASTMINE_SCAN(Distance::Cosine);
   }
 #undef FASTMINE_SCAN
-}
-
-// Map two integer vectors to int32 codes that preserve equality (within and
-// across the two).  Values that already fit in int32 are cast; otherwise the
-// joint set is ranked with unique().
-std::pair<at::Tensor, at::Tensor> compact_int32(const at::Tensor& q, const at::Tensor& r) {
-  auto q64 = q.to(at::kLong);
-  auto r64 = r.to(at::kLong);
-  auto all = at::cat({q64, r64});
-  bool fits = true;
-  if (all.numel() > 0) {
-    const int64_t lo = all.min().item<int64_t>(), hi = all.max().item<int64_t>();
-    fits = lo >= std::numeric_limits<int32_t>::min() && hi <= std::numeric_limits<int32_t>::max();
-  }
-  if (!fits) all = std::get<1>(at::_unique2(all, /*sorted=*/false, /*return_inverse=*/true));
-  all = all.to(at::kInt);
-  return {all.narrow(0, 0, q.numel()).contiguous(), all.narrow(0, q.numel(), r.numel()).contiguous()};
 }
 
 template <typename acc_t>

@@ -17,6 +17,7 @@
 
 #include <limits>
 
+#include "fastmine/compact.h"
 #include "variants.cuh"
 
 namespace fastmine {
@@ -40,22 +41,6 @@ void check_ids(const at::Tensor& ids, int64_t n, const char* name, const char* o
             name, " must be an integer tensor, got ", ids.scalar_type());
   CHECK_ARG(ids.device() == dev, name, " must be on ", dev, " (the device of embeddings), got ",
             ids.device());
-}
-
-// Map two integer vectors to int32 codes that preserve equality within and
-// across them (the same rule as the CPU kernel): cast when the values fit in
-// int32, else rank the joint set with unique().
-std::pair<at::Tensor, at::Tensor> compact_int32(const at::Tensor& q, const at::Tensor& r) {
-  auto all = at::cat({q.to(at::kLong), r.to(at::kLong)});
-  if (all.numel() > 0) {
-    const int64_t lo = all.min().item<int64_t>(), hi = all.max().item<int64_t>();
-    if (lo < std::numeric_limits<int32_t>::min() || hi > std::numeric_limits<int32_t>::max()) {
-      all = std::get<1>(at::_unique2(all, /*sorted=*/false, /*return_inverse=*/true));
-    }
-  }
-  all = all.to(at::kInt);
-  return {all.narrow(0, 0, q.numel()).contiguous(),
-          all.narrow(0, q.numel(), r.numel()).contiguous()};
 }
 
 template <typename T, DotPath P>
