@@ -7,10 +7,13 @@ from . import reference
 from ._backends import available as available_backends
 from ._extension import build_info
 from .mine import MineFunction, MiningResult, mine
+from . import losses, miners
+from .memory import CrossBatchMemory
 
 __version__ = "0.1.0"
 
-__all__ = ["mine", "MineFunction", "MiningResult", "reference", "available_backends", "build_info", "__version__"]
+__all__ = ["mine", "MineFunction", "MiningResult", "reference", "available_backends", "build_info", "__version__",
+           "losses", "miners", "CrossBatchMemory"]
 
 # Optional backends register themselves on import (never raising when their
 # dependency is missing): 'triton' needs triton and CUDA tensors, or CPU

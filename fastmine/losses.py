@@ -1,0 +1,231 @@
+"""Triplet-style losses built on fastmine.mine.
+
+Every loss module exposes the same two-level interface (a distributed wrapper
+relies on these names):
+
+``per_anchor(embeddings, labels, ref_emb=None, ref_labels=None, *, query_ids=None, ref_ids=None)``
+    -> ``(terms [N], valid [N] bool)``: one loss term per anchor, 0 where the
+    anchor has no admissible positive/negative (``valid`` False).
+``forward(...)`` (same arguments)
+    -> ``reduce_terms(terms, valid, reduction, average_nonzero)`` (+ any
+    regulariser, see MarginLoss).
+
+When no anchor is valid the reduced loss is an exact 0 that is still attached
+to the graph (its gradient is zero), never NaN.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .mine import mine
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def reduce_terms(terms: Tensor, valid: Tensor, reduction: str = "mean",
+                 average_nonzero: bool = False) -> Tensor:
+    """Reduce per-anchor loss terms.
+
+    Args:
+        terms: [N] float, 0 for invalid anchors.
+        valid: [N] bool, anchors that had a positive and a negative.
+        reduction: "mean": average over valid anchors (valid anchors whose
+            term is 0 count in the denominator), or over anchors with a
+            non-zero term when ``average_nonzero`` (pytorch-metric-learning's
+            AvgNonZeroReducer behaviour); "sum"; "none": ``terms`` unchanged.
+        average_nonzero: see ``reduction``; ignored unless reduction="mean".
+
+    Returns:
+        A scalar (or [N] for "none") in ``terms.dtype``.  With an empty
+        denominator the result is ``terms.sum() * 0`` = 0, still attached to
+        the graph, never NaN.
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if reduction == "none":
+        return terms
+    total = terms.sum()  # invalid anchors contribute exact zeros
+    if reduction == "sum":
+        return total
+    keep = valid & (terms > 0) if average_nonzero else valid
+    # clamp_min(1): when nothing is kept, total is an exact 0 (all kept-out
+    # terms are 0 or excluded), so total / 1 = 0 keeps the graph without NaN.
+    count = keep.sum().clamp_min(1).to(terms.dtype)
+    if average_nonzero:
+        total = torch.where(keep, terms, torch.zeros_like(terms)).sum()
+    return total / count
+
+
+def _check_common(reduction: str, distance: str) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if distance not in ("euclidean", "squared_euclidean", "cosine"):
+        raise ValueError("distance must be 'euclidean', 'squared_euclidean' or 'cosine', "
+                         f"got {distance!r}")
+
+
+class _MinedLoss(nn.Module):
+    """Shared plumbing: optional normalisation, then fastmine.mine."""
+
+    def _mine(self, embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids, margin=None):
+        if self.normalize_embeddings:
+            embeddings = F.normalize(embeddings, dim=1)
+            if ref_emb is not None:
+                ref_emb = F.normalize(ref_emb, dim=1)
+        return mine(embeddings, labels, ref_emb, ref_labels, pos_strategy=self.pos_strategy,
+                    neg_strategy=self.neg_strategy, distance=self.distance, margin=margin,
+                    query_ids=query_ids, ref_ids=ref_ids, backend=self.backend)
+
+
+class TripletMarginLoss(_MinedLoss):
+    """Triplet margin loss with fused exact mining: per anchor
+    ``relu(d(a, p) - d(a, n) + margin)`` for the mined (p, n).
+
+    Args:
+        margin: the triplet margin.
+        distance: "euclidean", "squared_euclidean" or "cosine" (1 - cos).
+        pos_strategy, neg_strategy: see ``fastmine.mine``.
+        reduction, average_nonzero: see ``reduce_terms``.  Default "mean" over
+            valid anchors, zero-loss valid anchors included.
+        normalize_embeddings: L2-normalise embeddings (and ref_emb) first.
+        semihard_margin: upper window of semihard negatives
+            (d_an < d_ap + semihard_margin); only with neg_strategy="semihard".
+        backend: fastmine backend.
+
+    Inputs: embeddings [N, D] float, labels [N] int, optional ref_emb [M, D],
+    ref_labels [M], query_ids [N], ref_ids [M] (same-sample exclusion).
+    """
+
+    def __init__(self, margin: float = 0.1, distance: str = "euclidean",
+                 pos_strategy: str = "easy", neg_strategy: str = "semihard",
+                 reduction: str = "mean", normalize_embeddings: bool = False,
+                 average_nonzero: bool = False, semihard_margin: Optional[float] = None,
+                 backend: str = "auto"):
+        super().__init__()
+        _check_common(reduction, distance)
+        self.margin = float(margin)
+        self.distance, self.pos_strategy, self.neg_strategy = distance, pos_strategy, neg_strategy
+        self.reduction, self.average_nonzero = reduction, bool(average_nonzero)
+        self.normalize_embeddings = bool(normalize_embeddings)
+        self.semihard_margin = semihard_margin
+        self.backend = backend
+
+    def per_anchor(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
+                   ref_labels: Optional[Tensor] = None, *, query_ids: Optional[Tensor] = None,
+                   ref_ids: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """(terms [N], valid [N] bool); terms are 0 for invalid anchors."""
+        res = self._mine(embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids,
+                         self.semihard_margin)
+        terms = F.relu(res.pos_dist - res.neg_dist + self.margin)
+        return torch.where(res.valid, terms, torch.zeros_like(terms)), res.valid
+
+    def forward(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
+                ref_labels: Optional[Tensor] = None, *, query_ids: Optional[Tensor] = None,
+                ref_ids: Optional[Tensor] = None) -> Tensor:
+        terms, valid = self.per_anchor(embeddings, labels, ref_emb, ref_labels,
+                                       query_ids=query_ids, ref_ids=ref_ids)
+        return reduce_terms(terms, valid, self.reduction, self.average_nonzero)
+
+
+class MarginLoss(_MinedLoss):
+    """Margin loss of Wu et al. 2017 ("Sampling matters") with fused mining: per anchor
+    ``relu(d_ap - beta + margin) + relu(beta - d_an + margin)``.
+
+    Args:
+        margin: the margin around the boundary beta.
+        beta: initial boundary; one global value, or one per class when
+            ``num_classes`` is given (indexed by the anchor's label, which must
+            then lie in [0, num_classes)).
+        learn_beta: make beta an ``nn.Parameter``.
+        nu: weight of the beta regulariser ``nu * beta`` (only when learn_beta,
+            as in pytorch-metric-learning); see ``regularizer``.
+        pos_strategy, neg_strategy, distance, reduction, normalize_embeddings,
+        average_nonzero, backend: as in TripletMarginLoss.
+
+    ``forward`` returns ``reduce_terms(...) + regularizer(labels, valid)``
+    (for reduction="none", the regulariser is not added: add it yourself).
+    """
+
+    def __init__(self, margin: float = 0.2, beta: float = 1.2, learn_beta: bool = False,
+                 num_classes: Optional[int] = None, nu: float = 0.0,
+                 pos_strategy: str = "easy", neg_strategy: str = "semihard",
+                 distance: str = "euclidean", reduction: str = "mean",
+                 normalize_embeddings: bool = False, average_nonzero: bool = False,
+                 backend: str = "auto"):
+        super().__init__()
+        _check_common(reduction, distance)
+        if num_classes is not None and int(num_classes) < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.margin, self.nu, self.learn_beta = float(margin), float(nu), bool(learn_beta)
+        self.num_classes = num_classes
+        init = torch.full((int(num_classes) if num_classes else 1,), float(beta))
+        if self.learn_beta:
+            self.beta = nn.Parameter(init)
+        else:
+            self.register_buffer("beta", init)
+        self.distance, self.pos_strategy, self.neg_strategy = distance, pos_strategy, neg_strategy
+        self.reduction, self.average_nonzero = reduction, bool(average_nonzero)
+        self.normalize_embeddings = bool(normalize_embeddings)
+        self.backend = backend
+
+    def _beta_for(self, labels: Tensor, dtype) -> Tensor:
+        """[N] beta of each anchor (global beta broadcast, or beta[label])."""
+        beta = self.beta.to(dtype)
+        if self.num_classes:
+            return beta[labels.long()]
+        return beta.expand(labels.shape[0])
+
+    def per_anchor(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
+                   ref_labels: Optional[Tensor] = None, *, query_ids: Optional[Tensor] = None,
+                   ref_ids: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """(terms [N], valid [N] bool); terms are 0 for invalid anchors."""
+        res = self._mine(embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids)
+        beta = self._beta_for(labels, res.pos_dist.dtype)
+        terms = F.relu(res.pos_dist - beta + self.margin) + F.relu(beta - res.neg_dist + self.margin)
+        return torch.where(res.valid, terms, torch.zeros_like(terms)), res.valid
+
+    def regularizer(self, labels: Tensor, valid: Tensor) -> Tensor:
+        """``nu * beta`` term (scalar); 0 unless learn_beta.
+
+        Global beta: ``nu * beta`` (as pytorch-metric-learning).  Per-class
+        beta: mean of ``nu * beta[label]`` over valid anchors (PML divides the
+        sum by its non-zero pair count instead).
+        """
+        if not self.learn_beta or self.nu == 0.0:
+            return self.beta.sum() * 0.0
+        if not self.num_classes:
+            return self.nu * self.beta.sum()
+        b = self._beta_for(labels, self.beta.dtype)
+        b = torch.where(valid, b, torch.zeros_like(b))
+        return self.nu * b.sum() / valid.sum().clamp_min(1).to(b.dtype)
+
+    def forward(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
+                ref_labels: Optional[Tensor] = None, *, query_ids: Optional[Tensor] = None,
+                ref_ids: Optional[Tensor] = None) -> Tensor:
+        terms, valid = self.per_anchor(embeddings, labels, ref_emb, ref_labels,
+                                       query_ids=query_ids, ref_ids=ref_ids)
+        out = reduce_terms(terms, valid, self.reduction, self.average_nonzero)
+        if self.reduction == "none":
+            return out
+        return out + self.regularizer(labels, valid).to(out.dtype)
+
+
+def triplet_margin_loss(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
+                        ref_labels: Optional[Tensor] = None, *, query_ids=None, ref_ids=None,
+                        **kwargs) -> Tensor:
+    """Functional TripletMarginLoss; ``kwargs`` are its constructor arguments."""
+    return TripletMarginLoss(**kwargs)(embeddings, labels, ref_emb, ref_labels,
+                                       query_ids=query_ids, ref_ids=ref_ids)
+
+
+def margin_loss(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
+                ref_labels: Optional[Tensor] = None, *, query_ids=None, ref_ids=None,
+                **kwargs) -> Tensor:
+    """Functional MarginLoss (fixed beta unless you pass learn_beta, which is
+    then a fresh parameter); ``kwargs`` are its constructor arguments."""
+    return MarginLoss(**kwargs)(embeddings, labels, ref_emb, ref_labels,
+                                query_ids=query_ids, ref_ids=ref_ids)
