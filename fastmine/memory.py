@@ -30,8 +30,8 @@ class CrossBatchMemory(nn.Module):
       3. the loss is computed, then the batch is enqueued (detached), oldest
          rows overwritten first.
 
-    Buffers: ``embedding_memory`` [memory_size, D] float32 (cast to the
-    embeddings' dtype on use), ``label_memory`` / ``id_memory`` [memory_size]
+    Buffers: ``embedding_memory`` [memory_size, D] (float32 at construction;
+    an empty memory adopts the dtype/device of the first batch), ``label_memory`` / ``id_memory`` [memory_size]
     int64, ``queue_idx`` (next write slot), ``filled`` (rows in use).
     """
 
@@ -75,6 +75,10 @@ class CrossBatchMemory(nn.Module):
         elif ids.shape != (n,) or ids.is_floating_point():
             raise ValueError(f"ids must be an integer tensor of shape [{n}]")
         ids = ids.to(embeddings.device, torch.long)
+        if self.filled == 0 and (self.embedding_memory.dtype != embeddings.dtype
+                                 or self.embedding_memory.device != embeddings.device):
+            # an empty memory adopts the embeddings' dtype/device (no precision loss)
+            self.embedding_memory = self.embedding_memory.to(embeddings.device, embeddings.dtype)
         labels_l = labels.to(embeddings.device, torch.long)
         mem = self.embedding_memory.to(embeddings.device)
         m = self.filled
