@@ -163,3 +163,30 @@ def test_loss_multiblock_batch_with_grad():
     finally:
         torch.set_num_threads(prev)
     assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("distance", DIST)
+def test_triplet_with_refs_and_ids(distance):
+    """Separate references with sample ids: grads reach both inputs; same-id pairs excluded."""
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(10, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (10,), generator=g)
+    r = torch.randn(14, 5, generator=g, dtype=torch.float64)
+    ry = torch.randint(0, 3, (14,), generator=g)
+    qid, rid = torch.arange(10), torch.randint(0, 10, (14,), generator=g)
+    x1, r1 = x.clone().requires_grad_(), r.clone().requires_grad_()
+    fn = losses.TripletMarginLoss(margin=0.4, distance=distance, neg_strategy="hard", backend="cpu")
+    (fn(x1, y, r1, ry, query_ids=qid, ref_ids=rid) * 2.3).backward()
+
+    x2, r2 = x.clone().requires_grad_(), r.clone().requires_grad_()
+    d = _full_dist(x, r, distance)
+    inf = torch.tensor(float("inf"), dtype=x.dtype)
+    same = (y[:, None] == ry[None, :]) & (qid[:, None] != rid[None, :])
+    diff = (y[:, None] != ry[None, :]) & (qid[:, None] != rid[None, :])
+    pi = torch.where(same, d, inf).argmin(1)
+    ni = torch.where(diff, d, inf).argmin(1)
+    valid = same.any(1) & diff.any(1)
+    t = torch.relu(_pair_dist(x2, r2[pi], distance) - _pair_dist(x2, r2[ni], distance) + 0.4)
+    (t[valid].mean() * 2.3).backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+    torch.testing.assert_close(r1.grad, r2.grad)
