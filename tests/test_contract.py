@@ -211,3 +211,17 @@ def test_inputs_are_not_modified(backend):
     x0, y0 = x.clone(), y.clone()
     fastmine.mine(x, y, distance="cosine", backend=backend)
     assert torch.equal(x, x0) and torch.equal(y, y0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_multi_block_batch_requiring_grad(backend):
+    """Several row blocks (parallel workers) with inputs that require grad."""
+    x = torch.randn(300, 8, device=DEVICE, requires_grad=True)
+    r = torch.randn(200, 8, device=DEVICE, requires_grad=True)
+    y = torch.randint(0, 6, (300,), device=DEVICE)
+    ry = torch.randint(0, 6, (200,), device=DEVICE)
+    for refs in ((None, None), (r, ry)):
+        res = fastmine.mine(x, y, *refs, neg_strategy="semihard", backend=backend)
+        assert_matches_reference(res, x, y, *refs, rtol=1e-5, neg_strategy="semihard")
+        (res.pos_dist - res.neg_dist).sum().backward()
+    assert bool(torch.isfinite(x.grad).all()) and bool(torch.isfinite(r.grad).all())

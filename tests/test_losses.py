@@ -149,10 +149,6 @@ def test_bad_arguments():
         losses.MarginLoss(distance="l1")
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="csrc/cpu/mine_cpu.cpp: at::mm_out runs in at::parallel_for worker "
-                          "threads, which lack the custom op's below-autograd dispatch state, "
-                          "so inputs that require grad fail once N spans several row blocks")
 def test_loss_multiblock_batch_with_grad():
     prev = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -206,6 +206,10 @@ void mine_select_impl(const at::Tensor& x, const at::Tensor& r, const at::Tensor
   const bool semihard = neg == NegStrategy::SemiHard;
 
   at::parallel_for(0, nblocks, 1, [&](int64_t blk0, int64_t blk1) {
+    // Worker threads do not inherit the caller's dispatch state (the op runs
+    // below autograd only on the calling thread): operands are detached and
+    // grad mode is off here so mm_out never sees autograd.
+    at::NoGradGuard no_grad;
     at::Tensor buf = at::empty({kBlockRows * chunk}, x.options());
     std::vector<Best<acc_t>> bp(kBlockRows), bn(kBlockRows);
     std::vector<acc_t> lo(kBlockRows), hi(kBlockRows);
@@ -299,8 +303,9 @@ std::tuple<at::Tensor, at::Tensor> mine_select_cpu(
 
   // float64 stays float64; float16/bfloat16/float32 are mined in float32.
   const auto acc = embeddings.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor x = embeddings.to(acc).contiguous();
-  at::Tensor r = ref_emb.is_same(embeddings) ? x : ref_emb.to(acc).contiguous();
+  // Selection is not differentiable: detach so no ATen call below records autograd.
+  at::Tensor x = embeddings.detach().to(acc).contiguous();
+  at::Tensor r = ref_emb.is_same(embeddings) ? x : ref_emb.detach().to(acc).contiguous();
   const auto dist = static_cast<Distance>(distance);
   at::Tensor a_terms, b_terms;
   if (dist == Distance::Cosine) {
