@@ -15,10 +15,10 @@ __version__ = "0.1.0"
 __all__ = ["mine", "MineFunction", "MiningResult", "reference", "available_backends", "build_info", "__version__",
            "losses", "miners", "CrossBatchMemory"]
 
-# Optional backends register themselves on import (never raising when their
-# dependency is missing): 'triton' needs triton and CUDA tensors, or CPU
-# tensors under TRITON_INTERPRET=1.
-try:
+# Optional backends register themselves on import: 'triton' (when present in
+# this checkout) registers only if triton imports, and is usable on CUDA tensors,
+# or on CPU tensors under TRITON_INTERPRET=1.  Errors inside it are not hidden.
+import importlib.util as _importlib_util
+
+if _importlib_util.find_spec(__name__ + "._triton") is not None:
     from . import _triton  # noqa: F401
-except ImportError:  # the module itself is absent only in partial checkouts
-    pass
