@@ -9,11 +9,12 @@ from ._extension import build_info
 from .mine import MineFunction, MiningResult, mine
 from . import losses, miners
 from .memory import CrossBatchMemory
+from . import distributed  # import-safe without torch.distributed: it raises only when called
 
 __version__ = "0.1.0"
 
 __all__ = ["mine", "MineFunction", "MiningResult", "reference", "available_backends", "build_info", "__version__",
-           "losses", "miners", "CrossBatchMemory"]
+           "losses", "miners", "CrossBatchMemory", "distributed"]
 
 # Optional backends register themselves on import: 'triton' (when present in
 # this checkout) registers only if triton imports, and is usable on CUDA tensors,
