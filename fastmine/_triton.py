@@ -1,0 +1,664 @@
+"""The Triton backend: fused mining forward and the pair-distance backward.
+
+Reads top to bottom: kernels -> launchers -> backend registration.
+
+Forward (``_mine_fwd_kernel``), in the FlashAttention style.  Program (i, s)
+owns a block of BLOCK_M anchors and the s-th slice of the references.  It
+streams BLOCK_N references at a time: the dot-product tile X_blk @ R_tile^T is
+accumulated with ``tl.dot`` over D in BLOCK_K chunks (any D), turned into the
+mining value in registers,
+
+    v = |x|^2 + |r|^2 - 2 x.r   (Euclidean and squared Euclidean; clamped at 0)
+    v = 1 - x.r / (|x| |r|)     (cosine; clamped at 0)
+
+masked (same class / different class / same sample / semi-hard window) and
+reduced to one (key, index) per anchor and tile.  Selection is "argmin of a
+key" (csrc/include/fastmine/strategies.h): key = v for nearest rules, -v for
+farthest ones, +inf for inadmissible references.  A running (best key, best
+index) per anchor is updated with a strict '<' as tiles arrive in increasing
+reference order, and each tile's argmin takes the leftmost minimum, so exact
+ties keep the smallest index.  The N x M matrix never exists in memory.
+
+Small N (Flash-Decoding): when there are too few anchor blocks to fill the
+GPU, the reference axis is split across SPLITS programs per anchor block; each
+writes a partial (key, index) pair and ``_merge_splits_kernel`` combines them
+in split order (strict '<' again keeps the smallest index).
+
+Semi-hard negatives need d_ap first: a positives-only launch, then the window
+(lo, hi) on v is formed per anchor (exactly as the CPU kernel does, in float64
+from the fp32 v_ap), then a negatives-only launch inside the window.
+
+Backward (``_pair_grad_kernel``): per anchor, the exact gradients of the two
+selected pair distances (formulas in fastmine/_pairs.py) go densely to the
+anchor row and are scattered to the reference rows with atomics; in
+deterministic mode the pairs are sorted by reference row and
+``_scatter_sorted_kernel`` sums each row's contributions in a fixed order.
+
+Precision: fp32 inputs use tf32 ``tl.dot`` unless
+``torch.get_float32_matmul_precision() == "highest"`` (then ieee); fp16/bf16
+accumulate in fp32; fp64 stays fp64.  Under the interpreter (CPU tensors,
+``TRITON_INTERPRET=1``) bf16 tiles are upcast to fp32 before ``tl.dot``
+(the interpreter's bf16 dot is wrong); bf16 products are exact in fp32, so
+this is the same arithmetic up to accumulation order.  Offsets are int64, so
+N*D and M*D beyond 2**31 are fine; indices themselves must fit in int32
+(N, M < 2**31).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _backends
+from ._contract import NEG_STRATEGIES, POS_STRATEGIES
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as exc:  # triton is optional: the backend then says why it is missing
+    triton = None
+    _IMPORT_ERROR: Optional[BaseException] = exc
+else:
+    _IMPORT_ERROR = None
+
+# triton.jit reads TRITON_INTERPRET when a kernel is *defined*; record it at
+# the same moment so that "can this backend take CPU tensors" never disagrees
+# with how the kernels were built.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Passes of the forward kernel.
+FUSED, POS_ONLY, NEG_WINDOW = 0, 1, 2
+# Distance codes inside the kernels: Euclidean is mined on its square.
+_GRAM, _COSINE = 0, 1
+_KERNEL_DISTANCE = {"euclidean": _GRAM, "squared_euclidean": _GRAM, "cosine": _COSINE}
+# Backward distance codes.
+_BWD_DISTANCE = {"euclidean": 0, "squared_euclidean": 1, "cosine": 2}
+
+if triton is not None:
+
+    # ------------------------------------------------------------------ kernels
+
+    @triton.jit
+    def _row_sumsq_kernel(X, OUT, N, D, stride_n, stride_d,
+                          BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+        """OUT[i] = sum_k X[i, k]^2 in OUT's dtype (fp32, or fp64 for fp64 inputs).
+
+        Exact for integer-valued inputs, like the dot products of the mining
+        tile, so exact ties stay ties.
+        """
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < N
+        acc = tl.zeros([BLOCK_R], dtype=OUT.dtype.element_ty)
+        for k0 in range(0, D, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            ptr = X + rows.to(tl.int64)[:, None] * stride_n + ks.to(tl.int64)[None, :] * stride_d
+            x = tl.load(ptr, mask=row_ok[:, None] & (ks < D)[None, :], other=0.0)
+            x = x.to(OUT.dtype.element_ty)
+            acc += tl.sum(x * x, axis=1)
+        tl.store(OUT + rows, acc, mask=row_ok)
+
+    @triton.jit
+    def _mine_fwd_kernel(
+        X, R,                   # [N, D] anchors, [M, D] references (same dtype, any row stride)
+        XT, RT,                 # [N], [M] row terms: |.|^2 (Gram) or 1/|.| (cosine), acc dtype
+        QL, RL,                 # [N], [M] int64 labels
+        QID, RID,               # [N], [M] int64 sample ids (read only if HAS_IDS)
+        LO, HI,                 # [N] semi-hard window on v (read only if PASS == NEG_WINDOW)
+        POS_KEY, POS_IDX,       # [SPLITS, N] best positive key (acc dtype) / index (int64)
+        NEG_KEY, NEG_IDX,       # [SPLITS, N] best negative key / index
+        N, M, D, SPLITS,
+        stride_xn, stride_xd, stride_rm, stride_rd,
+        PASS: tl.constexpr, DISTANCE: tl.constexpr, HAS_IDS: tl.constexpr,
+        POS_NEAREST: tl.constexpr, NEG_NEAREST: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        acc_t = XT.dtype.element_ty
+        pid_m = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < N
+        x_rows = X + rows.to(tl.int64)[:, None] * stride_xn  # int64 row offsets
+
+        # This program's slice of the references: [j_begin, j_end), a whole
+        # number of BLOCK_N tiles, so split boundaries never cut a tile.
+        split_len = tl.cdiv(tl.cdiv(M, SPLITS), BLOCK_N) * BLOCK_N
+        j_begin = pid_s * split_len
+        j_end = tl.minimum(j_begin + split_len, M)
+
+        a = tl.load(XT + rows, mask=row_ok, other=0.0)
+        ql = tl.load(QL + rows, mask=row_ok, other=0)
+        if HAS_IDS:
+            qid = tl.load(QID + rows, mask=row_ok, other=0)
+        if PASS == 2:  # NEG_WINDOW: no positive -> lo = +inf -> nothing admissible
+            lo = tl.load(LO + rows, mask=row_ok, other=float("inf"))
+            hi = tl.load(HI + rows, mask=row_ok, other=float("inf"))
+
+        inf = float("inf")
+        best_p = tl.full([BLOCK_M], inf, dtype=acc_t)
+        best_n = tl.full([BLOCK_M], inf, dtype=acc_t)
+        idx_p = tl.full([BLOCK_M], -1, dtype=tl.int64)
+        idx_n = tl.full([BLOCK_M], -1, dtype=tl.int64)
+
+        for j0 in range(j_begin, j_end, BLOCK_N):
+            cols = j0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < j_end
+            r_cols = R + cols.to(tl.int64)[None, :] * stride_rm
+
+            # dot = X_blk @ R_tile^T, streamed over D.
+            dot = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_t)
+            for k0 in range(0, D, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_ok = ks < D
+                ks64 = ks.to(tl.int64)
+                x = tl.load(x_rows + ks64[None, :] * stride_xd,
+                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                r = tl.load(r_cols + ks64[:, None] * stride_rd,   # [BLOCK_K, BLOCK_N]
+                            mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                if UPCAST:
+                    x = x.to(tl.float32)
+                    r = r.to(tl.float32)
+                dot = tl.dot(x, r, dot, input_precision=DOT_PRECISION, out_dtype=acc_t)
+
+            # Mining value in registers.
+            b = tl.load(RT + cols, mask=col_ok, other=0.0)
+            if DISTANCE == 1:  # cosine
+                v = 1.0 - dot * a[:, None] * b[None, :]
+            else:
+                v = (a[:, None] + b[None, :]) - 2.0 * dot
+            v = tl.maximum(v, 0.0)
+
+            rl = tl.load(RL + cols, mask=col_ok, other=0)
+            same = ql[:, None] == rl[None, :]
+            ok = row_ok[:, None] & col_ok[None, :]
+            if HAS_IDS:
+                rid = tl.load(RID + cols, mask=col_ok, other=0)
+                ok = ok & (qid[:, None] != rid[None, :])  # same-sample pairs never selected
+
+            if PASS != 2:  # positives
+                if POS_NEAREST:
+                    kp = tl.where(same & ok, v, inf)
+                else:
+                    kp = tl.where(same & ok, -v, inf)
+                tile_best, tile_arg = tl.min(kp, axis=1, return_indices=True,
+                                             return_indices_tie_break_left=True)
+                better = tile_best < best_p
+                best_p = tl.where(better, tile_best, best_p)
+                idx_p = tl.where(better, (j0 + tile_arg).to(tl.int64), idx_p)
+            if PASS != 1:  # negatives
+                admissible = (~same) & ok
+                if PASS == 2:
+                    admissible = admissible & (v > lo[:, None]) & (v < hi[:, None])
+                if NEG_NEAREST:
+                    kn = tl.where(admissible, v, inf)
+                else:
+                    kn = tl.where(admissible, -v, inf)
+                tile_best, tile_arg = tl.min(kn, axis=1, return_indices=True,
+                                             return_indices_tie_break_left=True)
+                better = tile_best < best_n
+                best_n = tl.where(better, tile_best, best_n)
+                idx_n = tl.where(better, (j0 + tile_arg).to(tl.int64), idx_n)
+
+        out = pid_s.to(tl.int64) * N + rows
+        if PASS != 2:
+            tl.store(POS_KEY + out, best_p, mask=row_ok)
+            tl.store(POS_IDX + out, idx_p, mask=row_ok)
+        if PASS != 1:
+            tl.store(NEG_KEY + out, best_n, mask=row_ok)
+            tl.store(NEG_IDX + out, idx_n, mask=row_ok)
+
+    @triton.jit
+    def _merge_splits_kernel(KEY, IDX, OUT_KEY, OUT_IDX, N, SPLITS, BLOCK: tl.constexpr):
+        """Combine [SPLITS, N] partial (key, index) pairs into [N].
+
+        Split s covers references before split s + 1's, and each partial index
+        is the smallest among its ties, so a strict '<' in split order keeps
+        the smallest index overall.
+        """
+        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = rows < N
+        best = tl.load(KEY + rows, mask=ok, other=float("inf"))
+        idx = tl.load(IDX + rows, mask=ok, other=-1)
+        for _ in range(1, SPLITS):
+            KEY += N  # next split's row (pointer arithmetic is 64-bit)
+            IDX += N
+            k = tl.load(KEY + rows, mask=ok, other=float("inf"))
+            i = tl.load(IDX + rows, mask=ok, other=-1)
+            better = k < best
+            best = tl.where(better, k, best)
+            idx = tl.where(better, i, idx)
+        tl.store(OUT_KEY + rows, best, mask=ok)
+        tl.store(OUT_IDX + rows, idx, mask=ok)
+
+    @triton.jit
+    def _pair_coefficients(g, s_aa, s_bb, s_ab, s_uu, valid, DISTANCE: tl.constexpr):
+        """Per pair (a, b) with upstream gradient g, the coefficients of
+
+            dd/da * g = d1 * w + d2 * a        dd/db * g = c1 * w + c2 * b
+            w = a * ia - b * ib
+
+        Euclidean (DISTANCE 0): ia = ib = 1, w = u = a - b, d1 = g/|u| (0 at u = 0).
+        Squared Euclidean (1):  ia = ib = 1, d1 = 2g.
+        Cosine (2): ia = 1/|a|, ib = 1/|b|, w = a^ - b^, t = a^.w = 1 - cos,
+            d1 = g ia, d2 = -g ia^2 t, c1 = -g ib, c2 = -g ib^2 t   (see _pairs.py).
+        Invalid pairs (index -1) get all-zero coefficients.
+        """
+        g = tl.where(valid, g, 0.0)
+        zero = tl.zeros_like(g)
+        if DISTANCE == 2:
+            ia = 1.0 / tl.sqrt(s_aa)
+            ib = tl.where(valid, 1.0 / tl.sqrt(tl.where(valid, s_bb, 1.0)), 0.0)
+            t = 1.0 - s_ab * ia * ib
+            d1 = g * ia
+            d2 = -g * ia * ia * t
+            c1 = -g * ib
+            c2 = -g * ib * ib * t
+        else:
+            ia = zero + 1.0
+            ib = zero + 1.0
+            if DISTANCE == 0:
+                d1 = tl.where(s_uu > 0, g / tl.sqrt(tl.where(s_uu > 0, s_uu, 1.0)), 0.0)
+            else:
+                d1 = 2.0 * g
+            d2 = zero
+            c1 = -d1
+            c2 = zero
+        return ia, ib, d1, d2, c1, c2
+
+    @triton.jit
+    def _pair_grad_kernel(
+        X, R,                    # [N, D], [M, D] (input dtype, any row stride)
+        POS_IDX, NEG_IDX,        # [N] int64, -1 = no pair
+        G_POS, G_NEG,            # [N] upstream gradients (acc dtype)
+        GRAD_X, GRAD_R,          # [N, D], [M, D] contiguous, acc dtype; GRAD_R zero-filled
+        COEF,                    # [2, N, 4] (ib, c1, c2, ia) per pair, written if not ATOMIC
+        N, D, stride_xn, stride_xd, stride_rm, stride_rd,
+        DISTANCE: tl.constexpr, ATOMIC: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """grad_x[i] = sum over the two pairs of dd/da * g (dense, one writer per row);
+        grad_r[j] += dd/db * g via atomics (ATOMIC) or, else, the per-pair
+        coefficients are stored for the deterministic _scatter_sorted_kernel."""
+        acc_t = GRAD_X.dtype.element_ty
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < N
+        ip = tl.load(POS_IDX + rows, mask=row_ok, other=-1)
+        ineg = tl.load(NEG_IDX + rows, mask=row_ok, other=-1)
+        vp = ip >= 0
+        vn = ineg >= 0
+        gp = tl.load(G_POS + rows, mask=row_ok, other=0.0).to(acc_t)
+        gn = tl.load(G_NEG + rows, mask=row_ok, other=0.0).to(acc_t)
+        x_rows = X + rows.to(tl.int64)[:, None] * stride_xn
+        p_rows = R + tl.maximum(ip, 0)[:, None] * stride_rm
+        n_rows = R + tl.maximum(ineg, 0)[:, None] * stride_rm
+
+        # Pass 1: the row reductions the coefficients need.
+        s_aa = tl.zeros([BLOCK_R], dtype=acc_t)
+        s_pp = tl.zeros([BLOCK_R], dtype=acc_t)
+        s_nn = tl.zeros([BLOCK_R], dtype=acc_t)
+        s_ap = tl.zeros([BLOCK_R], dtype=acc_t)
+        s_an = tl.zeros([BLOCK_R], dtype=acc_t)
+        if DISTANCE != 1:  # squared Euclidean needs none
+            for k0 in range(0, D, BLOCK_K):
+                ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+                k_ok = ks < D
+                a = tl.load(x_rows + ks[None, :] * stride_xd,
+                            mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(acc_t)
+                bp = tl.load(p_rows + ks[None, :] * stride_rd,
+                             mask=vp[:, None] & k_ok[None, :], other=0.0).to(acc_t)
+                bn = tl.load(n_rows + ks[None, :] * stride_rd,
+                             mask=vn[:, None] & k_ok[None, :], other=0.0).to(acc_t)
+                if DISTANCE == 2:
+                    s_aa += tl.sum(a * a, axis=1)
+                    s_pp += tl.sum(bp * bp, axis=1)
+                    s_nn += tl.sum(bn * bn, axis=1)
+                    s_ap += tl.sum(a * bp, axis=1)
+                    s_an += tl.sum(a * bn, axis=1)
+                else:  # Euclidean: |u|^2 by direct difference (no cancellation)
+                    up = a - bp
+                    un = a - bn
+                    s_pp += tl.sum(up * up, axis=1)
+                    s_nn += tl.sum(un * un, axis=1)
+        if DISTANCE == 2:
+            s_aa = tl.where(row_ok, s_aa, 1.0)
+        ia, ibp, d1p, d2p, c1p, c2p = _pair_coefficients(gp, s_aa, s_pp, s_ap, s_pp, vp, DISTANCE)
+        _, ibn, d1n, d2n, c1n, c2n = _pair_coefficients(gn, s_aa, s_nn, s_an, s_nn, vn, DISTANCE)
+
+        if not ATOMIC:
+            for side in tl.static_range(2):
+                base = COEF + (side * N + rows.to(tl.int64)) * 4
+                if side == 0:
+                    tl.store(base + 0, ibp, mask=row_ok)
+                    tl.store(base + 1, c1p, mask=row_ok)
+                    tl.store(base + 2, c2p, mask=row_ok)
+                else:
+                    tl.store(base + 0, ibn, mask=row_ok)
+                    tl.store(base + 1, c1n, mask=row_ok)
+                    tl.store(base + 2, c2n, mask=row_ok)
+                tl.store(base + 3, ia, mask=row_ok)
+
+        # Pass 2: write the gradients.
+        gx_rows = GRAD_X + rows.to(tl.int64)[:, None] * D
+        gp_rows = GRAD_R + tl.maximum(ip, 0)[:, None] * D
+        gn_rows = GRAD_R + tl.maximum(ineg, 0)[:, None] * D
+        for k0 in range(0, D, BLOCK_K):
+            ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+            k_ok = ks < D
+            a = tl.load(x_rows + ks[None, :] * stride_xd,
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(acc_t)
+            bp = tl.load(p_rows + ks[None, :] * stride_rd,
+                         mask=vp[:, None] & k_ok[None, :], other=0.0).to(acc_t)
+            bn = tl.load(n_rows + ks[None, :] * stride_rd,
+                         mask=vn[:, None] & k_ok[None, :], other=0.0).to(acc_t)
+            wp = a * ia[:, None] - bp * ibp[:, None]
+            wn = a * ia[:, None] - bn * ibn[:, None]
+            ga = (d1p[:, None] * wp + d2p[:, None] * a) + (d1n[:, None] * wn + d2n[:, None] * a)
+            tl.store(gx_rows + ks[None, :], ga, mask=row_ok[:, None] & k_ok[None, :])
+            if ATOMIC:
+                gbp = c1p[:, None] * wp + c2p[:, None] * bp
+                gbn = c1n[:, None] * wn + c2n[:, None] * bn
+                tl.atomic_add(gp_rows + ks[None, :], gbp, mask=vp[:, None] & k_ok[None, :],
+                              sem="relaxed")
+                tl.atomic_add(gn_rows + ks[None, :], gbn, mask=vn[:, None] & k_ok[None, :],
+                              sem="relaxed")
+
+    @triton.jit
+    def _scatter_sorted_kernel(
+        X, R, GRAD_R, COEF,
+        ORDER,                   # [P] pair ids (side * N + anchor) sorted by reference row
+        OFFSETS,                 # [M + 1] row j's pairs are ORDER[OFFSETS[j]:OFFSETS[j + 1]]
+        N, D, stride_xn, stride_xd, stride_rm, stride_rd,
+        BLOCK_D: tl.constexpr,
+    ):
+        """Deterministic grad_r: program (j, d-block) sums row j's pair
+        contributions c1 * (a ia - b ib) + c2 * b in sorted (stable) order."""
+        acc_t = GRAD_R.dtype.element_ty
+        j = tl.program_id(0).to(tl.int64)
+        ks = (tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
+        k_ok = ks < D
+        b = tl.load(R + j * stride_rm + ks * stride_rd, mask=k_ok, other=0.0).to(acc_t)
+        start = tl.load(OFFSETS + j)
+        end = tl.load(OFFSETS + j + 1)
+        acc = tl.zeros([BLOCK_D], dtype=acc_t)
+        for t in range(start, end):
+            p = tl.load(ORDER + t)
+            anchor = p % N
+            ib = tl.load(COEF + p * 4 + 0)
+            c1 = tl.load(COEF + p * 4 + 1)
+            c2 = tl.load(COEF + p * 4 + 2)
+            ia = tl.load(COEF + p * 4 + 3)
+            a = tl.load(X + anchor * stride_xn + ks * stride_xd, mask=k_ok, other=0.0).to(acc_t)
+            acc += c1 * (a * ia - b * ib) + c2 * b
+        tl.store(GRAD_R + j * D + ks, acc, mask=k_ok)
+
+    # ------------------------------------------------------------- autotuning
+
+    def _fwd_configs():
+        cfg = triton.Config
+        return [
+            cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+            cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
+            cfg({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+            cfg({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+            cfg({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+            cfg({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=2),
+            cfg({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 16}, num_warps=4, num_stages=2),
+        ]
+
+    def prune_fwd_configs(configs, named_args, **kwargs):
+        """Keep the configs worth timing for this (D, dtype): a short list so the
+        first call's compile time stays reasonable.
+
+        * BLOCK_K is at most D rounded up to a power of two (>= 16: tl.dot's minimum);
+        * 4-byte inputs keep BLOCK_K <= 32 with 4 stages (shared memory), and
+          float64 (FFMA/DMMA, register-heavy) keeps only tiles up to 64 x 64.
+        """
+        d = named_args["D"]
+        itemsize = named_args["X"].element_size()
+        k_cap = max(16, triton.next_power_of_2(d))
+        kept = []
+        for c in configs:
+            k = c.kwargs
+            if k["BLOCK_K"] > k_cap:
+                continue
+            if itemsize == 8 and (k["BLOCK_M"] > 64 or k["BLOCK_N"] > 64 or k["BLOCK_K"] > 32):
+                continue
+            if itemsize == 4 and k["BLOCK_K"] == 64 and c.num_stages > 3:
+                continue
+            kept.append(c)
+        return kept or [configs[-1]]
+
+    _mine_fwd_tuned = triton.autotune(
+        configs=_fwd_configs(),
+        key=["D", "PASS", "DISTANCE", "HAS_IDS"],  # the autotuner adds the tensors' dtypes
+        prune_configs_by={"early_config_prune": prune_fwd_configs},
+    )(_mine_fwd_kernel)
+
+
+# ------------------------------------------------------------------- launchers
+
+# Fixed tile sizes for the interpreter (small: it runs every program in Python)
+# and the anchor block the split heuristic assumes.
+INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}
+_NOMINAL_BLOCK_M = 128
+_MIN_REFS_PER_SPLIT = 512
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: a nominal count, so small batches exercise splitting
+
+
+def num_splits(n: int, m: int, device: torch.device) -> int:
+    """How many programs share one anchor block's references (Flash-Decoding).
+
+    Enough to give about two programs per SM when N alone cannot, but never
+    slices shorter than _MIN_REFS_PER_SPLIT references.
+    """
+    row_blocks = triton.cdiv(n, _NOMINAL_BLOCK_M)
+    want = triton.cdiv(2 * _sm_count(device), row_blocks)
+    return max(1, min(want, m // _MIN_REFS_PER_SPLIT, 256))
+
+
+def _embedding_view(t: Tensor) -> Tensor:
+    """Detached, with unit stride along D (any row stride is kept: no copy for row views)."""
+    t = t.detach()
+    return t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous()
+
+
+def row_sumsq(x: Tensor) -> Tensor:
+    """[N] sum of squares of each row of x [N, D], in float32 (float64 for float64)."""
+    out = torch.empty(x.shape[0], dtype=_acc_dtype(x.dtype), device=x.device)
+    if x.shape[0]:
+        grid = (triton.cdiv(x.shape[0], 32),)
+        _row_sumsq_kernel[grid](x, out, x.shape[0], x.shape[1], x.stride(0), x.stride(1),
+                                BLOCK_R=32, BLOCK_K=64 if x.shape[1] > 32 else 32)
+    return out
+
+
+def _row_terms(x: Tensor, distance: str) -> Tensor:
+    sumsq = row_sumsq(x)
+    return sumsq.sqrt().reciprocal() if distance == "cosine" else sumsq
+
+
+def _launch_mine(x, r, a, b, ql, rl, qid, rid, lo, hi, pass_, distance, pos_nearest,
+                 neg_nearest, splits, config):
+    """One forward launch (plus the split merge); returns ((pos_key, pos_idx), (neg_key, neg_idx)),
+    each [N], for the sides this pass computes (None for the other)."""
+    n, m, d = x.shape[0], r.shape[0], x.shape[1]
+    acc = a.dtype
+    dev = x.device
+    pos = (torch.empty((splits, n), dtype=acc, device=dev),
+           torch.empty((splits, n), dtype=torch.int64, device=dev)) if pass_ != NEG_WINDOW else None
+    neg = (torch.empty((splits, n), dtype=acc, device=dev),
+           torch.empty((splits, n), dtype=torch.int64, device=dev)) if pass_ != POS_ONLY else None
+    dummy_f = a  # never read: the pass / HAS_IDS constexprs guard every use
+    dummy_i = ql
+    has_ids = qid is not None
+    args = (x, r, a, b, ql, rl,
+            qid if has_ids else dummy_i, rid if has_ids else dummy_i,
+            lo if lo is not None else dummy_f, hi if hi is not None else dummy_f,
+            *(pos if pos is not None else (dummy_f, dummy_i)),
+            *(neg if neg is not None else (dummy_f, dummy_i)),
+            n, m, d, splits, x.stride(0), x.stride(1), r.stride(0), r.stride(1))
+    meta = dict(PASS=pass_, DISTANCE=_KERNEL_DISTANCE[distance], HAS_IDS=has_ids,
+                POS_NEAREST=pos_nearest, NEG_NEAREST=neg_nearest,
+                DOT_PRECISION=_dot_precision(x.dtype),
+                UPCAST=INTERPRETED and x.dtype == torch.bfloat16)
+    if config is None and not INTERPRETED:
+        grid = lambda META: (triton.cdiv(n, META["BLOCK_M"]), splits)  # noqa: E731
+        _mine_fwd_tuned[grid](*args, **meta)
+    else:
+        cfg = dict(INTERPRETER_CONFIG if config is None else config)
+        grid = (triton.cdiv(n, cfg["BLOCK_M"]), splits)
+        _mine_fwd_kernel[grid](*args, **meta, **cfg)
+
+    def merged(side):
+        if side is None:
+            return None
+        key, idx = side
+        if splits == 1:
+            return key[0], idx[0]
+        out_key = torch.empty(n, dtype=acc, device=dev)
+        out_idx = torch.empty(n, dtype=torch.int64, device=dev)
+        _merge_splits_kernel[(triton.cdiv(n, 256),)](key, idx, out_key, out_idx, n, splits,
+                                                     BLOCK=256)
+        return out_key, out_idx
+
+    return merged(pos), merged(neg)
+
+
+def semihard_window(v_ap: Tensor, has_pos: Tensor, margin: Optional[float],
+                    distance: str) -> Tuple[Tensor, Tensor]:
+    """(lo, hi) [N] on the mining value v, as in strategies.h: lo = v_ap and
+    hi = (sqrt(v_ap) + margin)^2 (Euclidean) | v_ap + margin (others) | +inf
+    (no margin), computed in float64 and rounded to v's dtype; +inf (nothing
+    admissible) for anchors without a positive."""
+    inf = torch.full_like(v_ap, float("inf"))
+    lo = torch.where(has_pos, v_ap, inf)
+    if margin is None:
+        return lo, inf
+    v64 = v_ap.double()
+    hi64 = (v64.sqrt() + margin).square() if distance == "euclidean" else v64 + margin
+    return lo, torch.where(has_pos, hi64.to(v_ap.dtype), inf)
+
+
+def select(x: Tensor, labels: Tensor, r: Tensor, ref_labels: Tensor,
+           query_ids: Optional[Tensor], ref_ids: Optional[Tensor], pos_strategy: str,
+           neg_strategy: str, distance: str, margin: Optional[float], *,
+           splits: Optional[int] = None, config: Optional[dict] = None) -> Tuple[Tensor, Tensor]:
+    """Triton selection: (pos_idx, neg_idx), int64 [N], -1 where none exists.
+
+    x: [N, D], r: [M, D] float16/bfloat16/float32/float64 on CUDA (or CPU under
+    the interpreter); labels/ids: integer [N] / [M].  Arguments as for
+    ``fastmine.reference.select``.  ``splits`` (reference-axis split count)
+    and ``config`` (dict of BLOCK_M/BLOCK_N/BLOCK_K, bypassing the autotuner)
+    are for tests and tuning.
+    """
+    n, m = x.shape[0], r.shape[0]
+    if n == 0 or m == 0:
+        empty = torch.full((n,), -1, dtype=torch.int64, device=x.device)
+        return empty, empty.clone()
+    if max(n, m) >= 2 ** 31:
+        raise ValueError(f"backend 'triton' indexes rows in int32: N={n}, M={m} must be < 2**31")
+    self_refs = r is x
+    x = _embedding_view(x)
+    r = x if self_refs else _embedding_view(r)
+    a = _row_terms(x, distance)
+    b = a if self_refs else _row_terms(r, distance)
+    ql, rl = labels.to(torch.int64).contiguous(), ref_labels.to(torch.int64).contiguous()
+    qid = rid = None
+    if query_ids is not None:
+        qid, rid = query_ids.to(torch.int64).contiguous(), ref_ids.to(torch.int64).contiguous()
+    splits = num_splits(n, m, x.device) if splits is None else max(1, min(int(splits), m))
+    pos_nearest = POS_STRATEGIES[pos_strategy] == POS_STRATEGIES["easy"]
+    neg_nearest = neg_strategy != "easy"
+    common = (x, r, a, b, ql, rl, qid, rid)
+    if neg_strategy != "semihard":
+        (_, pos_idx), (_, neg_idx) = _launch_mine(*common, None, None, FUSED, distance,
+                                                  pos_nearest, neg_nearest, splits, config)
+        return pos_idx, neg_idx
+    assert NEG_STRATEGIES[neg_strategy] == NEG_STRATEGIES["semihard"]
+    (pos_key, pos_idx), _ = _launch_mine(*common, None, None, POS_ONLY, distance,
+                                         pos_nearest, neg_nearest, splits, config)
+    v_ap = pos_key if pos_nearest else -pos_key  # key = +-v
+    lo, hi = semihard_window(v_ap, pos_idx >= 0, margin, distance)
+    _, (_, neg_idx) = _launch_mine(*common, lo, hi, NEG_WINDOW, distance, pos_nearest,
+                                   neg_nearest, splits, config)
+    return pos_idx, neg_idx
+
+
+def backward(grad_pos: Tensor, grad_neg: Tensor, x: Tensor, r: Tensor, pos_idx: Tensor,
+             neg_idx: Tensor, distance: str) -> Tuple[Tensor, Tensor]:
+    """Scatter dL/d(pos_dist), dL/d(neg_dist) [N] into (dL/dx [N, D], dL/dr [M, D]).
+
+    Same contract as ``fastmine._pairs.pair_distance_backward``: anchor rows
+    get a dense update; reference rows get atomics, or, with
+    ``torch.use_deterministic_algorithms(True)``, a sorted fixed-order sum
+    (bit-identical across runs).  Returned in x's / r's dtype.
+    """
+    n, d = x.shape
+    m = r.shape[0]
+    acc = _acc_dtype(x.dtype)
+    dev = x.device
+    grad_x = torch.empty((n, d), dtype=acc, device=dev)
+    grad_r = torch.zeros((m, d), dtype=acc, device=dev)
+    if n == 0 or d == 0:
+        return grad_x.zero_().to(x.dtype), grad_r.to(r.dtype)
+    self_refs = r is x
+    x = _embedding_view(x)
+    r = x if self_refs else _embedding_view(r)
+    if m == 0:  # no references: every index is -1
+        return torch.zeros((n, d), dtype=x.dtype, device=dev), grad_r.to(r.dtype)
+    atomic = not torch.are_deterministic_algorithms_enabled()
+    coef = grad_x if atomic else torch.empty((2, n, 4), dtype=acc, device=dev)
+    block_k = 64 if d > 32 else 32
+    _pair_grad_kernel[(triton.cdiv(n, 16),)](
+        x, r, pos_idx.contiguous(), neg_idx.contiguous(), grad_pos.to(acc).contiguous(),
+        grad_neg.to(acc).contiguous(), grad_x, grad_r, coef, n, d,
+        x.stride(0), x.stride(1), r.stride(0), r.stride(1),
+        DISTANCE=_BWD_DISTANCE[distance], ATOMIC=atomic, BLOCK_R=16, BLOCK_K=block_k)
+    if not atomic:
+        # Pairs sorted (stably) by reference row; rows' slices found by searchsorted
+        # (both deterministic), then one program per (row, D-block) sums in order.
+        rows = torch.cat([pos_idx, neg_idx])
+        rows = torch.where(rows >= 0, rows, torch.full_like(rows, m))  # -1 -> after every row
+        sorted_rows, order = torch.sort(rows, stable=True)
+        offsets = torch.searchsorted(sorted_rows, torch.arange(m + 1, device=dev))
+        block_d = min(128, max(16, triton.next_power_of_2(d)))
+        _scatter_sorted_kernel[(m, triton.cdiv(d, block_d))](
+            x, r, grad_r, coef, order, offsets, n, d,
+            x.stride(0), x.stride(1), r.stride(0), r.stride(1), BLOCK_D=block_d)
+    return grad_x.to(x.dtype), grad_r.to(r.dtype)
+
+
+# ------------------------------------------------------------------- registration
+
+def why_unavailable(device: torch.device) -> str:
+    """'' when backend="triton" can run on tensors of ``device``, else why not."""
+    if triton is None:
+        return f"triton is not installed ({_IMPORT_ERROR})"
+    if device.type == "cuda":
+        return ""
+    if device.type == "cpu":
+        if INTERPRETED:
+            return ""
+        return ("backend 'triton' needs CUDA tensors; CPU tensors run only under the Triton "
+                "interpreter (set TRITON_INTERPRET=1 before importing fastmine)")
+    return f"backend 'triton' needs CUDA tensors, got tensors on {device}"
+
+
+_backends.register(_backends.Backend("triton", select, backward, why_unavailable))
