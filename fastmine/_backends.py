@@ -4,9 +4,11 @@ selection(x, labels, r, ref_labels, query_ids, ref_ids, pos, neg, distance, marg
     -> (pos_idx, neg_idx)          int64 [N], -1 where none exists
 backward(grad_pos, grad_neg, x, r, pos_idx, neg_idx, distance)
     -> (grad_x [N, D], grad_r [M, D])
+pair_distance(x, r, idx, distance) -> [N]   (optional; default fastmine._pairs.pair_distance)
 
-Exact pair distances are computed once, for every backend, in fastmine._pairs;
-backends differ only in how they select (and may supply a fused backward).
+Exact pair distances follow one definition (fastmine._pairs, the direct
+difference); backends differ in how they select and may supply a fused
+backward and a fused pair-distance kernel computing that same definition.
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ class Backend:
     backward: Callable
     # Returns "" if usable for tensors on `device`, else the reason it is not.
     unavailable: Callable[[torch.device], str]
+    # Exact distances of the selected pairs; None: fastmine._pairs.pair_distance.
+    pair_distance: Optional[Callable] = None
 
 
 def _compiled_select(x, labels, r, ref_labels, query_ids, ref_ids, pos, neg, distance, margin):

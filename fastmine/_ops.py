@@ -35,11 +35,13 @@ def mine_op(embeddings: Tensor, labels: Tensor, ref_emb: Tensor, ref_labels: Ten
     check_finite("embeddings", embeddings, distance)
     if ref_emb is not embeddings:
         check_finite("ref_emb", ref_emb, distance)
-    pos_idx, neg_idx = _backends.get(backend).select(
+    impl = _backends.get(backend)
+    pos_idx, neg_idx = impl.select(
         embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids,
         pos_strategy, neg_strategy, distance, margin)
-    pos_dist = pair_distance(embeddings, ref_emb, pos_idx, distance)
-    neg_dist = pair_distance(embeddings, ref_emb, neg_idx, distance)
+    exact = impl.pair_distance or pair_distance
+    pos_dist = exact(embeddings, ref_emb, pos_idx, distance)
+    neg_dist = exact(embeddings, ref_emb, neg_idx, distance)
     return pos_idx, neg_idx, pos_dist, neg_dist
 
 

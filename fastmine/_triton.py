@@ -81,6 +81,14 @@ if triton is not None:
     # ------------------------------------------------------------------ kernels
 
     @triton.jit
+    def _sqrt(x):
+        """Correctly rounded square root (tl.sqrt may be approximate for fp32)."""
+        if x.dtype == tl.float64:
+            return tl.sqrt(x)
+        else:
+            return tl.sqrt_rn(x)
+
+    @triton.jit
     def _row_sumsq_kernel(X, OUT, N, D, stride_n, stride_d,
                           BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
         """OUT[i] = sum_k X[i, k]^2 in OUT's dtype (fp32, or fp64 for fp64 inputs).
@@ -233,6 +241,57 @@ if triton is not None:
         tl.store(OUT_IDX + rows, idx, mask=ok)
 
     @triton.jit
+    def _pair_distance_kernel(
+        X, R, IDX, OUT,          # [N, D], [M, D], [N] int64 (-1 = none), [N] acc dtype
+        N, D, stride_xn, stride_xd, stride_rm, stride_rd,
+        DISTANCE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """OUT[i] = d(x[i], r[IDX[i]]) by direct difference (0 where IDX[i] = -1):
+        |u|, |u|^2 with u = a - b, or cosine as 1/2 |a^ - b^|^2 (exact for unit
+        vectors, no cancellation near 0).  The contract's exact pair distance,
+        O(N) memory instead of gathering an [N, D] copy of the rows."""
+        acc_t = OUT.dtype.element_ty
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < N
+        idx = tl.load(IDX + rows, mask=row_ok, other=-1)
+        valid = idx >= 0
+        x_rows = X + rows.to(tl.int64)[:, None] * stride_xn
+        b_rows = R + tl.maximum(idx, 0)[:, None] * stride_rm
+        ia = tl.full([BLOCK_R], 1.0, dtype=acc_t)
+        ib = tl.full([BLOCK_R], 1.0, dtype=acc_t)
+        if DISTANCE == 2:  # norms first
+            s_aa = tl.zeros([BLOCK_R], dtype=acc_t)
+            s_bb = tl.zeros([BLOCK_R], dtype=acc_t)
+            for k0 in range(0, D, BLOCK_K):
+                ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+                k_ok = ks < D
+                a = tl.load(x_rows + ks[None, :] * stride_xd,
+                            mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(acc_t)
+                b = tl.load(b_rows + ks[None, :] * stride_rd,
+                            mask=valid[:, None] & k_ok[None, :], other=0.0).to(acc_t)
+                s_aa += tl.sum(a * a, axis=1)
+                s_bb += tl.sum(b * b, axis=1)
+            ia = 1.0 / _sqrt(tl.where(valid, s_aa, 1.0))
+            ib = 1.0 / _sqrt(tl.where(valid, s_bb, 1.0))
+        s_ww = tl.zeros([BLOCK_R], dtype=acc_t)
+        for k0 in range(0, D, BLOCK_K):
+            ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+            k_ok = ks < D
+            a = tl.load(x_rows + ks[None, :] * stride_xd,
+                        mask=valid[:, None] & k_ok[None, :], other=0.0).to(acc_t)
+            b = tl.load(b_rows + ks[None, :] * stride_rd,
+                        mask=valid[:, None] & k_ok[None, :], other=0.0).to(acc_t)
+            w = a * ia[:, None] - b * ib[:, None]
+            s_ww += tl.sum(w * w, axis=1)
+        if DISTANCE == 0:
+            dist = _sqrt(s_ww)
+        elif DISTANCE == 1:
+            dist = s_ww
+        else:
+            dist = 0.5 * s_ww
+        tl.store(OUT + rows, tl.where(valid, dist, 0.0), mask=row_ok)
+
+    @triton.jit
     def _pair_coefficients(g, s_aa, s_bb, s_ab, s_uu, valid, DISTANCE: tl.constexpr):
         """Per pair (a, b) with upstream gradient g, the coefficients of
 
@@ -248,8 +307,8 @@ if triton is not None:
         g = tl.where(valid, g, 0.0)
         zero = tl.zeros_like(g)
         if DISTANCE == 2:
-            ia = 1.0 / tl.sqrt(s_aa)
-            ib = tl.where(valid, 1.0 / tl.sqrt(tl.where(valid, s_bb, 1.0)), 0.0)
+            ia = 1.0 / _sqrt(s_aa)
+            ib = tl.where(valid, 1.0 / _sqrt(tl.where(valid, s_bb, 1.0)), 0.0)
             t = 1.0 - s_ab * ia * ib
             d1 = g * ia
             d2 = -g * ia * ia * t
@@ -259,7 +318,7 @@ if triton is not None:
             ia = zero + 1.0
             ib = zero + 1.0
             if DISTANCE == 0:
-                d1 = tl.where(s_uu > 0, g / tl.sqrt(tl.where(s_uu > 0, s_uu, 1.0)), 0.0)
+                d1 = tl.where(s_uu > 0, g / _sqrt(tl.where(s_uu > 0, s_uu, 1.0)), 0.0)
             else:
                 d1 = 2.0 * g
             d2 = zero
@@ -494,6 +553,24 @@ def _row_terms(x: Tensor, distance: str) -> Tensor:
     return sumsq.sqrt().reciprocal() if distance == "cosine" else sumsq
 
 
+def pair_distance(x: Tensor, r: Tensor, idx: Tensor, distance: str) -> Tensor:
+    """d(x[i], r[idx[i]]) for each i, 0 where idx[i] == -1; [N] in x.dtype.
+
+    Same contract as ``fastmine._pairs.pair_distance`` (direct difference in
+    float32, float64 for float64 inputs) with O(N) extra memory.
+    """
+    n, d = x.shape
+    out = torch.zeros(n, dtype=_acc_dtype(x.dtype), device=x.device)
+    if n and r.shape[0]:
+        self_refs = r is x
+        x = _embedding_view(x)
+        r = x if self_refs else _embedding_view(r)
+        _pair_distance_kernel[(triton.cdiv(n, 16),)](
+            x, r, idx.contiguous(), out, n, d, x.stride(0), x.stride(1), r.stride(0), r.stride(1),
+            DISTANCE=_BWD_DISTANCE[distance], BLOCK_R=16, BLOCK_K=64 if d > 32 else 32)
+    return out.to(x.dtype)
+
+
 def _launch_mine(x, r, a, b, ql, rl, qid, rid, lo, hi, pass_, distance, pos_nearest,
                  neg_nearest, splits, config):
     """One forward launch (plus the split merge); returns ((pos_key, pos_idx), (neg_key, neg_idx)),
@@ -661,4 +738,5 @@ def why_unavailable(device: torch.device) -> str:
     return f"backend 'triton' needs CUDA tensors, got tensors on {device}"
 
 
-_backends.register(_backends.Backend("triton", select, backward, why_unavailable))
+_backends.register(_backends.Backend("triton", select, backward, why_unavailable,
+                                     pair_distance=pair_distance))

@@ -17,11 +17,17 @@ def _data(n=12, d=5, m=None, seed=0, dtype=torch.float64):
     return x, y, torch.randn(m, d, generator=g, dtype=dtype), torch.randint(0, 3, (m,), generator=g)
 
 
+# Every backend usable on CPU tensors here: cpu, torch and (under the
+# interpreter) triton.
+CPU_BACKENDS = fastmine.available_backends("cpu")
+FUSED_BACKENDS = [b for b in CPU_BACKENDS if b != "torch"]
+
+
 def _args(x, y, r, ry, pos, neg, dist, backend, margin=None):
     return _prepare(x, y, r, ry, pos, neg, dist, margin, None, None, backend)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("pos,neg,dist,margin", [("easy", "hard", "euclidean", None),
                                                  ("hard", "semihard", "cosine", 0.5),
                                                  ("easy", "easy", "squared_euclidean", None)])
@@ -86,9 +92,10 @@ def _model_and_data():
     return model, x, y
 
 
-def test_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_compile_fullgraph_matches_eager(backend):
     model, x, y = _model_and_data()
-    loss_fn = losses.TripletMarginLoss(margin=0.2, neg_strategy="hard", backend="cpu")
+    loss_fn = losses.TripletMarginLoss(margin=0.2, neg_strategy="hard", backend=backend)
 
     def step(x, y):
         return loss_fn(model(x), y)
@@ -103,9 +110,10 @@ def test_compile_fullgraph_matches_eager():
         torch.testing.assert_close(a, b)
 
 
-def test_deterministic_gradients_bit_identical():
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_deterministic_gradients_bit_identical(backend):
     model, x, y = _model_and_data()
-    loss_fn = losses.MarginLoss(backend="cpu")
+    loss_fn = losses.MarginLoss(backend=backend)
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
