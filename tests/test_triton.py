@@ -1,0 +1,345 @@
+"""The Triton backend beyond the shared contract suite (which runs it too).
+
+On CPU these run under the interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1), so sizes stay small.  Tests marked ``gpu`` need a CUDA
+device (run with FASTMINE_TEST_GPU=1, which leaves the interpreter off): large
+sizes, every dtype, tf32/bf16 tensor-core paths, int64 offsets with real
+N*D > 2**31, and the extra-memory bound.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastmine
+from fastmine import reference
+
+from _oracle import assert_exact_pair_distances, assert_matches_reference
+
+ft = pytest.importorskip("fastmine._triton")
+if ft.triton is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ON_GPU = torch.cuda.is_available() and not ft.INTERPRETED
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+needs_interpreter = pytest.mark.skipif(not ft.INTERPRETED, reason="CPU tensors need TRITON_INTERPRET=1")
+needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device (FASTMINE_TEST_GPU=1)")
+
+DISTANCES = ["euclidean", "squared_euclidean", "cosine"]
+STRATEGIES = [("easy", "hard", None), ("hard", "easy", None), ("easy", "semihard", None),
+              ("hard", "semihard", 0.4), ("easy", "semihard", 0.2)]
+
+
+def _data(n, d, classes, dtype=torch.float64, m=None, device=DEVICE, integer=False):
+    def emb(rows):
+        if integer:  # small integers: every dot product exact, ties are real
+            return torch.randint(-2, 3, (rows, d), device=device).to(dtype)
+        return torch.randn(rows, d, device=device, dtype=torch.float64).to(dtype)
+    x, y = emb(n), torch.randint(0, classes, (n,), device=device)
+    if m is None:
+        return x, y, None, None
+    return x, y, emb(m), torch.randint(0, classes, (m,), device=device)
+
+
+def _select(x, y, r, ry, pos, neg, distance, margin, ids=None, **kw):
+    r_, ry_ = (x, y) if r is None else (r, ry)
+    qid, rid = (None, None) if ids is None else ids
+    if r is None and qid is None:
+        qid = rid = torch.arange(x.shape[0], device=x.device)
+    return ft.select(x, y, r_, ry_, qid, rid, pos, neg, distance, margin, **kw)
+
+
+# --- split-M (Flash-Decoding) merge and tile shapes: exact on integer data ---
+
+@pytest.mark.parametrize("pos,neg,margin", STRATEGIES)
+@pytest.mark.parametrize("distance", ["squared_euclidean", "euclidean"])
+def test_split_reference_axis_is_exact(pos, neg, margin, distance):
+    """Any number of splits gives the same indices, ties included (integer data)."""
+    x, y, r, ry = _data(23, 5, 3, dtype=torch.float32, m=90, integer=True)
+    want = _select(x, y, r, ry, pos, neg, distance, margin, splits=1)
+    for splits in (2, 3, 7):
+        got = _select(x, y, r, ry, pos, neg, distance, margin, splits=splits)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), splits
+    oracle = reference.select(x.double(), y, r.double(), ry, None, None, pos, neg, distance, margin)
+    assert torch.equal(want[0], oracle[0]) and torch.equal(want[1], oracle[1])
+
+
+@pytest.mark.parametrize("config", [
+    {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16},
+    {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 32},
+    {"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 16},
+])
+@pytest.mark.parametrize("n,m,d", [(1, 1, 1), (17, None, 15), (33, 70, 17), (65, 31, 40)])
+def test_weird_shapes_and_tiles(config, n, m, d):
+    """Non-multiples of every block size, N != M, D below and above BLOCK_K."""
+    x, y, r, ry = _data(n, d, 4, m=m)
+    for pos, neg, margin in (("easy", "hard", None), ("hard", "semihard", 0.3)):
+        for splits in (1, 3):
+            kw = dict(pos_strategy=pos, neg_strategy=neg, distance="euclidean", margin=margin)
+            pidx, nidx = _select(x, y, r, ry, pos, neg, "euclidean", margin, splits=splits,
+                                 config=config)
+            want = fastmine.mine(x, y, r, ry, backend="torch", **kw)
+            assert torch.equal(pidx, want.pos_idx) and torch.equal(nidx, want.neg_idx)
+
+
+def test_num_splits_heuristic():
+    dev = torch.device("cuda") if ON_GPU else torch.device("cpu")
+    assert ft.num_splits(65536, 65536, dev) == 1           # enough anchor blocks
+    assert ft.num_splits(64, 100, dev) == 1                 # too few references to split
+    small = ft.num_splits(64, 1 << 20, dev)
+    assert small > 1 and (1 << 20) // small >= 512           # never slices under 512 refs
+
+
+# --- precision, dtypes, the interpreter's bf16 upcast ---------------------
+
+def test_dot_precision_follows_torch_setting():
+    prev = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert ft._dot_precision(torch.float32) == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert ft._dot_precision(torch.float32) == "tf32"
+        assert ft._dot_precision(torch.float16) == "ieee"  # fp16/bf16: fp32 accumulate
+        assert ft._dot_precision(torch.float64) == "ieee"
+    finally:
+        torch.set_float32_matmul_precision(prev)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_dtypes_integer_data_are_exact(dtype):
+    """Small integers are exact in fp16/bf16 and their fp32-accumulated dots are
+    exact too: indices must equal the float64 oracle's, ties included.  On CPU
+    this is the interpreter's bf16 upcast path (the interpreter's bf16 tl.dot
+    is wrong); on a GPU, the native tensor-core path."""
+    x, y, r, ry = _data(40, 20, 3, dtype=dtype, m=50, integer=True)
+    for distance in ("squared_euclidean", "euclidean"):
+        for pos, neg, margin in STRATEGIES:
+            got = _select(x, y, r, ry, pos, neg, distance, margin)
+            want = reference.select(x.double(), y, r.double(), ry, None, None, pos, neg,
+                                    distance, margin)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+# --- int64 offsets --------------------------------------------------------
+
+def _far_rows(n_rows, d, dtype, device):
+    """[n_rows, d] rows 2**30 + 3 elements apart: the last row starts beyond
+    2**31 elements.  The storage is allocated but untouched except for the rows
+    (the OS backs untouched pages lazily)."""
+    stride = 2 ** 30 + 3
+    base = torch.empty(stride * (n_rows - 1) + d, dtype=dtype, device=device)
+    x = base.as_strided((n_rows, d), (stride, 1))
+    x.copy_(torch.randn(n_rows, d, dtype=torch.float64).to(dtype))
+    return x
+
+
+@needs_interpreter
+def test_int64_offsets_interpreter():
+    """Row offsets beyond 2**31 elements (int32 would wrap) in forward, exact
+    pair distances and backward, on CPU under the interpreter."""
+    x = _far_rows(4, 8, torch.float16, "cpu")
+    y = torch.tensor([0, 0, 1, 1])
+    dense = x.contiguous()
+    for distance in DISTANCES:
+        res = fastmine.mine(x, y, distance=distance, backend="triton")
+        want = fastmine.mine(dense, y, distance=distance, backend="triton")
+        assert torch.equal(res.pos_idx, want.pos_idx) and torch.equal(res.neg_idx, want.neg_idx)
+        assert torch.equal(res.pos_dist, want.pos_dist)
+        assert_matches_reference(res, x, y, rtol=5e-3, distance=distance)
+        g = torch.randn(4, dtype=torch.float16), torch.randn(4, dtype=torch.float16)
+        gx = ft.backward(*g, x, x, res.pos_idx, res.neg_idx, distance)
+        gd = ft.backward(*g, dense, dense, res.pos_idx, res.neg_idx, distance)
+        assert torch.equal(gx[0], gd[0]) and torch.equal(gx[1], gd[1])
+
+
+# --- backward -------------------------------------------------------------
+
+def _grads(backend, x, y, r, ry, distance, pos, neg, w, deterministic=False):
+    x = x.detach().clone().requires_grad_()
+    r = None if r is None else r.detach().clone().requires_grad_()
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        res = fastmine.mine(x, y, r, ry, pos_strategy=pos, neg_strategy=neg, distance=distance,
+                            backend=backend)
+        loss = (res.pos_dist * w[0] - res.neg_dist * w[1]).sum()
+        inputs = (x,) if r is None else (x, r)
+        return res, torch.autograd.grad(loss, inputs)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("refs", [False, True])
+def test_backward_matches_torch_backend(deterministic, distance, refs):
+    """Gradients equal the torch backend's scatter (float64), with hub
+    references picked by many anchors (duplicate-index accumulation), anchors
+    without a positive (-1) and upstream weights != 1."""
+    x, y, r, ry = _data(50, 7, 6, m=12 if refs else None)
+    y[0] = 99  # a singleton: pos_idx = -1
+    w = (torch.rand(50, dtype=torch.float64, device=DEVICE) + 0.5,
+         torch.rand(50, dtype=torch.float64, device=DEVICE) - 0.5)
+    res, got = _grads("triton", x, y, r, ry, distance, "easy", "hard", w, deterministic)
+    assert int(res.pos_idx[0]) == -1
+    if refs:
+        assert int(torch.bincount(res.neg_idx).max()) > 3  # the scatter really accumulates
+    want_res, want = _grads("torch", x, y, r, ry, distance, "easy", "hard", w)
+    assert torch.equal(res.pos_idx, want_res.pos_idx) and torch.equal(res.neg_idx, want_res.neg_idx)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_deterministic_backward_is_bit_identical():
+    x, y, r, ry = _data(80, 10, 4, dtype=torch.float32, m=20)
+    w = (torch.randn(80, device=DEVICE), torch.randn(80, device=DEVICE))
+    runs = [_grads("triton", x, y, r, ry, "cosine", "easy", "hard", w, deterministic=True)[1]
+            for _ in range(3)]
+    for g in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], g))
+    atomic = _grads("triton", x, y, r, ry, "cosine", "easy", "hard", w)[1]
+    for a, b in zip(runs[0], atomic):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_pair_distance_kernel_matches_definition(distance):
+    x, y, r, ry = _data(30, 33, 3, dtype=torch.float32, m=25)
+    idx = torch.randint(-1, 25, (30,), device=DEVICE)
+    got = ft.pair_distance(x, r, idx, distance)
+    from fastmine._pairs import pair_distance
+    torch.testing.assert_close(got, pair_distance(x, r, idx, distance), rtol=2e-6, atol=2e-7)
+    assert bool((got[idx < 0] == 0).all())
+
+
+# --- availability ---------------------------------------------------------
+
+def test_cpu_tensors_without_interpreter_are_refused():
+    """Without TRITON_INTERPRET=1 the backend takes CUDA tensors only, and says so."""
+    code = ("import torch, fastmine\n"
+            "assert 'triton' not in fastmine.available_backends('cpu')\n"
+            "try:\n"
+            "    fastmine.mine(torch.randn(4, 3), torch.tensor([0, 0, 1, 1]), backend='triton')\n"
+            "except RuntimeError as e:\n"
+            "    print(e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "backend 'triton' is not available" in out.stdout
+    assert "TRITON_INTERPRET=1" in out.stdout
+
+
+def test_auto_never_picks_triton_for_cpu_tensors():
+    assert fastmine._backends.resolve("auto", torch.device("cpu")) in ("cpu", "torch")
+
+
+def test_config_pruning():
+    configs = ft._fwd_configs()
+    x16 = torch.empty(0, 9, dtype=torch.float16)
+    kept = ft.prune_fwd_configs(configs, {"D": 9, "X": x16})
+    assert kept and all(c.kwargs["BLOCK_K"] == 16 for c in kept)
+    x64 = torch.empty(0, 512, dtype=torch.float64)
+    kept = ft.prune_fwd_configs(configs, {"D": 512, "X": x64})
+    assert kept and all(c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 64 for c in kept)
+    x32 = torch.empty(0, 512, dtype=torch.float32)
+    kept = ft.prune_fwd_configs(configs, {"D": 512, "X": x32})
+    assert len(kept) >= 3 and not any(c.kwargs["BLOCK_K"] == 64 and c.num_stages > 3 for c in kept)
+
+
+# --- GPU only -------------------------------------------------------------
+
+RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-4}
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("pos,neg,margin", STRATEGIES)
+@pytest.mark.parametrize("dtype,precision", [(torch.float64, "highest"), (torch.float32, "highest"),
+                                             (torch.float32, "high"), (torch.float16, "highest"),
+                                             (torch.bfloat16, "highest")])
+@pytest.mark.parametrize("n,m,d", [(1, None, 5), (300, None, 64), (200, 1000, 129), (4096, None, 128),
+                                   (16384, None, 64)])
+def test_gpu_matches_reference(distance, pos, neg, margin, dtype, precision, n, m, d):
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        x, y, r, ry = _data(n, d, 50, dtype=dtype, m=m)
+        kw = dict(pos_strategy=pos, neg_strategy=neg, distance=distance, margin=margin)
+        res = fastmine.mine(x, y, r, ry, backend="triton", **kw)
+        if neg == "semihard" and dtype != torch.float64:
+            assert_exact_pair_distances(res, x, r, distance)  # window-edge flips are legitimate
+            return
+        rtol = 2e-3 if precision == "high" and dtype == torch.float32 else RTOL[dtype]
+        assert_matches_reference(res, x, y, r, ry, rtol=rtol, **kw)
+    finally:
+        torch.set_float32_matmul_precision(prev)
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_low_precision_error_within_twice_pytorch(dtype):
+    """flash-attention's rule: the selection error (vs the float64 oracle on the
+    same rounded inputs) is at most twice that of PyTorch's own low-precision
+    matmul used for the same selection."""
+    x, y, _, _ = _data(4096, 256, 64, dtype=dtype)
+    d64 = reference.distance_matrix(x.double(), x.double(), "squared_euclidean")
+    same = y[:, None] == y[None, :]
+    eye = torch.eye(4096, dtype=torch.bool, device=DEVICE)
+    want = reference._masked_argbest(d64, same & ~eye, nearest=True)
+    sq = x.float().pow(2).sum(1)
+    d_torch = (sq[:, None] + sq[None, :] - 2 * (x @ x.T).float()).clamp_min(0)  # matmul in dtype
+    torch_pick = reference._masked_argbest(d_torch, same & ~eye, nearest=True)
+    got = fastmine.mine(x, y, distance="squared_euclidean", backend="triton").pos_idx
+
+    def err(idx):
+        return float((d64.gather(1, idx[:, None]) - d64.gather(1, want[:, None])).abs().max())
+    assert err(got) <= 2 * err(torch_pick) + 1e-6 * float(d64.max())
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_gpu_int64_offsets_real_size():
+    """N * D > 2**31 elements for real (fp16, 4.3 GB)."""
+    n, d = 2 ** 17 + 8, 2 ** 14
+    x = torch.randn(n, d, device="cuda", dtype=torch.float16)
+    y = torch.randint(0, 1000, (n,), device="cuda")
+    q = slice(n - 64, n)  # anchors at the far end, references everywhere
+    res = fastmine.mine(x[q], y[q], x, y, backend="triton")
+    # spot-check against the oracle restricted to the last 64 anchors
+    ref = fastmine.mine(x[q].float(), y[q], x.float(), y, backend="torch")
+    assert torch.equal(res.pos_idx >= 0, ref.pos_idx >= 0)
+    torch.testing.assert_close(res.pos_dist.float(), ref.pos_dist, rtol=2e-3, atol=1e-2)
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_gpu_extra_memory_n65536(dtype):
+    """N = M = 65536, D = 512: mining plus exact distances use <= 64 MB beyond the inputs."""
+    x = torch.randn(65536, 512, device="cuda", dtype=dtype)
+    y = torch.randint(0, 8192, (65536,), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    res = fastmine.mine(x, y, backend="triton")
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert bool(res.valid.any())
+    assert extra <= 64 * 2 ** 20, f"{extra / 2 ** 20:.1f} MiB"
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_gpu_opcheck():
+    x, y, r, ry = _data(300, 64, 10, dtype=torch.float32, m=200)
+    from fastmine.mine import _prepare
+    args = _prepare(x, y, r, ry, "easy", "semihard", "euclidean", 0.2, None, None, "triton")
+    torch.library.opcheck(torch.ops.fastmine.mine.default, args)
