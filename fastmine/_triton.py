@@ -158,12 +158,13 @@ if triton is not None:
             # dot = X_blk @ R_tile^T, streamed over D.
             dot = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_t)
             for k0 in range(0, D, BLOCK_K):
+                # Column offsets stay int32: the launcher guarantees unit stride
+                # along D, and the int64 row offsets are already in the pointers.
                 ks = k0 + tl.arange(0, BLOCK_K)
                 k_ok = ks < D
-                ks64 = ks.to(tl.int64)
-                x = tl.load(x_rows + ks64[None, :] * stride_xd,
+                x = tl.load(x_rows + ks[None, :] * stride_xd,
                             mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                r = tl.load(r_cols + ks64[:, None] * stride_rd,   # [BLOCK_K, BLOCK_N]
+                r = tl.load(r_cols + ks[:, None] * stride_rd,   # [BLOCK_K, BLOCK_N]
                             mask=k_ok[:, None] & col_ok[None, :], other=0.0)
                 if UPCAST:
                     x = x.to(tl.float32)
