@@ -89,6 +89,14 @@ if triton is not None:
             return tl.sqrt_rn(x)
 
     @triton.jit
+    def _row_chunk(row_ptrs, ks, stride_d, row_mask, D, acc_t: tl.constexpr):
+        """Columns ks of the rows at row_ptrs [R, 1] as an [R, BLOCK] tile in
+        acc_t; 0 outside row_mask and beyond D."""
+        tile = tl.load(row_ptrs + ks[None, :] * stride_d,
+                       mask=row_mask[:, None] & (ks < D)[None, :], other=0.0)
+        return tile.to(acc_t)
+
+    @triton.jit
     def _row_sumsq_kernel(X, OUT, N, D, stride_n, stride_d,
                           BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
         """OUT[i] = sum_k X[i, k]^2 in OUT's dtype (fp32, or fp64 for fp64 inputs).
@@ -98,12 +106,11 @@ if triton is not None:
         """
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < N
-        acc = tl.zeros([BLOCK_R], dtype=OUT.dtype.element_ty)
+        acc_t = OUT.dtype.element_ty
+        x_rows = X + rows.to(tl.int64)[:, None] * stride_n
+        acc = tl.zeros([BLOCK_R], dtype=acc_t)
         for k0 in range(0, D, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            ptr = X + rows.to(tl.int64)[:, None] * stride_n + ks.to(tl.int64)[None, :] * stride_d
-            x = tl.load(ptr, mask=row_ok[:, None] & (ks < D)[None, :], other=0.0)
-            x = x.to(OUT.dtype.element_ty)
+            x = _row_chunk(x_rows, k0 + tl.arange(0, BLOCK_K), stride_d, row_ok, D, acc_t)
             acc += tl.sum(x * x, axis=1)
         tl.store(OUT + rows, acc, mask=row_ok)
 
@@ -264,24 +271,18 @@ if triton is not None:
             s_aa = tl.zeros([BLOCK_R], dtype=acc_t)
             s_bb = tl.zeros([BLOCK_R], dtype=acc_t)
             for k0 in range(0, D, BLOCK_K):
-                ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-                k_ok = ks < D
-                a = tl.load(x_rows + ks[None, :] * stride_xd,
-                            mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(acc_t)
-                b = tl.load(b_rows + ks[None, :] * stride_rd,
-                            mask=valid[:, None] & k_ok[None, :], other=0.0).to(acc_t)
+                ks = k0 + tl.arange(0, BLOCK_K)
+                a = _row_chunk(x_rows, ks, stride_xd, row_ok, D, acc_t)
+                b = _row_chunk(b_rows, ks, stride_rd, valid, D, acc_t)
                 s_aa += tl.sum(a * a, axis=1)
                 s_bb += tl.sum(b * b, axis=1)
             ia = 1.0 / _sqrt(tl.where(valid, s_aa, 1.0))
             ib = 1.0 / _sqrt(tl.where(valid, s_bb, 1.0))
         s_ww = tl.zeros([BLOCK_R], dtype=acc_t)
         for k0 in range(0, D, BLOCK_K):
-            ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-            k_ok = ks < D
-            a = tl.load(x_rows + ks[None, :] * stride_xd,
-                        mask=valid[:, None] & k_ok[None, :], other=0.0).to(acc_t)
-            b = tl.load(b_rows + ks[None, :] * stride_rd,
-                        mask=valid[:, None] & k_ok[None, :], other=0.0).to(acc_t)
+            ks = k0 + tl.arange(0, BLOCK_K)
+            a = _row_chunk(x_rows, ks, stride_xd, valid, D, acc_t)
+            b = _row_chunk(b_rows, ks, stride_rd, valid, D, acc_t)
             w = a * ia[:, None] - b * ib[:, None]
             s_ww += tl.sum(w * w, axis=1)
         if DISTANCE == 0:
@@ -362,14 +363,10 @@ if triton is not None:
         s_an = tl.zeros([BLOCK_R], dtype=acc_t)
         if DISTANCE != 1:  # squared Euclidean needs none
             for k0 in range(0, D, BLOCK_K):
-                ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-                k_ok = ks < D
-                a = tl.load(x_rows + ks[None, :] * stride_xd,
-                            mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(acc_t)
-                bp = tl.load(p_rows + ks[None, :] * stride_rd,
-                             mask=vp[:, None] & k_ok[None, :], other=0.0).to(acc_t)
-                bn = tl.load(n_rows + ks[None, :] * stride_rd,
-                             mask=vn[:, None] & k_ok[None, :], other=0.0).to(acc_t)
+                ks = k0 + tl.arange(0, BLOCK_K)
+                a = _row_chunk(x_rows, ks, stride_xd, row_ok, D, acc_t)
+                bp = _row_chunk(p_rows, ks, stride_rd, vp, D, acc_t)
+                bn = _row_chunk(n_rows, ks, stride_rd, vn, D, acc_t)
                 if DISTANCE == 2:
                     s_aa += tl.sum(a * a, axis=1)
                     s_pp += tl.sum(bp * bp, axis=1)
@@ -404,14 +401,11 @@ if triton is not None:
         gp_rows = GRAD_R + tl.maximum(ip, 0)[:, None] * D
         gn_rows = GRAD_R + tl.maximum(ineg, 0)[:, None] * D
         for k0 in range(0, D, BLOCK_K):
-            ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+            ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < D
-            a = tl.load(x_rows + ks[None, :] * stride_xd,
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(acc_t)
-            bp = tl.load(p_rows + ks[None, :] * stride_rd,
-                         mask=vp[:, None] & k_ok[None, :], other=0.0).to(acc_t)
-            bn = tl.load(n_rows + ks[None, :] * stride_rd,
-                         mask=vn[:, None] & k_ok[None, :], other=0.0).to(acc_t)
+            a = _row_chunk(x_rows, ks, stride_xd, row_ok, D, acc_t)
+            bp = _row_chunk(p_rows, ks, stride_rd, vp, D, acc_t)
+            bn = _row_chunk(n_rows, ks, stride_rd, vn, D, acc_t)
             wp = a * ia[:, None] - bp * ibp[:, None]
             wn = a * ia[:, None] - bn * ibn[:, None]
             ga = (d1p[:, None] * wp + d2p[:, None] * a) + (d1n[:, None] * wn + d2n[:, None] * a)
