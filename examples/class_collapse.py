@@ -121,7 +121,7 @@ def _toy(points_per_mode: int, rng: np.random.Generator, modes_per_class: int = 
          num_classes: int = 2, radius: float = 2.0, std: float = 0.15):
     """Gaussian modes on a ring, class = mode % num_classes (classes interleave).
 
-    Mode centres are 2*pi*radius/8 ~ 1.6 apart with std 0.15: well separated,
+    Neighbouring centres are 2*radius*sin(pi/8) ~ 1.5 apart, std 0.15: well separated,
     so any sub-cluster the embedding loses is lost by training, not by the data.
     """
     n_modes = modes_per_class * num_classes
@@ -151,7 +151,7 @@ class PKSampler:
     """P x K batches: every class, K samples each, without replacement within a batch.
 
     The index stream depends only on (labels, K, seed), never on the model, so
-    the batch-hard and the EPS run of one seed train on identical batches.
+    the hard-positive and the EPS run of one seed train on identical batches.
     """
 
     def __init__(self, labels: np.ndarray, samples_per_class: int, seed: int):
