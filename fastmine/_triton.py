@@ -449,44 +449,58 @@ if triton is not None:
 
     # ------------------------------------------------------------- autotuning
 
+    # Forward tile configs and the dot paths each is meant for:
+    #   "tc16"  fp16/bf16 on tensor cores      "tf32"  fp32 at "high"/"medium" precision
+    #   "fma32" fp32 at "highest" (ieee FFMA)   "fma64" fp64
+    # Chosen from a static survey (benchmarks/triton_static.py: sm_90 registers,
+    # spills and shared memory without a GPU): every config listed for a path
+    # compiles for sm_90 without spills and within the shared-memory limit.
+    # Timing among them is left to the autotuner.
+    _FWD_CONFIG_PATHS = {
+        # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): paths
+        (128, 128, 32, 8, 3): ("tc16", "tf32"),
+        (128, 128, 32, 8, 4): ("tc16", "tf32"),
+        (128, 64, 32, 8, 4): ("tc16", "tf32"),
+        (64, 128, 32, 8, 4): ("tc16", "tf32"),
+        (128, 64, 64, 8, 3): ("tc16",),
+        (64, 128, 64, 8, 3): ("tc16",),
+        (64, 64, 32, 4, 3): ("tc16", "tf32"),
+        (64, 64, 16, 4, 3): ("tc16", "tf32"),
+        (64, 32, 32, 4, 3): ("fma64",),
+        (32, 64, 32, 4, 3): ("fma32", "fma64"),
+        (32, 64, 16, 4, 2): ("tc16", "tf32", "fma32", "fma64"),
+    }
+
+    def _config_key(c) -> tuple:
+        k = c.kwargs
+        return (k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], c.num_warps, c.num_stages)
+
     def _fwd_configs():
-        cfg = triton.Config
-        return [
-            cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-            cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
-            cfg({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-            cfg({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-            cfg({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-            cfg({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=2),
-            cfg({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 16}, num_warps=4, num_stages=2),
-        ]
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+                for (bm, bn, bk, w, st) in _FWD_CONFIG_PATHS]
+
+    def dot_path(dtype: torch.dtype, dot_precision: str) -> str:
+        """Which of the _FWD_CONFIG_PATHS paths a launch takes."""
+        if dtype == torch.float64:
+            return "fma64"
+        if dtype == torch.float32:
+            return "tf32" if dot_precision == "tf32" else "fma32"
+        return "tc16"
 
     def prune_fwd_configs(configs, named_args, **kwargs):
-        """Keep the configs worth timing for this (D, dtype): a short list so the
-        first call's compile time stays reasonable.
-
-        * BLOCK_K is at most D rounded up to a power of two (>= 16: tl.dot's minimum);
-        * 4-byte inputs keep BLOCK_K <= 32 with 4 stages (shared memory), and
-          float64 (FFMA/DMMA, register-heavy) keeps only tiles up to 64 x 64.
-        """
-        d = named_args["D"]
-        itemsize = named_args["X"].element_size()
-        k_cap = max(16, triton.next_power_of_2(d))
-        kept = []
-        for c in configs:
-            k = c.kwargs
-            if k["BLOCK_K"] > k_cap:
-                continue
-            if itemsize == 8 and (k["BLOCK_M"] > 64 or k["BLOCK_N"] > 64 or k["BLOCK_K"] > 32):
-                continue
-            if itemsize == 4 and k["BLOCK_K"] == 64 and c.num_stages > 3:
-                continue
-            kept.append(c)
-        return kept or [configs[-1]]
+        """Keep the configs meant for this launch's dot path (see
+        _FWD_CONFIG_PATHS) whose BLOCK_K does not exceed D rounded up to a
+        power of two (>= 16: tl.dot's minimum); on tensor cores BLOCK_K = 16
+        only when D <= 16.  Never empty; a first call times at most 7 configs."""
+        path = dot_path(named_args["X"].dtype, kwargs.get("DOT_PRECISION", "ieee"))
+        k_cap = max(16, triton.next_power_of_2(named_args["D"]))
+        k_min = 32 if path in ("tc16", "tf32") and k_cap >= 32 else 16
+        mine = [c for c in configs if path in _FWD_CONFIG_PATHS[_config_key(c)]]
+        return [c for c in mine if k_min <= c.kwargs["BLOCK_K"] <= k_cap] or mine[-1:]
 
     _mine_fwd_tuned = triton.autotune(
         configs=_fwd_configs(),
-        key=["D", "PASS", "DISTANCE", "HAS_IDS"],  # the autotuner adds the tensors' dtypes
+        key=["D", "PASS", "DISTANCE", "HAS_IDS", "DOT_PRECISION"],  # + the tensors' dtypes
         prune_configs_by={"early_config_prune": prune_fwd_configs},
     )(_mine_fwd_kernel)
 
@@ -533,6 +547,12 @@ def _embedding_view(t: Tensor) -> Tensor:
     return t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous()
 
 
+def bwd_block_k(dtype: torch.dtype, d: int) -> int:
+    """D-chunk of the per-pair kernels (pair distance, backward): 64, or 32 for
+    small D and for float64 (whose 64-wide cosine backward spills on sm_90)."""
+    return 32 if d <= 32 or dtype == torch.float64 else 64
+
+
 def row_sumsq(x: Tensor) -> Tensor:
     """[N] sum of squares of each row of x [N, D], in float32 (float64 for float64)."""
     out = torch.empty(x.shape[0], dtype=_acc_dtype(x.dtype), device=x.device)
@@ -562,7 +582,7 @@ def pair_distance(x: Tensor, r: Tensor, idx: Tensor, distance: str) -> Tensor:
         r = x if self_refs else _embedding_view(r)
         _pair_distance_kernel[(triton.cdiv(n, 16),)](
             x, r, idx.contiguous(), out, n, d, x.stride(0), x.stride(1), r.stride(0), r.stride(1),
-            DISTANCE=_BWD_DISTANCE[distance], BLOCK_R=16, BLOCK_K=64 if d > 32 else 32)
+            DISTANCE=_BWD_DISTANCE[distance], BLOCK_R=16, BLOCK_K=bwd_block_k(x.dtype, d))
     return out.to(x.dtype)
 
 
@@ -697,7 +717,7 @@ def backward(grad_pos: Tensor, grad_neg: Tensor, x: Tensor, r: Tensor, pos_idx: 
         return torch.zeros((n, d), dtype=x.dtype, device=dev), grad_r.to(r.dtype)
     atomic = not torch.are_deterministic_algorithms_enabled()
     coef = grad_x if atomic else torch.empty((2, n, 4), dtype=acc, device=dev)
-    block_k = 64 if d > 32 else 32
+    block_k = bwd_block_k(x.dtype, d)
     _pair_grad_kernel[(triton.cdiv(n, 16),)](
         x, r, pos_idx.contiguous(), neg_idx.contiguous(), grad_pos.to(acc).contiguous(),
         grad_neg.to(acc).contiguous(), grad_x, grad_r, coef, n, d,
