@@ -338,9 +338,12 @@ def test_gpu_int64_offsets_real_size():
     x = torch.randn(n, d, device="cuda", dtype=torch.float16)
     y = torch.randint(0, 1000, (n,), device="cuda")
     q = slice(n - 64, n)  # anchors at the far end, references everywhere
-    res = fastmine.mine(x[q], y[q], x, y, backend="triton")
+    ids = dict(query_ids=torch.arange(n - 64, n, device="cuda"),
+               ref_ids=torch.arange(n, device="cuda"))  # an anchor never picks its own row
+    res = fastmine.mine(x[q], y[q], x, y, backend="triton", **ids)
+    assert bool((res.pos_dist[res.pos_idx >= 0] > 0).all())
     # spot-check against the oracle restricted to the last 64 anchors
-    ref = fastmine.mine(x[q].float(), y[q], x.float(), y, backend="torch")
+    ref = fastmine.mine(x[q].float(), y[q], x.float(), y, backend="torch", **ids)
     assert torch.equal(res.pos_idx >= 0, ref.pos_idx >= 0)
     torch.testing.assert_close(res.pos_dist.float(), ref.pos_dist, rtol=2e-3, atol=1e-2)
 
