@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 
 from . import _backends
-from ._contract import NEG_STRATEGIES, POS_STRATEGIES
+from ._contract import POS_STRATEGIES
 
 try:
     import triton
@@ -683,7 +683,6 @@ def select(x: Tensor, labels: Tensor, r: Tensor, ref_labels: Tensor,
         (_, pos_idx), (_, neg_idx) = _launch_mine(*common, None, None, FUSED, distance,
                                                   pos_nearest, neg_nearest, splits, config)
         return pos_idx, neg_idx
-    assert NEG_STRATEGIES[neg_strategy] == NEG_STRATEGIES["semihard"]
     (pos_key, pos_idx), _ = _launch_mine(*common, None, None, POS_ONLY, distance,
                                          pos_nearest, neg_nearest, splits, config)
     v_ap = pos_key if pos_nearest else -pos_key  # key = +-v
