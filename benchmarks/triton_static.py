@@ -83,7 +83,8 @@ def compile_kernel(fn, types: Dict[str, str], constexprs: Dict[str, object], arc
 
 
 def forward_variant(path: str, key: tuple, arch: int, pass_: int = ft.FUSED,
-                    distance: int = 0, has_ids: bool = True) -> dict:
+                    distance: int = 1, has_ids: bool = True) -> dict:
+    """Compile one forward variant; distance is a contract code (1 Gram, 2 cosine)."""
     dtype, precision = PATH_DTYPE[path]
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     bm, bn, bk, warps, stages = key
@@ -153,10 +154,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             for key, paths in ft._FWD_CONFIG_PATHS.items():
                 if path not in paths:
                     continue
-                variants = [(ft.FUSED, 0, True)]
+                variants = [(ft.FUSED, 1, True)]
                 if args.all_passes and key == first_config[path]:
-                    variants += [(ft.POS_ONLY, 0, True), (ft.NEG_WINDOW, 0, True),
-                                 (ft.FUSED, 1, True), (ft.NEG_WINDOW, 1, False)]
+                    variants += [(ft.POS_ONLY, 1, True), (ft.NEG_WINDOW, 1, True),
+                                 (ft.FUSED, 2, True), (ft.NEG_WINDOW, 2, False)]
                 for pass_, dist, ids in variants:
                     name = f"_mine_fwd_kernel {path} pass{pass_} d{dist}{'' if ids else ' no-ids'}"
                     try:

@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 
 from . import _backends
-from ._contract import POS_STRATEGIES
+from ._contract import DISTANCES, POS_STRATEGIES, compute_dtype
 
 try:
     import triton
@@ -70,11 +70,10 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Passes of the forward kernel.
 FUSED, POS_ONLY, NEG_WINDOW = 0, 1, 2
-# Distance codes inside the kernels: Euclidean is mined on its square.
-_GRAM, _COSINE = 0, 1
-_KERNEL_DISTANCE = {"euclidean": _GRAM, "squared_euclidean": _GRAM, "cosine": _COSINE}
-# Backward distance codes.
-_BWD_DISTANCE = {"euclidean": 0, "squared_euclidean": 1, "cosine": 2}
+# Kernels take the contract's distance codes (DISTANCES: 0 Euclidean, 1 squared,
+# 2 cosine); the forward mines Euclidean on its square, like the CPU kernel.
+_FWD_DISTANCE = {"euclidean": DISTANCES["squared_euclidean"],
+                 "squared_euclidean": DISTANCES["squared_euclidean"], "cosine": DISTANCES["cosine"]}
 
 if triton is not None:
 
@@ -180,7 +179,7 @@ if triton is not None:
 
             # Mining value in registers.
             b = tl.load(RT + cols, mask=col_ok, other=0.0)
-            if DISTANCE == 1:  # cosine
+            if DISTANCE == 2:  # cosine
                 v = 1.0 - dot * a[:, None] * b[None, :]
             else:
                 v = (a[:, None] + b[None, :]) - 2.0 * dot
@@ -514,10 +513,6 @@ _NOMINAL_BLOCK_M = 128
 _MIN_REFS_PER_SPLIT = 512
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
         return "tf32"
@@ -555,7 +550,7 @@ def bwd_block_k(dtype: torch.dtype, d: int) -> int:
 
 def row_sumsq(x: Tensor) -> Tensor:
     """[N] sum of squares of each row of x [N, D], in float32 (float64 for float64)."""
-    out = torch.empty(x.shape[0], dtype=_acc_dtype(x.dtype), device=x.device)
+    out = torch.empty(x.shape[0], dtype=compute_dtype(x.dtype), device=x.device)
     if x.shape[0]:
         grid = (triton.cdiv(x.shape[0], 32),)
         _row_sumsq_kernel[grid](x, out, x.shape[0], x.shape[1], x.stride(0), x.stride(1),
@@ -575,14 +570,14 @@ def pair_distance(x: Tensor, r: Tensor, idx: Tensor, distance: str) -> Tensor:
     float32, float64 for float64 inputs) with O(N) extra memory.
     """
     n, d = x.shape
-    out = torch.zeros(n, dtype=_acc_dtype(x.dtype), device=x.device)
+    out = torch.zeros(n, dtype=compute_dtype(x.dtype), device=x.device)
     if n and r.shape[0]:
         self_refs = r is x
         x = _embedding_view(x)
         r = x if self_refs else _embedding_view(r)
         _pair_distance_kernel[(triton.cdiv(n, 16),)](
             x, r, idx.contiguous(), out, n, d, x.stride(0), x.stride(1), r.stride(0), r.stride(1),
-            DISTANCE=_BWD_DISTANCE[distance], BLOCK_R=16, BLOCK_K=bwd_block_k(x.dtype, d))
+            DISTANCE=DISTANCES[distance], BLOCK_R=16, BLOCK_K=bwd_block_k(x.dtype, d))
     return out.to(x.dtype)
 
 
@@ -606,7 +601,7 @@ def _launch_mine(x, r, a, b, ql, rl, qid, rid, lo, hi, pass_, distance, pos_near
             *(pos if pos is not None else (dummy_f, dummy_i)),
             *(neg if neg is not None else (dummy_f, dummy_i)),
             n, m, d, splits, x.stride(0), x.stride(1), r.stride(0), r.stride(1))
-    meta = dict(PASS=pass_, DISTANCE=_KERNEL_DISTANCE[distance], HAS_IDS=has_ids,
+    meta = dict(PASS=pass_, DISTANCE=_FWD_DISTANCE[distance], HAS_IDS=has_ids,
                 POS_NEAREST=pos_nearest, NEG_NEAREST=neg_nearest,
                 DOT_PRECISION=_dot_precision(x.dtype),
                 UPCAST=INTERPRETED and x.dtype == torch.bfloat16)
@@ -703,7 +698,7 @@ def backward(grad_pos: Tensor, grad_neg: Tensor, x: Tensor, r: Tensor, pos_idx: 
     """
     n, d = x.shape
     m = r.shape[0]
-    acc = _acc_dtype(x.dtype)
+    acc = compute_dtype(x.dtype)
     dev = x.device
     grad_x = torch.empty((n, d), dtype=acc, device=dev)
     grad_r = torch.zeros((m, d), dtype=acc, device=dev)
@@ -721,7 +716,7 @@ def backward(grad_pos: Tensor, grad_neg: Tensor, x: Tensor, r: Tensor, pos_idx: 
         x, r, pos_idx.contiguous(), neg_idx.contiguous(), grad_pos.to(acc).contiguous(),
         grad_neg.to(acc).contiguous(), grad_x, grad_r, coef, n, d,
         x.stride(0), x.stride(1), r.stride(0), r.stride(1),
-        DISTANCE=_BWD_DISTANCE[distance], ATOMIC=atomic, BLOCK_R=16, BLOCK_K=block_k)
+        DISTANCE=DISTANCES[distance], ATOMIC=atomic, BLOCK_R=16, BLOCK_K=block_k)
     if not atomic:
         # Pairs sorted (stably) by reference row; rows' slices found by searchsorted
         # (both deterministic), then one program per (row, D-block) sums in order.
