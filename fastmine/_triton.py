@@ -528,12 +528,22 @@ def _sm_count(device: torch.device) -> int:
 def num_splits(n: int, m: int, device: torch.device) -> int:
     """How many programs share one anchor block's references (Flash-Decoding).
 
-    Enough to give about two programs per SM when N alone cannot, but never
-    slices shorter than _MIN_REFS_PER_SPLIT references.
+    With B = ceil(N / 128) anchor blocks, the grid has B * S programs; pick the
+    smallest S whose programs fill the SMs' waves to >= 90% (one program per
+    SM per wave: the large tiles use the whole register file), so a batch of
+    B = 64 blocks on 132 SMs runs as 128 programs in one wave instead of 64.
+    Slices never hold fewer than _MIN_REFS_PER_SPLIT references.
     """
+    sms = _sm_count(device)
     row_blocks = triton.cdiv(n, _NOMINAL_BLOCK_M)
-    want = triton.cdiv(2 * _sm_count(device), row_blocks)
-    return max(1, min(want, m // _MIN_REFS_PER_SPLIT, 256))
+    cap = max(1, min(m // _MIN_REFS_PER_SPLIT, 256))
+
+    def wave_efficiency(s: int) -> float:
+        programs = row_blocks * s
+        return programs / (triton.cdiv(programs, sms) * sms)
+
+    best = max(range(1, cap + 1), key=lambda s: (wave_efficiency(s), -s))
+    return next((s for s in range(1, cap + 1) if wave_efficiency(s) >= 0.9), best)
 
 
 def _embedding_view(t: Tensor) -> Tensor:

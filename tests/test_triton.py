@@ -89,10 +89,15 @@ def test_weird_shapes_and_tiles(config, n, m, d):
 
 def test_num_splits_heuristic():
     dev = torch.device("cuda") if ON_GPU else torch.device("cpu")
-    assert ft.num_splits(65536, 65536, dev) == 1           # enough anchor blocks
+    sms = ft._sm_count(dev)
+    assert ft.num_splits(65536, 65536, dev) == 1             # 512 anchor blocks fill the waves
     assert ft.num_splits(64, 100, dev) == 1                 # too few references to split
-    small = ft.num_splits(64, 1 << 20, dev)
-    assert small > 1 and (1 << 20) // small >= 512           # never slices under 512 refs
+    small = ft.num_splits(64, 1 << 20, dev)                 # one anchor block, a big bank
+    assert small >= min(sms, 256) * 0.9 and (1 << 20) // small >= 512
+    for n in (1000, 8192, 20000):                           # waves >= 90% full when possible
+        s = ft.num_splits(n, 1 << 20, dev)
+        programs = -(-n // 128) * s
+        assert programs / (-(-programs // sms) * sms) >= 0.9
 
 
 # --- precision, dtypes, the interpreter's bf16 upcast ---------------------
