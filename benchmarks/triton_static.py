@@ -83,8 +83,9 @@ def compile_kernel(fn, types: Dict[str, str], constexprs: Dict[str, object], arc
 
 
 def forward_variant(path: str, key: tuple, arch: int, pass_: int = ft.FUSED,
-                    distance: int = 1, has_ids: bool = True) -> dict:
-    """Compile one forward variant; distance is a contract code (1 Gram, 2 cosine)."""
+                    distance: int = 1, has_ids: bool = True, nearest: bool = True) -> dict:
+    """Compile one forward variant; distance is a contract code (1 Gram, 2 cosine);
+    nearest=False compiles the farthest-positive / farthest-negative selection."""
     dtype, precision = PATH_DTYPE[path]
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     bm, bn, bk, warps, stages = key
@@ -93,7 +94,7 @@ def forward_variant(path: str, key: tuple, arch: int, pass_: int = ft.FUSED,
                  POS_IDX="*i64", NEG_KEY=_ptr(acc), NEG_IDX="*i64", N="i32", M="i32", D="i32",
                  SPLITS="i32", stride_xn="i32", stride_rm="i32")
     const = dict(stride_xd=1, stride_rd=1, PASS=pass_, DISTANCE=distance, HAS_IDS=has_ids,
-                 POS_NEAREST=True, NEG_NEAREST=True, DOT_PRECISION=precision, UPCAST=False,
+                 POS_NEAREST=nearest, NEG_NEAREST=nearest, DOT_PRECISION=precision, UPCAST=False,
                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     return compile_kernel(ft._mine_fwd_kernel, types, const, arch, warps, stages)
 
@@ -137,8 +138,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--arch", type=int, nargs="+", default=[90], choices=sorted(SMEM_LIMIT))
     ap.add_argument("--paths", nargs="+", default=list(PATH_DTYPE), choices=list(PATH_DTYPE))
     ap.add_argument("--all-passes", action="store_true",
-                    help="also the semi-hard passes, cosine and no ids, on each path's first "
-                         "config (default: the fused Gram pass with ids)")
+                    help="also the semi-hard passes, cosine, no ids and farthest picks, on each "
+                         "path's first config (default: the fused Gram pass with ids)")
     ap.add_argument("--all-kernels", action="store_true", help="also every non-forward kernel")
     ap.add_argument("--check", action="store_true",
                     help="exit 1 on a compile error, a spill or too much shared memory")
@@ -154,14 +155,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             for key, paths in ft._FWD_CONFIG_PATHS.items():
                 if path not in paths:
                     continue
-                variants = [(ft.FUSED, 1, True)]
+                variants = [(ft.FUSED, 1, True, True)]
                 if args.all_passes and key == first_config[path]:
-                    variants += [(ft.POS_ONLY, 1, True), (ft.NEG_WINDOW, 1, True),
-                                 (ft.FUSED, 2, True), (ft.NEG_WINDOW, 2, False)]
-                for pass_, dist, ids in variants:
-                    name = f"_mine_fwd_kernel {path} pass{pass_} d{dist}{'' if ids else ' no-ids'}"
+                    variants += [(ft.POS_ONLY, 1, True, True), (ft.NEG_WINDOW, 1, True, True),
+                                 (ft.FUSED, 2, True, True), (ft.NEG_WINDOW, 2, False, True),
+                                 (ft.FUSED, 1, True, False), (ft.POS_ONLY, 2, False, False)]
+                for pass_, dist, ids, near in variants:
+                    name = (f"_mine_fwd_kernel {path} pass{pass_} d{dist}"
+                            f"{'' if ids else ' no-ids'}{'' if near else ' far'}")
                     try:
-                        r = forward_variant(path, key, arch, pass_, dist, ids)
+                        r = forward_variant(path, key, arch, pass_, dist, ids, near)
                     except Exception as exc:  # report every failure, not only the first
                         failures.append(f"sm_{arch} {name} {key}: {type(exc).__name__}: {exc}")
                         print(f"{arch:>4} {name:<44} {str(key):<32} COMPILE ERROR")

@@ -77,11 +77,15 @@ def check_finite(name: str, emb: torch.Tensor, distance: str) -> None:
     if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
         raise ValueError(f"{name} contains NaN or Inf")
     if distance == "cosine":
-        zero = (torch.linalg.vector_norm(emb, ord=float("inf"), dim=1) == 0).nonzero()
+        # Mining and the exact distances use |x|^2 in the compute dtype: a row
+        # whose squared norm underflows there is as undefined as a zero row.
+        norm = torch.linalg.vector_norm(emb, dim=1, dtype=compute_dtype(emb.dtype))
+        zero = (norm * norm == 0).nonzero()
         if zero.numel():
             raise ValueError(
                 f"cosine distance is undefined for zero vectors: {name} row "
-                f"{int(zero[0, 0])} has norm 0")
+                f"{int(zero[0, 0])} has norm 0 (or a norm whose square underflows in "
+                f"{compute_dtype(emb.dtype)})")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

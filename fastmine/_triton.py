@@ -88,6 +88,14 @@ if triton is not None:
             return tl.sqrt_rn(x)
 
     @triton.jit
+    def _div(x, y):
+        """Correctly rounded x / y (fp32 '/' compiles to an approximate division)."""
+        if y.dtype == tl.float64:
+            return x / y
+        else:
+            return tl.div_rn(x, y)
+
+    @triton.jit
     def _row_chunk(row_ptrs, ks, stride_d, row_mask, D, acc_t: tl.constexpr):
         """Columns ks of the rows at row_ptrs [R, 1] as an [R, BLOCK] tile in
         acc_t; 0 outside row_mask and beyond D."""
@@ -275,8 +283,8 @@ if triton is not None:
                 b = _row_chunk(b_rows, ks, stride_rd, valid, D, acc_t)
                 s_aa += tl.sum(a * a, axis=1)
                 s_bb += tl.sum(b * b, axis=1)
-            ia = 1.0 / _sqrt(tl.where(valid, s_aa, 1.0))
-            ib = 1.0 / _sqrt(tl.where(valid, s_bb, 1.0))
+            ia = _div(1.0, _sqrt(tl.where(valid, s_aa, 1.0)))
+            ib = _div(1.0, _sqrt(tl.where(valid, s_bb, 1.0)))
         s_ww = tl.zeros([BLOCK_R], dtype=acc_t)
         for k0 in range(0, D, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
@@ -293,39 +301,36 @@ if triton is not None:
         tl.store(OUT + rows, tl.where(valid, dist, 0.0), mask=row_ok)
 
     @triton.jit
-    def _pair_coefficients(g, s_aa, s_bb, s_ab, s_uu, valid, DISTANCE: tl.constexpr):
+    def _pair_coefficients(g, valid, ia, ib, s_uu, s_aw, s_bw, DISTANCE: tl.constexpr):
         """Per pair (a, b) with upstream gradient g, the coefficients of
 
             dd/da * g = d1 * w + d2 * a        dd/db * g = c1 * w + c2 * b
             w = a * ia - b * ib
 
-        Euclidean (DISTANCE 0): ia = ib = 1, w = u = a - b, d1 = g/|u| (0 at u = 0).
-        Squared Euclidean (1):  ia = ib = 1, d1 = 2g.
-        Cosine (2): ia = 1/|a|, ib = 1/|b|, w = a^ - b^, t = a^.w = 1 - cos,
-            d1 = g ia, d2 = -g ia^2 t, c1 = -g ib, c2 = -g ib^2 t   (see _pairs.py).
+        exactly as in fastmine/_pairs.py:
+        Euclidean (DISTANCE 0): ia = ib = 1, w = u = a - b, d1 = g/|u| (0 at u = 0), c1 = -d1.
+        Squared Euclidean (1):  ia = ib = 1, d1 = 2g, c1 = -d1.
+        Cosine (2): ia = 1/|a|, ib = 1/|b|, w = a^ - b^, s_aw = a^.w, s_bw = b^.w
+            (summed directly: accurate relative to |w| even for near pairs),
+            d1 = g ia, d2 = -g ia^2 s_aw, c1 = -g ib, c2 = g ib^2 s_bw.
         Invalid pairs (index -1) get all-zero coefficients.
         """
         g = tl.where(valid, g, 0.0)
         zero = tl.zeros_like(g)
         if DISTANCE == 2:
-            ia = 1.0 / _sqrt(s_aa)
-            ib = tl.where(valid, 1.0 / _sqrt(tl.where(valid, s_bb, 1.0)), 0.0)
-            t = 1.0 - s_ab * ia * ib
             d1 = g * ia
-            d2 = -g * ia * ia * t
+            d2 = -g * ia * ia * s_aw
             c1 = -g * ib
-            c2 = -g * ib * ib * t
+            c2 = g * ib * ib * s_bw
         else:
-            ia = zero + 1.0
-            ib = zero + 1.0
             if DISTANCE == 0:
-                d1 = tl.where(s_uu > 0, g / _sqrt(tl.where(s_uu > 0, s_uu, 1.0)), 0.0)
+                d1 = tl.where(s_uu > 0, _div(g, _sqrt(tl.where(s_uu > 0, s_uu, 1.0))), 0.0)
             else:
                 d1 = 2.0 * g
             d2 = zero
             c1 = -d1
             c2 = zero
-        return ia, ib, d1, d2, c1, c2
+        return d1, d2, c1, c2
 
     @triton.jit
     def _pair_grad_kernel(
@@ -340,7 +345,8 @@ if triton is not None:
     ):
         """grad_x[i] = sum over the two pairs of dd/da * g (dense, one writer per row);
         grad_r[j] += dd/db * g via atomics (ATOMIC) or, else, the per-pair
-        coefficients are stored for the deterministic _scatter_sorted_kernel."""
+        coefficients are stored for the deterministic _scatter_sorted_kernel.
+        Euclidean reads the rows twice, cosine three times, squared Euclidean once."""
         acc_t = GRAD_X.dtype.element_ty
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < N
@@ -354,13 +360,12 @@ if triton is not None:
         p_rows = R + tl.maximum(ip, 0)[:, None] * stride_rm
         n_rows = R + tl.maximum(ineg, 0)[:, None] * stride_rm
 
-        # Pass 1: the row reductions the coefficients need.
+        # Pass 1: |u|^2 by direct difference (Euclidean; no cancellation), or
+        # the squared norms (cosine).  Squared Euclidean needs no reduction.
         s_aa = tl.zeros([BLOCK_R], dtype=acc_t)
         s_pp = tl.zeros([BLOCK_R], dtype=acc_t)
         s_nn = tl.zeros([BLOCK_R], dtype=acc_t)
-        s_ap = tl.zeros([BLOCK_R], dtype=acc_t)
-        s_an = tl.zeros([BLOCK_R], dtype=acc_t)
-        if DISTANCE != 1:  # squared Euclidean needs none
+        if DISTANCE != 1:
             for k0 in range(0, D, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 a = _row_chunk(x_rows, ks, stride_xd, row_ok, D, acc_t)
@@ -368,19 +373,35 @@ if triton is not None:
                 bn = _row_chunk(n_rows, ks, stride_rd, vn, D, acc_t)
                 if DISTANCE == 2:
                     s_aa += tl.sum(a * a, axis=1)
-                    s_pp += tl.sum(bp * bp, axis=1)
-                    s_nn += tl.sum(bn * bn, axis=1)
-                    s_ap += tl.sum(a * bp, axis=1)
-                    s_an += tl.sum(a * bn, axis=1)
-                else:  # Euclidean: |u|^2 by direct difference (no cancellation)
-                    up = a - bp
-                    un = a - bn
-                    s_pp += tl.sum(up * up, axis=1)
-                    s_nn += tl.sum(un * un, axis=1)
+                    bp_sq = bp * bp
+                    bn_sq = bn * bn
+                else:
+                    bp_sq = (a - bp) * (a - bp)
+                    bn_sq = (a - bn) * (a - bn)
+                s_pp += tl.sum(bp_sq, axis=1)
+                s_nn += tl.sum(bn_sq, axis=1)
+        one = tl.full([BLOCK_R], 1.0, dtype=acc_t)
+        ia, ibp, ibn = one, one, one
+        s_awp = tl.zeros([BLOCK_R], dtype=acc_t)
+        s_bwp = tl.zeros([BLOCK_R], dtype=acc_t)
+        s_awn = tl.zeros([BLOCK_R], dtype=acc_t)
+        s_bwn = tl.zeros([BLOCK_R], dtype=acc_t)
         if DISTANCE == 2:
-            s_aa = tl.where(row_ok, s_aa, 1.0)
-        ia, ibp, d1p, d2p, c1p, c2p = _pair_coefficients(gp, s_aa, s_pp, s_ap, s_pp, vp, DISTANCE)
-        _, ibn, d1n, d2n, c1n, c2n = _pair_coefficients(gn, s_aa, s_nn, s_an, s_nn, vn, DISTANCE)
+            # Pass 1b (cosine): a^.w and b^.w with w = a^ - b^, as _pairs.py sums them.
+            ia = _div(1.0, _sqrt(tl.where(row_ok, s_aa, 1.0)))
+            ibp = tl.where(vp, _div(1.0, _sqrt(tl.where(vp, s_pp, 1.0))), 0.0)
+            ibn = tl.where(vn, _div(1.0, _sqrt(tl.where(vn, s_nn, 1.0))), 0.0)
+            for k0 in range(0, D, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                ah = _row_chunk(x_rows, ks, stride_xd, row_ok, D, acc_t) * ia[:, None]
+                bph = _row_chunk(p_rows, ks, stride_rd, vp, D, acc_t) * ibp[:, None]
+                bnh = _row_chunk(n_rows, ks, stride_rd, vn, D, acc_t) * ibn[:, None]
+                s_awp += tl.sum(ah * (ah - bph), axis=1)
+                s_bwp += tl.sum(bph * (ah - bph), axis=1)
+                s_awn += tl.sum(ah * (ah - bnh), axis=1)
+                s_bwn += tl.sum(bnh * (ah - bnh), axis=1)
+        d1p, d2p, c1p, c2p = _pair_coefficients(gp, vp, ia, ibp, s_pp, s_awp, s_bwp, DISTANCE)
+        d1n, d2n, c1n, c2n = _pair_coefficients(gn, vn, ia, ibn, s_nn, s_awn, s_bwn, DISTANCE)
 
         if not ATOMIC:
             for side in tl.static_range(2):
@@ -499,7 +520,10 @@ if triton is not None:
 
     _mine_fwd_tuned = triton.autotune(
         configs=_fwd_configs(),
-        key=["D", "PASS", "DISTANCE", "HAS_IDS", "DOT_PRECISION"],  # + the tensors' dtypes
+        # Not keyed on PASS: the two semi-hard launches must use the same tiles,
+        # so that the negatives pass recomputes bit-identical v (the window's
+        # lo = v_ap is strict; a duplicate of the positive must stay outside).
+        key=["D", "DISTANCE", "HAS_IDS", "DOT_PRECISION"],  # + the tensors' dtypes
         prune_configs_by={"early_config_prune": prune_fwd_configs},
     )(_mine_fwd_kernel)
 
@@ -510,6 +534,9 @@ if triton is not None:
 # and the anchor block the split heuristic assumes.
 INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}
 _NOMINAL_BLOCK_M = 128
+# Row and column indices are int32 inside the kernels; a tile may run up to
+# 256 rows past the end, which must not wrap.
+_MAX_ROWS = 2 ** 31 - 1 - 256
 _MIN_REFS_PER_SPLIT = 512
 
 
@@ -669,8 +696,9 @@ def select(x: Tensor, labels: Tensor, r: Tensor, ref_labels: Tensor,
     if n == 0 or m == 0:
         empty = torch.full((n,), -1, dtype=torch.int64, device=x.device)
         return empty, empty.clone()
-    if max(n, m) >= 2 ** 31:
-        raise ValueError(f"backend 'triton' indexes rows in int32: N={n}, M={m} must be < 2**31")
+    if max(n, m) > _MAX_ROWS:
+        raise ValueError(f"backend 'triton' indexes rows in int32: N={n} and M={m} must be "
+                         f"<= {_MAX_ROWS}")
     self_refs = r is x
     x = _embedding_view(x)
     r = x if self_refs else _embedding_view(r)

@@ -58,15 +58,52 @@ def _select(x, y, r, ry, pos, neg, distance, margin, ids=None, **kw):
 
 @pytest.mark.parametrize("pos,neg,margin", STRATEGIES)
 @pytest.mark.parametrize("distance", ["squared_euclidean", "euclidean"])
-def test_split_reference_axis_is_exact(pos, neg, margin, distance):
+@pytest.mark.parametrize("with_ids", [False, True])
+def test_split_reference_axis_is_exact(pos, neg, margin, distance, with_ids):
     """Any number of splits gives the same indices, ties included (integer data)."""
     x, y, r, ry = _data(23, 5, 3, dtype=torch.float32, m=90, integer=True)
-    want = _select(x, y, r, ry, pos, neg, distance, margin, splits=1)
+    ids = None
+    if with_ids:  # references 0..22 are the anchors' own copies
+        r[:23], ry[:23] = x, y
+        ids = (torch.arange(23, device=DEVICE), torch.arange(90, device=DEVICE))
+    want = _select(x, y, r, ry, pos, neg, distance, margin, ids, splits=1)
     for splits in (2, 3, 7):
-        got = _select(x, y, r, ry, pos, neg, distance, margin, splits=splits)
+        got = _select(x, y, r, ry, pos, neg, distance, margin, ids, splits=splits)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), splits
-    oracle = reference.select(x.double(), y, r.double(), ry, None, None, pos, neg, distance, margin)
+    oracle = reference.select(x.double(), y, r.double(), ry, *(ids or (None, None)),
+                              pos, neg, distance, margin)
     assert torch.equal(want[0], oracle[0]) and torch.equal(want[1], oracle[1])
+
+
+@pytest.mark.parametrize("pos,neg,margin", STRATEGIES)
+def test_split_reference_axis_cosine(pos, neg, margin):
+    """Cosine (not exact on integers): splitting changes no pick."""
+    x, y, r, ry = _data(23, 6, 3, dtype=torch.float32, m=90)
+    want = _select(x, y, r, ry, pos, neg, "cosine", margin, splits=1)
+    for splits in (2, 5):
+        got = _select(x, y, r, ry, pos, neg, "cosine", margin, splits=splits)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), splits
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("pos", ["easy", "hard"])
+def test_semihard_never_picks_a_copy_of_the_positive(distance, pos):
+    """The window's lower bound is strict: a reference at exactly d_ap (here an
+    exact copy of each anchor's positive under another label) is never the
+    semi-hard negative.  This needs the negatives pass to recompute v
+    bit-identically to the positives pass (same tiles: PASS is not an
+    autotuning key)."""
+    x, y, _, _ = _data(60, 16, 3, dtype=torch.float32)
+    pidx, _ = _select(x, y, None, None, pos, "semihard", distance, None)
+    copies = x[pidx.clamp_min(0)]
+    r = torch.cat([x, copies])
+    ry = torch.cat([y, y + 100])  # copies belong to other classes
+    ids = (torch.arange(60, device=DEVICE), torch.arange(120, device=DEVICE))
+    for margin in (None, 0.5):
+        p2, n2 = _select(x, y, r, ry, pos, "semihard", distance, margin, ids)
+        assert torch.equal(p2, pidx)
+        picked_copy = (n2 >= 60) & (n2 - 60 == torch.arange(60, device=DEVICE))
+        assert not bool(picked_copy.any())
 
 
 @pytest.mark.parametrize("config", [
@@ -198,6 +235,47 @@ def test_backward_matches_torch_backend(deterministic, distance, refs):
     assert torch.equal(res.pos_idx, want_res.pos_idx) and torch.equal(res.neg_idx, want_res.neg_idx)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("pos,neg", [("hard", "easy"), ("easy", "semihard")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_backward_strategies_and_dtypes(pos, neg, dtype):
+    """Farthest / semi-hard picks and fp16/bf16 inputs: gradients equal the torch
+    backend's scatter (both accumulate in fp32 and round to the input dtype)."""
+    x, y, r, ry = _data(40, 12, 4, dtype=dtype, m=30)
+    w = (torch.rand(40, device=DEVICE) + 0.5, torch.rand(40, device=DEVICE) + 0.5)
+    for distance in DISTANCES:
+        res, got = _grads("triton", x, y, r, ry, distance, pos, neg, w)
+        want_res, want = _grads("torch", x, y, r, ry, distance, pos, neg, w)
+        if not (torch.equal(res.pos_idx, want_res.pos_idx)
+                and torch.equal(res.neg_idx, want_res.neg_idx)):
+            continue  # a rounding-level near-tie picked another pair: nothing to compare
+        tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("gap", [1e-3, 1e-5])
+def test_cosine_backward_accurate_for_near_pairs(gap):
+    """Easy positives are near pairs: the cosine gradient must stay accurate
+    relative to |a^ - b^| (it sums a^.w directly, like fastmine/_pairs.py),
+    within 2x the torch backend's fp32 error against float64."""
+    from fastmine._pairs import pair_distance_backward
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(64, 32, generator=g, dtype=torch.float64)
+    b = a + gap * torch.randn(64, 32, generator=g, dtype=torch.float64)
+    x, r = a.float().to(DEVICE), b.float().to(DEVICE)
+    idx = torch.arange(64, device=DEVICE)
+    none = torch.full_like(idx, -1)
+    ones, zeros = torch.ones(64, device=DEVICE), torch.zeros(64, device=DEVICE)
+    truth = pair_distance_backward(ones.double(), zeros.double(), x.double(), r.double(),
+                                   idx, none, "cosine")
+    fp32 = pair_distance_backward(ones, zeros, x, r, idx, none, "cosine")
+    got = ft.backward(ones, zeros, x, r, idx, none, "cosine")
+
+    def err(grads):
+        return max(float((g.double() - t).norm() / t.norm()) for g, t in zip(grads, truth))
+    assert err(got) <= 2 * err(fp32) + 1e-6, (err(got), err(fp32))
 
 
 def test_deterministic_backward_is_bit_identical():
@@ -368,6 +446,45 @@ def test_gpu_extra_memory_n65536(dtype):
     extra = torch.cuda.max_memory_allocated() - base
     assert bool(res.valid.any())
     assert extra <= 64 * 2 ** 20, f"{extra / 2 ** 20:.1f} MiB"
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_gpu_hub_references_atomic_and_deterministic():
+    """Many anchors pick a few references (a small bank): the atomic path must
+    equal the deterministic one within fp32 summation-order error, and the
+    deterministic one must be bit-identical across runs (the interpreter runs
+    atomics sequentially, so only a GPU can show this)."""
+    x, y, r, ry = _data(16384, 64, 4, dtype=torch.float32, m=8)
+    w = (torch.randn(16384, device=DEVICE), torch.randn(16384, device=DEVICE))
+    det = [_grads("triton", x, y, r, ry, "euclidean", "easy", "hard", w, deterministic=True)[1]
+           for _ in range(3)]
+    for g in det[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(det[0], g))
+    atomic = _grads("triton", x, y, r, ry, "euclidean", "easy", "hard", w)[1]
+    for a, b in zip(atomic, det[0]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_gpu_semihard_window_holds(dtype, distance):
+    """Every semi-hard negative lies strictly beyond its anchor's positive and
+    within the margin, under the kernel's own arithmetic (up to rounding of
+    the float64 recomputation): the two launches see the same v."""
+    x, y, _, _ = _data(8192, 128, 200, dtype=dtype)
+    res = fastmine.mine(x, y, neg_strategy="semihard", margin=0.3, distance=distance,
+                        backend="triton")
+    ok = res.valid
+    d = reference.distance_matrix(x.double(), x.double(), distance)
+    d_ap = d.gather(1, res.pos_idx.clamp_min(0)[:, None])[:, 0]
+    d_an = d.gather(1, res.neg_idx.clamp_min(0)[:, None])[:, 0]
+    slack = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
+    assert bool((d_an[ok] > d_ap[ok] - slack).all())
+    assert bool((d_an[ok] < d_ap[ok] + 0.3 + slack).all())
+    assert not bool((res.neg_idx[ok] == res.pos_idx[ok]).any())
 
 
 @needs_gpu

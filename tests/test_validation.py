@@ -64,6 +64,10 @@ def test_cosine_rejects_zero_rows(backend):
     with pytest.raises(ValueError, match="embeddings row 3 has norm 0"):
         fastmine.mine(x, Y, distance="cosine", backend=backend)
     fastmine.mine(x, Y, distance="euclidean", backend=backend)  # fine for Euclidean
+    tiny = X.clone().float()
+    tiny[2] = 1e-25  # |x|^2 = 6e-50 underflows in float32: cos would be 0/0
+    with pytest.raises(ValueError, match="row 2 has norm 0 .or a norm whose square underflows"):
+        fastmine.mine(tiny, Y, distance="cosine", backend=backend)
 
 
 def test_devices_must_match():
