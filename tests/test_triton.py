@@ -416,19 +416,34 @@ def test_gpu_low_precision_error_within_twice_pytorch(dtype):
 @needs_gpu
 @pytest.mark.gpu
 def test_gpu_int64_offsets_real_size():
-    """N * D > 2**31 elements for real (fp16, 4.3 GB)."""
+    """N * D > 2**31 elements for real (fp16, 4.3 GB): far references, far
+    anchors, and the backward into far anchor rows."""
     n, d = 2 ** 17 + 8, 2 ** 14
     x = torch.randn(n, d, device="cuda", dtype=torch.float16)
     y = torch.randint(0, 1000, (n,), device="cuda")
-    q = slice(n - 64, n)  # anchors at the far end, references everywhere
-    ids = dict(query_ids=torch.arange(n - 64, n, device="cuda"),
-               ref_ids=torch.arange(n, device="cuda"))  # an anchor never picks its own row
-    res = fastmine.mine(x[q], y[q], x, y, backend="triton", **ids)
-    assert bool((res.pos_dist[res.pos_idx >= 0] > 0).all())
-    # spot-check against the oracle restricted to the last 64 anchors
-    ref = fastmine.mine(x[q].float(), y[q], x.float(), y, backend="torch", **ids)
+    q = slice(n - 64, n)  # the last 64 rows start beyond 2**31 elements
+    qi, all_i = torch.arange(n - 64, n, device="cuda"), torch.arange(n, device="cuda")
+    xf = x.float()
+    # 64 anchors against every row (reference offsets beyond 2**31)
+    res = fastmine.mine(x[q], y[q], x, y, query_ids=qi, ref_ids=all_i, backend="triton")
+    ref = fastmine.mine(xf[q], y[q], xf, y, query_ids=qi, ref_ids=all_i, backend="torch")
     assert torch.equal(res.pos_idx >= 0, ref.pos_idx >= 0)
+    assert bool((res.pos_dist[res.pos_idx >= 0] > 0).all())  # never its own row
     torch.testing.assert_close(res.pos_dist.float(), ref.pos_dist, rtol=2e-3, atol=1e-2)
+    torch.testing.assert_close(res.neg_dist.float(), ref.neg_dist, rtol=2e-3, atol=1e-2)
+    # every row as an anchor against those 64 (anchor offsets beyond 2**31), with grad
+    xg = x.detach().requires_grad_()
+    res = fastmine.mine(xg, y, x[q], y[q], query_ids=all_i, ref_ids=qi, backend="triton")
+    ref = fastmine.mine(xf, y, xf[q], y[q], query_ids=all_i, ref_ids=qi, backend="torch")
+    assert torch.equal(res.pos_idx >= 0, ref.pos_idx >= 0)
+    torch.testing.assert_close(res.neg_dist[q].float(), ref.neg_dist[q], rtol=2e-3, atol=1e-2)
+    (res.pos_dist.float().sum() + res.neg_dist.float().sum()).backward()
+    far = xf[q].clone().requires_grad_()
+    small = fastmine.mine(far, y[q], xf[q], y[q], query_ids=qi, ref_ids=qi, backend="torch")
+    if torch.equal(small.pos_idx, res.pos_idx[q]) and torch.equal(small.neg_idx, res.neg_idx[q]):
+        (small.pos_dist.sum() + small.neg_dist.sum()).backward()
+        torch.testing.assert_close(xg.grad[q].float(), far.grad, rtol=1e-2, atol=1e-2)
+    assert bool(torch.isfinite(xg.grad[q]).all()) and bool(xg.grad[q].abs().sum() > 0)
 
 
 @needs_gpu
