@@ -531,7 +531,7 @@ if triton is not None:
 # ------------------------------------------------------------------- launchers
 
 # Fixed tile sizes for the interpreter (small: it runs every program in Python)
-# and the anchor block the split heuristic assumes.
+# and the default anchor block of the split heuristic.
 INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}
 _NOMINAL_BLOCK_M = 128
 # Row and column indices are int32 inside the kernels; a tile may run up to
@@ -552,17 +552,19 @@ def _sm_count(device: torch.device) -> int:
     return 4  # the interpreter: a nominal count, so small batches exercise splitting
 
 
-def num_splits(n: int, m: int, device: torch.device) -> int:
+def num_splits(n: int, m: int, device: torch.device, block_m: int = _NOMINAL_BLOCK_M) -> int:
     """How many programs share one anchor block's references (Flash-Decoding).
 
-    With B = ceil(N / 128) anchor blocks, the grid has B * S programs; pick the
+    With B = ceil(N / block_m) anchor blocks (block_m: the dot path's largest
+    BLOCK_M, which the autotuner usually picks for large N), the grid has
+    B * S programs; pick the
     smallest S whose programs fill the SMs' waves to >= 90% (one program per
     SM per wave: the large tiles use the whole register file), so a batch of
     B = 64 blocks on 132 SMs runs as 128 programs in one wave instead of 64.
     Slices never hold fewer than _MIN_REFS_PER_SPLIT references.
     """
     sms = _sm_count(device)
-    row_blocks = triton.cdiv(n, _NOMINAL_BLOCK_M)
+    row_blocks = triton.cdiv(n, block_m)
     cap = max(1, min(m // _MIN_REFS_PER_SPLIT, 256))
 
     def wave_efficiency(s: int) -> float:
@@ -708,7 +710,11 @@ def select(x: Tensor, labels: Tensor, r: Tensor, ref_labels: Tensor,
     qid = rid = None
     if query_ids is not None:
         qid, rid = query_ids.to(torch.int64).contiguous(), ref_ids.to(torch.int64).contiguous()
-    splits = num_splits(n, m, x.device) if splits is None else max(1, min(int(splits), m))
+    if splits is None:
+        path = dot_path(x.dtype, _dot_precision(x.dtype))
+        block_m = max(k[0] for k, paths in _FWD_CONFIG_PATHS.items() if path in paths)
+        splits = num_splits(n, m, x.device, block_m)
+    splits = max(1, min(int(splits), m))
     pos_nearest = POS_STRATEGIES[pos_strategy] == POS_STRATEGIES["easy"]
     neg_nearest = neg_strategy != "easy"
     common = (x, r, a, b, ql, rl, qid, rid)
