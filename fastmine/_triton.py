@@ -1,6 +1,7 @@
 """The Triton backend: fused mining forward and the pair-distance backward.
 
-Reads top to bottom: kernels -> launchers -> backend registration.
+Reads top to bottom: kernels -> autotuning -> launchers -> backend registration.
+Design notes and the static (no-GPU) compile check: docs/triton.md.
 
 Forward (``_mine_fwd_kernel``), in the FlashAttention style.  Program (i, s)
 owns a block of BLOCK_M anchors and the s-th slice of the references.  It
@@ -26,7 +27,8 @@ in split order (strict '<' again keeps the smallest index).
 
 Semi-hard negatives need d_ap first: a positives-only launch, then the window
 (lo, hi) on v is formed per anchor (exactly as the CPU kernel does, in float64
-from the fp32 v_ap), then a negatives-only launch inside the window.
+from the fp32 v_ap), then a negatives-only launch inside the window, with the
+same tiles (so it recomputes v bit-identically: the bound lo is strict).
 
 Backward (``_pair_grad_kernel``): per anchor, the exact gradients of the two
 selected pair distances (formulas in fastmine/_pairs.py) go densely to the
@@ -40,8 +42,12 @@ accumulate in fp32; fp64 stays fp64.  Under the interpreter (CPU tensors,
 ``TRITON_INTERPRET=1``) bf16 tiles are upcast to fp32 before ``tl.dot``
 (the interpreter's bf16 dot is wrong); bf16 products are exact in fp32, so
 this is the same arithmetic up to accumulation order.  Offsets are int64, so
-N*D and M*D beyond 2**31 are fine; indices themselves must fit in int32
-(N, M < 2**31).
+N*D and M*D beyond 2**31 are fine; indices themselves are int32
+(N, M <= 2**31 - 257).  Square roots and fp32 divisions are correctly rounded.
+
+The exact pair distances that ``mine`` returns are computed here too
+(``_pair_distance_kernel``, O(N) memory) by direct difference, as in
+fastmine/_pairs.py.
 """
 from __future__ import annotations
 
