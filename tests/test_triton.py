@@ -278,16 +278,21 @@ def test_cosine_backward_accurate_for_near_pairs(gap):
     assert err(got) <= 2 * err(fp32) + 1e-6, (err(got), err(fp32))
 
 
+def _check_deterministic_and_atomic(n, m, distance, rtol, atol):
+    """Deterministic backward bit-identical over 3 runs; atomic equal within rtol/atol."""
+    x, y, r, ry = _data(n, 10 if n < 1000 else 64, 4, dtype=torch.float32, m=m)
+    w = (torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE))
+    det = [_grads("triton", x, y, r, ry, distance, "easy", "hard", w, deterministic=True)[1]
+           for _ in range(3)]
+    for g in det[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(det[0], g))
+    atomic = _grads("triton", x, y, r, ry, distance, "easy", "hard", w)[1]
+    for a, b in zip(atomic, det[0]):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
 def test_deterministic_backward_is_bit_identical():
-    x, y, r, ry = _data(80, 10, 4, dtype=torch.float32, m=20)
-    w = (torch.randn(80, device=DEVICE), torch.randn(80, device=DEVICE))
-    runs = [_grads("triton", x, y, r, ry, "cosine", "easy", "hard", w, deterministic=True)[1]
-            for _ in range(3)]
-    for g in runs[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(runs[0], g))
-    atomic = _grads("triton", x, y, r, ry, "cosine", "easy", "hard", w)[1]
-    for a, b in zip(runs[0], atomic):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    _check_deterministic_and_atomic(80, 20, "cosine", rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("distance", DISTANCES)
@@ -470,15 +475,7 @@ def test_gpu_hub_references_atomic_and_deterministic():
     equal the deterministic one within fp32 summation-order error, and the
     deterministic one must be bit-identical across runs (the interpreter runs
     atomics sequentially, so only a GPU can show this)."""
-    x, y, r, ry = _data(16384, 64, 4, dtype=torch.float32, m=8)
-    w = (torch.randn(16384, device=DEVICE), torch.randn(16384, device=DEVICE))
-    det = [_grads("triton", x, y, r, ry, "euclidean", "easy", "hard", w, deterministic=True)[1]
-           for _ in range(3)]
-    for g in det[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(det[0], g))
-    atomic = _grads("triton", x, y, r, ry, "euclidean", "easy", "hard", w)[1]
-    for a, b in zip(atomic, det[0]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+    _check_deterministic_and_atomic(16384, 8, "euclidean", rtol=1e-4, atol=1e-3)
 
 
 @needs_gpu
