@@ -581,10 +581,15 @@ def num_splits(n: int, m: int, device: torch.device, block_m: int = _NOMINAL_BLO
     return next((s for s in range(1, cap + 1) if wave_efficiency(s) >= 0.9), best)
 
 
-def _embedding_view(t: Tensor) -> Tensor:
-    """Detached, with unit stride along D (any row stride is kept: no copy for row views)."""
-    t = t.detach()
-    return t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous()
+def _embedding_views(x: Tensor, r: Tensor) -> Tuple[Tensor, Tensor]:
+    """x and r detached, with unit stride along D (any row stride is kept: no
+    copy for row views); r stays the same object as x when the references are
+    the batch."""
+    def view(t):
+        t = t.detach()
+        return t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous()
+    xv = view(x)
+    return xv, (xv if r is x else view(r))
 
 
 def bwd_block_k(dtype: torch.dtype, d: int) -> int:
@@ -617,9 +622,7 @@ def pair_distance(x: Tensor, r: Tensor, idx: Tensor, distance: str) -> Tensor:
     n, d = x.shape
     out = torch.zeros(n, dtype=compute_dtype(x.dtype), device=x.device)
     if n and r.shape[0]:
-        self_refs = r is x
-        x = _embedding_view(x)
-        r = x if self_refs else _embedding_view(r)
+        x, r = _embedding_views(x, r)
         _pair_distance_kernel[(triton.cdiv(n, 16),)](
             x, r, idx.contiguous(), out, n, d, x.stride(0), x.stride(1), r.stride(0), r.stride(1),
             DISTANCE=DISTANCES[distance], BLOCK_R=16, BLOCK_K=bwd_block_k(x.dtype, d))
@@ -707,11 +710,9 @@ def select(x: Tensor, labels: Tensor, r: Tensor, ref_labels: Tensor,
     if max(n, m) > _MAX_ROWS:
         raise ValueError(f"backend 'triton' indexes rows in int32: N={n} and M={m} must be "
                          f"<= {_MAX_ROWS}")
-    self_refs = r is x
-    x = _embedding_view(x)
-    r = x if self_refs else _embedding_view(r)
+    x, r = _embedding_views(x, r)
     a = _row_terms(x, distance)
-    b = a if self_refs else _row_terms(r, distance)
+    b = a if r is x else _row_terms(r, distance)
     ql, rl = labels.to(torch.int64).contiguous(), ref_labels.to(torch.int64).contiguous()
     qid = rid = None
     if query_ids is not None:
@@ -750,15 +751,11 @@ def backward(grad_pos: Tensor, grad_neg: Tensor, x: Tensor, r: Tensor, pos_idx: 
     m = r.shape[0]
     acc = compute_dtype(x.dtype)
     dev = x.device
-    grad_x = torch.empty((n, d), dtype=acc, device=dev)
     grad_r = torch.zeros((m, d), dtype=acc, device=dev)
-    if n == 0 or d == 0:
-        return grad_x.zero_().to(x.dtype), grad_r.to(r.dtype)
-    self_refs = r is x
-    x = _embedding_view(x)
-    r = x if self_refs else _embedding_view(r)
-    if m == 0:  # no references: every index is -1
+    if n == 0 or m == 0 or d == 0:  # no pairs (m == 0: every index is -1)
         return torch.zeros((n, d), dtype=x.dtype, device=dev), grad_r.to(r.dtype)
+    grad_x = torch.empty((n, d), dtype=acc, device=dev)
+    x, r = _embedding_views(x, r)
     atomic = not torch.are_deterministic_algorithms_enabled()
     coef = grad_x if atomic else torch.empty((2, n, 4), dtype=acc, device=dev)
     block_k = bwd_block_k(x.dtype, d)
