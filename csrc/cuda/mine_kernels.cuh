@@ -32,10 +32,15 @@
 // Indexing is int64 throughout (row * D offsets can exceed 2^31).
 #pragma once
 
+#if defined(FASTMINE_CUDA_EMULATION)
+// Host build that executes these kernels on a CPU (tests; see the header).
+#include "emulation/cuda_emulation.h"
+#else
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <mma.h>
+#endif
 
 #include <cstdint>
 #include <cstddef>
@@ -56,6 +61,21 @@ enum class DotPath : int {
 enum class Pass : int { Fused = 0, PosOnly = 1, NegWindow = 2 };
 
 constexpr int64_t kNoIndex = INT64_MAX;  // "no candidate" sentinel while merging
+
+// Every launch goes through launch_kernel: kernel<<<grid, block, 0, stream>>> on
+// the CUDA compiler; under FASTMINE_CUDA_EMULATION the host emulation runs the
+// grid (and validates the configuration).  `name` labels emulation errors.
+template <typename... Params, typename... Args>
+inline void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream,
+                          const char* name, Args... args) {
+#if defined(FASTMINE_CUDA_EMULATION)
+  (void)stream;
+  emu::launch_kernel(kernel, grid, block, name, args...);
+#else
+  (void)name;
+  kernel<<<grid, block, 0, stream>>>(args...);
+#endif
+}
 
 // ---------------------------------------------------------------- type helpers
 template <typename T> struct AccOf { using type = float; };
@@ -188,7 +208,7 @@ __device__ inline void dot_tile(unsigned char* smem, const T* __restrict__ x,
   S* Bs = As + C::BM * C::LDS;
   acc_t* Cs = reinterpret_cast<acc_t*>(smem);  // aliases the stage (used after the K loop)
   constexpr bool kTensor = P != DotPath::Ffma;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(FASTMINE_CUDA_EMULATION)
   constexpr bool kHaveTensor = true;
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
   constexpr bool kHaveTensor = std::is_same<T, __half>::value;
@@ -456,11 +476,13 @@ cudaError_t mine_select_launch(const SelectParams& p, const T* x, const T* r, co
   int64_t* nidx = pidx + p.splits * p.n;
 
   const bool cosine = p.dist == Distance::Cosine;
-  row_terms_kernel<T><<<unsigned((p.n + 7) / 8), 256, 0, stream>>>(x, p.n, p.d, cosine, a);
+  launch_kernel(row_terms_kernel<T>, dim3(unsigned((p.n + 7) / 8)), dim3(256), stream,
+                "row_terms_kernel", x, p.n, p.d, cosine, a);
   if (r == x && p.m == p.n) {
     cudaMemcpyAsync(b, a, sizeof(acc_t) * p.n, cudaMemcpyDeviceToDevice, stream);
   } else {
-    row_terms_kernel<T><<<unsigned((p.m + 7) / 8), 256, 0, stream>>>(r, p.m, p.d, cosine, b);
+    launch_kernel(row_terms_kernel<T>, dim3(unsigned((p.m + 7) / 8)), dim3(256), stream,
+                  "row_terms_kernel", r, p.m, p.d, cosine, b);
   }
 
   const acc_t ps = pos_is_nearest(p.pos) ? acc_t(1) : acc_t(-1);
@@ -474,11 +496,11 @@ cudaError_t mine_select_launch(const SelectParams& p, const T* x, const T* r, co
   const unsigned mgrid = unsigned((p.n + 255) / 256);
   auto sweep = [&](auto pass_tag) {
     constexpr Pass PASS = decltype(pass_tag)::value;
-    if (cosine) mine_forward_kernel<T, P, Distance::Cosine, PASS><<<grid, C::NT, 0, stream>>>(A);
-    else mine_forward_kernel<T, P, Distance::SquaredEuclidean, PASS><<<grid, C::NT, 0, stream>>>(A);
-    merge_kernel<acc_t, PASS><<<mgrid, 256, 0, stream>>>(p.n, splits, pkey, pidx, nkey, nidx,
-                                                         pos_idx, neg_idx, ps, p.margin, p.dist,
-                                                         lo, hi);
+    launch_kernel(cosine ? mine_forward_kernel<T, P, Distance::Cosine, PASS>
+                         : mine_forward_kernel<T, P, Distance::SquaredEuclidean, PASS>,
+                  grid, dim3(C::NT), stream, "mine_forward_kernel", A);
+    launch_kernel(merge_kernel<acc_t, PASS>, dim3(mgrid), dim3(256), stream, "merge_kernel", p.n,
+                  splits, pkey, pidx, nkey, nidx, pos_idx, neg_idx, ps, p.margin, p.dist, lo, hi);
   };
   if (p.neg != NegStrategy::SemiHard) {
     sweep(std::integral_constant<Pass, Pass::Fused>{});
@@ -617,23 +639,22 @@ cudaError_t pair_backward_launch(Distance dist, bool deterministic, const T* x, 
   using acc_t = typename AccOf<T>::type;
   if (m > 0) cudaMemsetAsync(grad_r, 0, sizeof(acc_t) * m * d, stream);
   if (n == 0 || d == 0) return cudaGetLastError();
-  const unsigned nt = 128;
-#define FASTMINE_BWD(D)                                                                          \
-  if (deterministic)                                                                             \
-    pair_backward_kernel<T, D, false><<<unsigned(n), nt, 0, stream>>>(x, r, n, d, pos_idx, neg_idx, \
-                                                                  grad_pos, grad_neg, grad_x, contrib); \
-  else                                                                                           \
-    pair_backward_kernel<T, D, true><<<unsigned(n), nt, 0, stream>>>(x, r, n, d, pos_idx, neg_idx,  \
-                                                                 grad_pos, grad_neg, grad_x, grad_r)
+  auto pairs = [&](auto dist_tag) {
+    constexpr Distance D = decltype(dist_tag)::value;
+    launch_kernel(deterministic ? pair_backward_kernel<T, D, false> : pair_backward_kernel<T, D, true>,
+                  dim3(unsigned(n)), dim3(128), stream, "pair_backward_kernel", x, r, n, d, pos_idx,
+                  neg_idx, grad_pos, grad_neg, grad_x, deterministic ? contrib : grad_r);
+  };
   switch (dist) {
-    case Distance::Euclidean: FASTMINE_BWD(Distance::Euclidean); break;
-    case Distance::SquaredEuclidean: FASTMINE_BWD(Distance::SquaredEuclidean); break;
-    case Distance::Cosine: FASTMINE_BWD(Distance::Cosine); break;
+    case Distance::Euclidean: pairs(std::integral_constant<Distance, Distance::Euclidean>{}); break;
+    case Distance::SquaredEuclidean:
+      pairs(std::integral_constant<Distance, Distance::SquaredEuclidean>{});
+      break;
+    case Distance::Cosine: pairs(std::integral_constant<Distance, Distance::Cosine>{}); break;
   }
-#undef FASTMINE_BWD
   if (deterministic && m > 0) {
-    gather_ref_grad_kernel<acc_t><<<unsigned(m), 128, 0, stream>>>(n, m, d, pos_idx, neg_idx,
-                                                                   contrib, grad_r);
+    launch_kernel(gather_ref_grad_kernel<acc_t>, dim3(unsigned(m)), dim3(128), stream,
+                  "gather_ref_grad_kernel", n, m, d, pos_idx, neg_idx, contrib, grad_r);
   }
   return cudaGetLastError();
 }

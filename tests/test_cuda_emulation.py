@@ -1,0 +1,157 @@
+"""The CUDA kernels, executed on the CPU.
+
+CI has no GPU, so the CUDA kernels (csrc/cuda/mine_kernels.cuh) would otherwise
+only be compiled.  Here the same kernel source is built with the host C++
+compiler against the CUDA emulation (csrc/cuda/emulation: threads as fibers,
+real barrier / warp-shuffle / WMMA semantics, see cuda_emulation.h) and the
+GPU self-test program (csrc/cuda/selftest.cu: every variant x distance x
+strategy, forward and backward, exact indices against a host reference) runs:
+
+* under every scheduling policy of the emulator;
+* with each ``__syncthreads()`` of the kernels removed in turn (fault
+  injection), which the self-test must then fail: the barriers are all needed,
+  and the tests can tell;
+* under AddressSanitizer + UBSan, the CPU counterpart of compute-sanitizer's
+  memcheck (out-of-bounds global or shared memory is an error).
+
+The emulator's own checks (its collectives equal the plain computation, and the
+misuses it promises to report are reported) run from emulation_checks.cpp.
+What this cannot see -- hardware memory ordering, bank conflicts, speed,
+device-compiler bugs -- needs the GPU run of tests/test_cuda.py.
+"""
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
+KERNELS = os.path.join(CUDA_DIR, "mine_kernels.cuh")
+CXX = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+
+# Checks the self-test makes (see selftest.cu: 5 variants; update when its
+# case list changes).  Asserting the exact count catches silently skipped cases.
+SELFTEST_CHECKS = 797
+
+
+def _cuda_include():
+    """The toolkit's include dir: the emulation uses its host-compilable
+    cuda_fp16.h / cuda_bf16.h (and through them cuda_runtime_api.h)."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for c in candidates:
+        if c and os.path.exists(os.path.join(c, "include", "cuda_fp16.h")):
+            return os.path.join(c, "include")
+    return None
+
+
+CUDA_INCLUDE = _cuda_include()
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(CXX is None or CUDA_INCLUDE is None,
+                       reason="needs a C++ compiler and the CUDA toolkit's headers"),
+]
+
+
+def _build(out, sources, extra=()):
+    cmd = [CXX, "-std=c++17", "-ffp-contract=off", "-DFASTMINE_CUDA_EMULATION",
+           "-Wall", "-Wno-attributes", "-Wno-unknown-pragmas", "-Wno-unused-parameter",
+           "-I", CUDA_INCLUDE, "-I", os.path.join(ROOT, "csrc", "include"), "-I", CUDA_DIR,
+           *extra]
+    for src in sources:  # .cu sources are plain C++ to the host compiler
+        cmd += (["-x", "c++", src, "-x", "none"] if src.endswith(".cu") else [src])
+    proc = subprocess.run(cmd + ["-o", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return str(out)
+
+
+def _run(binary, timeout=900, **env):
+    e = dict(os.environ)
+    e.update(env)
+    return subprocess.run([binary], capture_output=True, text=True, timeout=timeout, env=e)
+
+
+def _counts(stdout):
+    m = re.search(r"(\d+) passed, (\d+) failed", stdout)
+    assert m, stdout[-3000:]
+    return int(m.group(1)), int(m.group(2))
+
+
+SELFTEST_SOURCES = [os.path.join(CUDA_DIR, "selftest.cu"),
+                    os.path.join(CUDA_DIR, "emulation", "cuda_emulation.cpp")]
+
+
+@pytest.fixture(scope="module")
+def selftest(tmp_path_factory):
+    return _build(tmp_path_factory.mktemp("emu") / "selftest", SELFTEST_SOURCES, ["-O2"])
+
+
+def test_emulator_checks(tmp_path):
+    """Shuffles, barriers and WMMA compute what the hardware does; a divergent
+    barrier, an invalid launch and a misaligned WMMA load are reported."""
+    binary = _build(tmp_path / "checks",
+                    [os.path.join(CUDA_DIR, "emulation", "emulation_checks.cpp"),
+                     os.path.join(CUDA_DIR, "emulation", "cuda_emulation.cpp")], ["-O2"])
+    for schedule in ("forward", "depth", "shuffle:3"):
+        proc = _run(binary, FASTMINE_EMU_SCHEDULE=schedule)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert _counts(proc.stdout) == (10, 0), proc.stdout
+
+
+@pytest.mark.parametrize("schedule", ["forward", "reverse", "depth", "shuffle:1"])
+def test_selftest_passes_under_emulation(selftest, schedule):
+    proc = _run(selftest, FASTMINE_EMU_SCHEDULE=schedule)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert _counts(proc.stdout) == (SELFTEST_CHECKS, 0)
+
+
+def _barrier_lines():
+    with open(KERNELS) as f:
+        return [i for i, line in enumerate(f, 1)
+                if "__syncthreads()" in line and not line.lstrip().startswith("//")]
+
+
+def test_every_barrier_is_needed(selftest):
+    """Removing any one __syncthreads() of the kernels makes the self-test fail
+    under some scheduling policy (most under all of them): each barrier guards
+    a real hazard, and a lost barrier would be caught."""
+    lines = _barrier_lines()
+    assert len(lines) >= 10, lines  # the kernels have 11 today
+    survivors = []
+    for line in lines:
+        caught = False
+        for schedule in ("depth", "shuffle:1", "forward"):  # depth catches every one today
+            proc = _run(selftest, FASTMINE_EMU_SCHEDULE=schedule, FASTMINE_SELFTEST_MAX_FAILS="1",
+                        FASTMINE_EMU_DROP_BARRIER=f"mine_kernels.cuh:{line}")
+            if proc.returncode != 0:
+                caught = True
+                break
+        if not caught:
+            survivors.append(line)
+    assert not survivors, f"barriers at mine_kernels.cuh lines {survivors} are never needed"
+
+
+def test_dropping_a_barrier_line_without_one_changes_nothing(selftest):
+    """The fault injection is specific: naming a line without a barrier leaves
+    the self-test passing (so the failures above are due to the dropped barrier)."""
+    proc = _run(selftest, FASTMINE_EMU_SCHEDULE="depth", FASTMINE_SELFTEST_MAX_FAILS="1",
+                FASTMINE_EMU_DROP_BARRIER="mine_kernels.cuh:1")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert _counts(proc.stdout) == (SELFTEST_CHECKS, 0)
+
+
+def test_selftest_under_address_sanitizer(tmp_path):
+    """Every global and shared-memory access of the kernels is in bounds, with
+    no undefined behaviour (the selftest's buffers are exactly sized)."""
+    binary = _build(tmp_path / "selftest_asan", SELFTEST_SOURCES,
+                    ["-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+                     "-fno-omit-frame-pointer"])
+    proc = _run(binary, timeout=1200, ASAN_OPTIONS="detect_leaks=1",
+                FASTMINE_EMU_SCHEDULE="shuffle:2")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    assert _counts(proc.stdout) == (SELFTEST_CHECKS, 0)
+    assert "runtime error" not in proc.stderr, proc.stderr[-4000:]
