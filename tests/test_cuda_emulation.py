@@ -19,6 +19,7 @@ misuses it promises to report are reported) run from emulation_checks.cpp.
 What this cannot see -- hardware memory ordering, bank conflicts, speed,
 device-compiler bugs -- needs the GPU run of tests/test_cuda.py.
 """
+import concurrent.futures
 import os
 import re
 import shutil
@@ -90,15 +91,22 @@ def selftest(tmp_path_factory):
     return _build(tmp_path_factory.mktemp("emu") / "selftest", SELFTEST_SOURCES, ["-O2"])
 
 
-def test_emulator_checks(tmp_path):
+ASAN_FLAGS = ["-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+              "-fno-omit-frame-pointer"]
+
+
+@pytest.mark.parametrize("sanitized", [False, True], ids=["O2", "asan"])
+def test_emulator_checks(tmp_path, sanitized):
     """Shuffles, barriers and WMMA compute what the hardware does; a divergent
-    barrier, an invalid launch and a misaligned WMMA load are reported."""
+    barrier, an invalid launch and a misaligned WMMA load are reported (also
+    under AddressSanitizer, which must accept the emulator's stack switching)."""
     binary = _build(tmp_path / "checks",
                     [os.path.join(CUDA_DIR, "emulation", "emulation_checks.cpp"),
-                     os.path.join(CUDA_DIR, "emulation", "cuda_emulation.cpp")], ["-O2"])
+                     os.path.join(CUDA_DIR, "emulation", "cuda_emulation.cpp")],
+                    ASAN_FLAGS if sanitized else ["-O2"])
     for schedule in ("forward", "depth", "shuffle:3"):
         proc = _run(binary, FASTMINE_EMU_SCHEDULE=schedule)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
         assert _counts(proc.stdout) == (10, 0), proc.stdout
 
 
@@ -121,17 +129,17 @@ def test_every_barrier_is_needed(selftest):
     a real hazard, and a lost barrier would be caught."""
     lines = _barrier_lines()
     assert len(lines) >= 10, lines  # the kernels have 11 today
-    survivors = []
-    for line in lines:
-        caught = False
+
+    def caught(line):
         for schedule in ("depth", "shuffle:1", "forward"):  # depth catches every one today
             proc = _run(selftest, FASTMINE_EMU_SCHEDULE=schedule, FASTMINE_SELFTEST_MAX_FAILS="1",
                         FASTMINE_EMU_DROP_BARRIER=f"mine_kernels.cuh:{line}")
             if proc.returncode != 0:
-                caught = True
-                break
-        if not caught:
-            survivors.append(line)
+                return True
+        return False
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        survivors = [line for line, ok in zip(lines, pool.map(caught, lines)) if not ok]
     assert not survivors, f"barriers at mine_kernels.cuh lines {survivors} are never needed"
 
 
@@ -147,9 +155,7 @@ def test_dropping_a_barrier_line_without_one_changes_nothing(selftest):
 def test_selftest_under_address_sanitizer(tmp_path):
     """Every global and shared-memory access of the kernels is in bounds, with
     no undefined behaviour (the selftest's buffers are exactly sized)."""
-    binary = _build(tmp_path / "selftest_asan", SELFTEST_SOURCES,
-                    ["-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
-                     "-fno-omit-frame-pointer"])
+    binary = _build(tmp_path / "selftest_asan", SELFTEST_SOURCES, ASAN_FLAGS)
     proc = _run(binary, timeout=1200, ASAN_OPTIONS="detect_leaks=1",
                 FASTMINE_EMU_SCHEDULE="shuffle:2")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]

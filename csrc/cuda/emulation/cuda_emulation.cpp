@@ -23,6 +23,8 @@
 #endif
 #endif
 #if defined(FASTMINE_EMU_ASAN)
+#include <pthread.h>
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #endif
 
@@ -89,6 +91,7 @@ enum class Wait { Running, Block, Warp, Done };
 struct Fiber {
   Context ctx;
   uint3 tid;
+  int lane = 0, warp = 0;  // linear thread index % 32 and / 32
   Wait wait = Wait::Running;
 };
 
@@ -123,8 +126,9 @@ struct State {
   std::vector<char*> stacks;
   size_t stack_bytes = 0;
   std::deque<int> runnable;
-  int current = -1;
+  int current = -1;  // running fiber, -1: the scheduler
   int nthreads = 0;
+  int done = 0;      // fibers of the block that have exited
   int block_arrived = 0;
   std::vector<Warp> warps;
   Context scheduler;
@@ -147,10 +151,8 @@ struct State {
   }
 };
 
-State& S() {
-  static State s;
-  return s;
-}
+State g_state;
+inline State& S() { return g_state; }
 
 void configure() {
   State& s = S();
@@ -182,6 +184,15 @@ void configure() {
   }
   const char* kb = std::getenv("FASTMINE_EMU_STACK_KB");
   s.stack_bytes = size_t(kb ? std::strtoul(kb, nullptr, 10) : 256) * 1024;
+#if defined(FASTMINE_EMU_ASAN)
+  // The scheduler runs on the calling thread's stack.
+  pthread_attr_t attr;
+  void* base = nullptr;
+  pthread_getattr_np(pthread_self(), &attr);
+  pthread_attr_getstack(&attr, &base, &s.sched_stack_size);
+  pthread_attr_destroy(&attr);
+  s.sched_stack = base;
+#endif
 }
 
 // Appends fibers to the run queue in the policy's order.
@@ -198,29 +209,53 @@ void make_runnable(std::vector<int>& ids) {
   else s.runnable.insert(s.runnable.end(), ids.begin(), ids.end());
 }
 
-// Fiber -> scheduler.  Returns when the scheduler resumes this fiber.
-void switch_to_scheduler() {
+// Switches from fiber `from` to fiber `to` (-1: the scheduler) and returns when
+// something switches back to `from`.  AddressSanitizer is told about every
+// change of stack; a fiber that has exited leaves its stack for good.
+void transfer(int from, int to) {
   State& s = S();
-  Fiber& f = s.fibers[s.current];
+  Context& a = from < 0 ? s.scheduler : s.fibers[from].ctx;
+  Context& b = to < 0 ? s.scheduler : s.fibers[to].ctx;
+  s.current = to;
 #if defined(FASTMINE_EMU_ASAN)
   void* fake = nullptr;
-  __sanitizer_start_switch_fiber(f.wait == Wait::Done ? nullptr : &fake, s.sched_stack,
-                                 s.sched_stack_size);
-  switch_context(f.ctx, s.scheduler);
-  __sanitizer_finish_switch_fiber(fake, &s.sched_stack, &s.sched_stack_size);
+  const bool leaving_for_good = from >= 0 && s.fibers[from].wait == Wait::Done;
+  __sanitizer_start_switch_fiber(leaving_for_good ? nullptr : &fake,
+                                 to < 0 ? s.sched_stack : s.stacks[to],
+                                 to < 0 ? s.sched_stack_size : s.stack_bytes);
+  switch_context(a, b);
+  __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
 #else
-  switch_context(f.ctx, s.scheduler);
+  switch_context(a, b);
 #endif
+}
+
+// The running fiber waits (or has exited): run the next runnable fiber
+// directly, or return to the scheduler when there is none.
+void yield() {
+  State& s = S();
+  const int me = s.current;
+  int next = -1;
+  if (!s.failed && !s.runnable.empty()) {
+    next = s.runnable.front();
+    s.runnable.pop_front();
+    if (next == me) {  // released by its own arrival and first in line
+      s.fibers[me].wait = Wait::Running;
+      return;
+    }
+  }
+  transfer(me, next);
 }
 
 void fiber_main() {
   State& s = S();
 #if defined(FASTMINE_EMU_ASAN)
-  __sanitizer_finish_switch_fiber(nullptr, &s.sched_stack, &s.sched_stack_size);
+  __sanitizer_finish_switch_fiber(nullptr, nullptr, nullptr);
 #endif
   s.body(s.ctx);
   s.fibers[s.current].wait = Wait::Done;
-  switch_to_scheduler();  // never resumed
+  ++s.done;
+  yield();  // never resumed
 }
 
 // A fresh context that starts fiber_main on [stack, stack + bytes).
@@ -262,12 +297,18 @@ void run_block() {
     Fiber& f = s.fibers[t];
     f.tid = uint3{unsigned(t % s.block.x), unsigned(t / s.block.x % s.block.y),
                   unsigned(t / (s.block.x * s.block.y))};
+    f.lane = t % 32;
+    f.warp = t / 32;
+#if defined(FASTMINE_EMU_ASAN)
+    // A fiber abandoned mid-kernel (failed launch) leaves its frames' redzones.
+    ASAN_UNPOISON_MEMORY_REGION(s.stacks[t], s.stack_bytes);
+#endif
     init_context(f.ctx, s.stacks[t], s.stack_bytes);
     ids[t] = t;
   }
   make_runnable(ids);
-  int done = 0;
-  while (done < nt && !s.failed) {
+  s.done = 0;
+  while (s.done < nt && !s.failed) {
     if (s.runnable.empty()) {  // nobody can move: a barrier some threads never reach
       int at_block = 0, at_warp = 0, exited = 0;
       for (const Fiber& f : s.fibers) {
@@ -284,17 +325,9 @@ void run_block() {
       s.message = buf;
       break;
     }
-    s.current = s.runnable.front();
+    const int next = s.runnable.front();
     s.runnable.pop_front();
-#if defined(FASTMINE_EMU_ASAN)
-    void* fake = nullptr;
-    __sanitizer_start_switch_fiber(&fake, s.stacks[s.current], s.stack_bytes);
-    switch_context(s.scheduler, s.fibers[s.current].ctx);
-    __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
-#else
-    switch_context(s.scheduler, s.fibers[s.current].ctx);
-#endif
-    if (s.fibers[s.current].wait == Wait::Done) ++done;
+    transfer(-1, next);  // back here when no fiber is runnable (or on failure)
   }
   s.current = -1;
 }
@@ -321,18 +354,10 @@ const uint3& block_idx() { return S().bidx; }
 const dim3& block_dim() { return S().block; }
 const dim3& grid_dim() { return S().grid; }
 
-int lane_id() {
-  const uint3& t = current_fiber("lane id").tid;
-  const dim3& b = S().block;
-  return int((t.x + t.y * b.x + t.z * b.x * b.y) % 32);
-}
+int lane_id() { return current_fiber("lane id").lane; }
 
 namespace {
-int warp_id() {
-  const uint3& t = current_fiber("warp id").tid;
-  const dim3& b = S().block;
-  return int((t.x + t.y * b.x + t.z * b.x * b.y) / 32);
-}
+int warp_id() { return current_fiber("warp id").warp; }
 }  // namespace
 
 uint64_t* warp_slots() { return S().warps[warp_id()].slots; }
@@ -352,7 +377,7 @@ void fail(const char* fmt, ...) {
   s.failed = true;
   s.message = buf;
   s.fibers[s.current].wait = Wait::Done;
-  switch_to_scheduler();  // the scheduler abandons the block: never resumed
+  transfer(s.current, -1);  // the scheduler abandons the block: never resumed
   std::abort();
 }
 
@@ -373,7 +398,7 @@ void sync_block(const char* file, int line) {
       if (s.fibers[t].wait == Wait::Block) ids.push_back(t);
     make_runnable(ids);
   }
-  switch_to_scheduler();
+  yield();
 }
 
 void sync_warp(unsigned mask) {
@@ -393,7 +418,7 @@ void sync_warp(unsigned mask) {
       if (s.fibers[32 * w + l].wait == Wait::Warp) ids.push_back(32 * w + l);
     make_runnable(ids);
   }
-  switch_to_scheduler();
+  yield();
 }
 
 cudaError_t launch(dim3 grid, dim3 block, const char* kernel_name, void (*body)(void*), void* ctx) {

@@ -208,8 +208,8 @@ struct fragment {
   static constexpr int num_elements = rows * cols / 32;
   static_assert(rows * cols % 32 == 0, "fragment size");
   element_type x[num_elements];
-  int row_of(int t) const { return (t * 32 + ::fastmine::emu::lane_id()) / cols; }
-  int col_of(int t) const { return (t * 32 + ::fastmine::emu::lane_id()) % cols; }
+  static int row_of(int t, int lane) { return (t * 32 + lane) / cols; }
+  static int col_of(int t, int lane) { return (t * 32 + lane) % cols; }
 };
 
 template <typename Use, int M, int N, int K, typename T, typename L>
@@ -224,8 +224,9 @@ inline void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const P* p, unsign
   static_assert(!std::is_same<Use, accumulator>::value, "accumulators take a layout_t");
   detail::check_pointer(p, ldm, sizeof(P), "wmma::load_matrix_sync");
   constexpr bool row = std::is_same<L, row_major>::value;
+  const int lane = ::fastmine::emu::lane_id();
   for (int t = 0; t < f.num_elements; ++t) {
-    const int r = f.row_of(t), c = f.col_of(t);
+    const int r = f.row_of(t, lane), c = f.col_of(t, lane);
     f.x[t] = p[row ? size_t(r) * ldm + c : size_t(c) * ldm + r];
   }
 }
@@ -234,8 +235,9 @@ template <int M, int N, int K, typename T>
 inline void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, T>& f, unsigned ldm,
                               layout_t layout) {
   detail::check_pointer(p, ldm, sizeof(float), "wmma::store_matrix_sync");
+  const int lane = ::fastmine::emu::lane_id();
   for (int t = 0; t < f.num_elements; ++t) {
-    const int r = f.row_of(t), c = f.col_of(t);
+    const int r = f.row_of(t, lane), c = f.col_of(t, lane);
     p[layout == mem_row_major ? size_t(r) * ldm + c : size_t(c) * ldm + r] = f.x[t];
   }
 }
@@ -258,13 +260,16 @@ inline void mma_sync(fragment<accumulator, M, N, K, TC>& d, const fragment<matri
   float* A = ::fastmine::emu::warp_matrix(0);
   float* B = ::fastmine::emu::warp_matrix(1);
   float* C = ::fastmine::emu::warp_matrix(2);
+  const int lane = ::fastmine::emu::lane_id();
   ::fastmine::emu::sync_warp(0xffffffffu);  // previous mma's readers are done
-  for (int t = 0; t < a.num_elements; ++t) A[a.row_of(t) * K + a.col_of(t)] = input(detail::to_float(a.x[t]));
-  for (int t = 0; t < b.num_elements; ++t) B[b.row_of(t) * N + b.col_of(t)] = input(detail::to_float(b.x[t]));
-  for (int t = 0; t < c.num_elements; ++t) C[c.row_of(t) * N + c.col_of(t)] = c.x[t];
+  for (int t = 0; t < a.num_elements; ++t)
+    A[a.row_of(t, lane) * K + a.col_of(t, lane)] = input(detail::to_float(a.x[t]));
+  for (int t = 0; t < b.num_elements; ++t)
+    B[b.row_of(t, lane) * N + b.col_of(t, lane)] = input(detail::to_float(b.x[t]));
+  for (int t = 0; t < c.num_elements; ++t) C[c.row_of(t, lane) * N + c.col_of(t, lane)] = c.x[t];
   ::fastmine::emu::sync_warp(0xffffffffu);
   for (int t = 0; t < d.num_elements; ++t) {
-    const int r = d.row_of(t), col = d.col_of(t);
+    const int r = d.row_of(t, lane), col = d.col_of(t, lane);
     float s = C[r * N + col];
     for (int k = 0; k < K; ++k) s += A[r * K + k] * B[k * N + col];
     d.x[t] = s;
