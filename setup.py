@@ -46,7 +46,9 @@ def extensions():
         # Target GPUs: TORCH_CUDA_ARCH_LIST (e.g. "8.0;9.0"), read by BuildExtension;
         # unset, torch builds for the visible GPU (or its default list without one).
         # No -std flag: torch's BuildExtension picks the C++ standard its headers need.
-        sources += rel("csrc/cuda/*.cu")
+        # selftest.cu is a stand-alone program (it has main()); the extension
+        # takes the launcher only, like fastmine/_jit.py's source list.
+        sources += [p for p in rel("csrc/cuda/*.cu") if os.path.basename(p) != "selftest.cu"]
         return [CUDAExtension(
             "fastmine._C", sources, include_dirs=include_dirs + [os.path.join(HERE, "csrc", "cuda")],
             define_macros=[("FASTMINE_WITH_CUDA", None)],

@@ -181,18 +181,56 @@ NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc"
                                 if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
 
 
+def _torch_nvcc_flags():
+    """The flags torch's BuildExtension gives nvcc for every CUDA extension, among
+    them -D__CUDA_NO_HALF_CONVERSIONS__ / -D__CUDA_NO_BFLOAT16_CONVERSIONS__,
+    which remove __half(float)-style conversions: the kernels must compile so."""
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+    return list(COMMON_NVCC_FLAGS)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found")
 def test_selftest_compiles_with_nvcc(tmp_path):
     """Every kernel template the extension instantiates (variants.cuh) compiles, for
-    sm_90 (tensor-core paths) and sm_75 (no bf16/tf32 tensor cores: FFMA fallback)."""
-    cmd = [NVCC, "-std=c++17", "--expt-relaxed-constexpr", "-gencode", "arch=compute_90,code=sm_90",
+    sm_90 (tensor-core paths) and sm_75 (no bf16/tf32 tensor cores: FFMA fallback),
+    with the flags torch builds extensions with."""
+    cmd = [NVCC, "-std=c++17", *_torch_nvcc_flags(), "-gencode", "arch=compute_90,code=sm_90",
            "-gencode", "arch=compute_75,code=sm_75",
            "-I", os.path.join(ROOT, "csrc", "include"), "-I", os.path.join(ROOT, "csrc", "cuda"),
            "-c", os.path.join(ROOT, "csrc", "cuda", "selftest.cu"), "-o", str(tmp_path / "t.o")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (tmp_path / "t.o").stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+def test_torch_launcher_compiles_with_nvcc(tmp_path):
+    """csrc/cuda/mine_cuda.cu -- argument checks, dispatch, workspace and the
+    TORCH_LIBRARY_IMPL registration -- compiles with nvcc against the installed
+    torch's headers, as setup.py / the JIT build would compile it (torch's nvcc
+    flags, and C++20, the standard the installed torch's BuildExtension passes to
+    nvcc; sm_90).
+
+    The CPU wheel ships the c10/cuda headers but not the one header a CUDA build
+    of torch generates, c10/cuda/impl/cuda_cmake_macros.h; the test writes it
+    (one define, as in a CUDA build).  Nothing is linked: this is a compile check.
+    """
+    from torch.utils.cpp_extension import include_paths
+    shim = tmp_path / "shim" / "c10" / "cuda" / "impl"
+    shim.mkdir(parents=True)
+    (shim / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    cmd = [NVCC, "-std=c++20", *_torch_nvcc_flags(), "-O3", "-lineinfo",
+           "-gencode", "arch=compute_90,code=sm_90", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+           "-DTORCH_EXTENSION_NAME=_C", "-DFASTMINE_WITH_CUDA", "-I", str(tmp_path / "shim"),
+           *[f"-I{p}" for p in include_paths()],
+           "-I", os.path.join(ROOT, "csrc", "include"), "-I", os.path.join(ROOT, "csrc", "cuda"),
+           "-c", os.path.join(ROOT, "csrc", "cuda", "mine_cuda.cu"), "-o", str(tmp_path / "l.o")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert (tmp_path / "l.o").stat().st_size > 0
 
 
 @pytest.mark.slow

@@ -58,14 +58,20 @@ pytestmark = [
 ]
 
 
+def _torch_defines():
+    """torch's BuildExtension defines for nvcc (no implicit __half conversions,
+    ...): the emulated build sees the kernels as the extension build does."""
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+    return [f for f in COMMON_NVCC_FLAGS if f.startswith("-D")]
+
+
 def _build(out, sources, extra=()):
-    cmd = [CXX, "-std=c++17", "-ffp-contract=off", "-DFASTMINE_CUDA_EMULATION",
+    cmd = [CXX, "-std=c++17", "-ffp-contract=off", "-DFASTMINE_CUDA_EMULATION", *_torch_defines(),
            "-Wall", "-Wno-attributes", "-Wno-unknown-pragmas", "-Wno-unused-parameter",
            "-I", CUDA_INCLUDE, "-I", os.path.join(ROOT, "csrc", "include"), "-I", CUDA_DIR,
            *extra]
-    for src in sources:  # .cu sources are plain C++ to the host compiler
-        cmd += (["-x", "c++", src, "-x", "none"] if src.endswith(".cu") else [src])
-    proc = subprocess.run(cmd + ["-o", str(out)], capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd + list(sources) + ["-o", str(out)], capture_output=True, text=True,
+                          timeout=900)
     assert proc.returncode == 0, proc.stderr[-6000:]
     return str(out)
 
@@ -82,7 +88,7 @@ def _counts(stdout):
     return int(m.group(1)), int(m.group(2))
 
 
-SELFTEST_SOURCES = [os.path.join(CUDA_DIR, "selftest.cu"),
+SELFTEST_SOURCES = [os.path.join(CUDA_DIR, "emulation", "selftest_emulated.cpp"),  # selftest.cu
                     os.path.join(CUDA_DIR, "emulation", "cuda_emulation.cpp")]
 
 

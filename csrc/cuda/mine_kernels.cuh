@@ -172,7 +172,8 @@ __device__ inline void stage_rows(S* dst, const T* src, int64_t row0, int64_t ro
   for (int e = threadIdx.x; e < ROWS * BK; e += NT) {
     const int rr = e / BK, kk = e % BK;
     const int64_t row = row0 + rr, k = k0 + kk;
-    S v = S(0.0f);
+    S v{};  // value-initialised: +0 (no float -> __half conversion: torch builds
+            // with __CUDA_NO_HALF_CONVERSIONS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__)
     if (row < rows && k < d) {
       if constexpr (std::is_same<S, T>::value) v = src[row * d + k];
       else v = static_cast<S>(load_acc(src[row * d + k]));
