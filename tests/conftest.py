@@ -15,6 +15,13 @@ import torch  # noqa: E402
 
 import fastmine  # noqa: E402,F401
 
+# The CUDA backend's launcher and kernels, run on the CPU by the host CUDA
+# emulation: suites parametrized over fastmine.available_backends() include it
+# (tests/_cuda_emulated.py; skipped where no CUDA toolkit headers exist).
+import _cuda_emulated  # noqa: E402
+
+_cuda_emulated.register()
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_restore():

@@ -27,6 +27,8 @@ import subprocess
 
 import pytest
 
+import _cuda_emulated
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
 KERNELS = os.path.join(CUDA_DIR, "mine_kernels.cuh")
@@ -36,21 +38,7 @@ CXX = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
 # case list changes).  Asserting the exact count catches silently skipped cases.
 SELFTEST_CHECKS = 797
 
-
-def _cuda_include():
-    """The toolkit's include dir: the emulation uses its host-compilable
-    cuda_fp16.h / cuda_bf16.h (and through them cuda_runtime_api.h)."""
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-    for c in candidates:
-        if c and os.path.exists(os.path.join(c, "include", "cuda_fp16.h")):
-            return os.path.join(c, "include")
-    return None
-
-
-CUDA_INCLUDE = _cuda_include()
+CUDA_INCLUDE = _cuda_emulated.cuda_include()
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(CXX is None or CUDA_INCLUDE is None,
@@ -58,16 +46,9 @@ pytestmark = [
 ]
 
 
-def _torch_defines():
-    """torch's BuildExtension defines for nvcc (no implicit __half conversions,
-    ...): the emulated build sees the kernels as the extension build does."""
-    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
-    return [f for f in COMMON_NVCC_FLAGS if f.startswith("-D")]
-
-
 def _build(out, sources, extra=()):
-    cmd = [CXX, "-std=c++17", "-ffp-contract=off", "-DFASTMINE_CUDA_EMULATION", *_torch_defines(),
-           "-Wall", "-Wno-attributes", "-Wno-unknown-pragmas", "-Wno-unused-parameter",
+    cmd = [CXX, "-std=c++17", "-ffp-contract=off", "-DFASTMINE_CUDA_EMULATION",
+           *_cuda_emulated.torch_nvcc_defines(), "-Wall", "-Wno-attributes", "-Wno-unknown-pragmas", "-Wno-unused-parameter",
            "-I", CUDA_INCLUDE, "-I", os.path.join(ROOT, "csrc", "include"), "-I", CUDA_DIR,
            *extra]
     proc = subprocess.run(cmd + list(sources) + ["-o", str(out)], capture_output=True, text=True,

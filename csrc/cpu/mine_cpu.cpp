@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "fastmine/compact.h"
+#include "fastmine/op_checks.h"
 #include "fastmine/strategies.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
@@ -252,17 +253,6 @@ void mine_select_impl(const at::Tensor& x, const at::Tensor& r, const at::Tensor
   });
 }
 
-#define CHECK_ARG(cond, ...) TORCH_CHECK(cond, "fastmine::mine_select: ", __VA_ARGS__)
-
-void check_ids(const at::Tensor& ids, int64_t n, const char* name, const char* owner) {
-  CHECK_ARG(ids.dim() == 1 && ids.size(0) == n, name, " must be 1-D of length ", n,
-            " (rows of ", owner, "), got shape ", ids.sizes());
-  CHECK_ARG(!at::isFloatingType(ids.scalar_type()) && !at::isComplexType(ids.scalar_type()) &&
-                ids.scalar_type() != at::kBool,
-            name, " must be an integer tensor, got ", ids.scalar_type());
-  CHECK_ARG(ids.device().is_cpu(), name, " must be a CPU tensor");
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> mine_select_cpu(
@@ -270,32 +260,10 @@ std::tuple<at::Tensor, at::Tensor> mine_select_cpu(
     const at::Tensor& ref_labels, const c10::optional<at::Tensor>& query_ids,
     const c10::optional<at::Tensor>& ref_ids, int64_t pos_strategy, int64_t neg_strategy,
     int64_t distance, c10::optional<double> margin) {
-  CHECK_ARG(embeddings.dim() == 2, "embeddings must be 2-D, got shape ", embeddings.sizes());
-  CHECK_ARG(ref_emb.dim() == 2, "ref_emb must be 2-D, got shape ", ref_emb.sizes());
-  CHECK_ARG(embeddings.size(1) == ref_emb.size(1), "embeddings have dim ", embeddings.size(1),
-            " but ref_emb has dim ", ref_emb.size(1));
-  CHECK_ARG(at::isFloatingType(embeddings.scalar_type()), "embeddings must be floating, got ",
-            embeddings.scalar_type());
-  CHECK_ARG(embeddings.scalar_type() == ref_emb.scalar_type(), "embeddings (",
-            embeddings.scalar_type(), ") and ref_emb (", ref_emb.scalar_type(),
-            ") must have the same dtype");
-  CHECK_ARG(embeddings.device().is_cpu() && ref_emb.device().is_cpu(),
-            "embeddings and ref_emb must be CPU tensors");
+  check_mine_select_args(c10::DeviceType::CPU, embeddings, labels, ref_emb, ref_labels, query_ids,
+                         ref_ids, pos_strategy, neg_strategy, distance, margin);
   const int64_t n = embeddings.size(0), m = ref_emb.size(0);
-  check_ids(labels, n, "labels", "embeddings");
-  check_ids(ref_labels, m, "ref_labels", "ref_emb");
-  CHECK_ARG(query_ids.has_value() == ref_ids.has_value(),
-            "query_ids and ref_ids must be given together");
-  if (query_ids.has_value()) {
-    check_ids(*query_ids, n, "query_ids", "embeddings");
-    check_ids(*ref_ids, m, "ref_ids", "ref_emb");
-  }
-  CHECK_ARG(pos_strategy >= 0 && pos_strategy <= 1, "unknown pos_strategy code ", pos_strategy);
-  CHECK_ARG(neg_strategy >= 0 && neg_strategy <= 2, "unknown neg_strategy code ", neg_strategy);
-  CHECK_ARG(distance >= 0 && distance <= 2, "unknown distance code ", distance);
   const auto neg = static_cast<NegStrategy>(neg_strategy);
-  CHECK_ARG(!margin.has_value() || (neg == NegStrategy::SemiHard && *margin >= 0),
-            "margin must be >= 0 and is only valid with the semi-hard negative strategy");
 
   auto opts = at::TensorOptions().dtype(at::kLong);
   at::Tensor pos_idx = at::full({n}, -1, opts), neg_idx = at::full({n}, -1, opts);
