@@ -361,6 +361,21 @@ __global__ void __launch_bounds__(TileConfig<T, P>::NT)
   }
 }
 
+// Lexicographic minimum of row i's partial (key, index) over the splits
+// (layout [splits, n]); (+inf, kNoIndex) when no split found a candidate.
+template <typename acc_t>
+__device__ inline void best_of_splits(const acc_t* keys, const int64_t* idxs, int64_t n,
+                                      int64_t splits, int64_t i, acc_t& key, int64_t& idx) {
+  key = acc_inf<acc_t>();
+  idx = kNoIndex;
+  for (int64_t s = 0; s < splits; ++s) {
+    if (better(keys[s * n + i], idxs[s * n + i], key, idx)) {
+      key = keys[s * n + i];
+      idx = idxs[s * n + i];
+    }
+  }
+}
+
 // Merge the splits of one sweep.  PosOnly also derives the semi-hard window
 // (lo, hi) from the positive's key (key = ps * v_ap).
 template <typename acc_t, Pass PASS>
@@ -372,12 +387,9 @@ __global__ void merge_kernel(int64_t n, int64_t splits, const acc_t* part_pkey,
   if (i >= n) return;
   const acc_t inf = acc_inf<acc_t>();
   if (PASS != Pass::NegWindow) {
-    acc_t k = inf; int64_t idx = kNoIndex;
-    for (int64_t s = 0; s < splits; ++s) {
-      if (better(part_pkey[s * n + i], part_pidx[s * n + i], k, idx)) {
-        k = part_pkey[s * n + i]; idx = part_pidx[s * n + i];
-      }
-    }
+    acc_t k;
+    int64_t idx;
+    best_of_splits(part_pkey, part_pidx, n, splits, i, k, idx);
     pos_idx[i] = idx == kNoIndex ? -1 : idx;
     if (PASS == Pass::PosOnly) {
       if (idx == kNoIndex) { lo[i] = inf; hi[i] = inf; }
@@ -389,12 +401,9 @@ __global__ void merge_kernel(int64_t n, int64_t splits, const acc_t* part_pkey,
     }
   }
   if (PASS != Pass::PosOnly) {
-    acc_t k = inf; int64_t idx = kNoIndex;
-    for (int64_t s = 0; s < splits; ++s) {
-      if (better(part_nkey[s * n + i], part_nidx[s * n + i], k, idx)) {
-        k = part_nkey[s * n + i]; idx = part_nidx[s * n + i];
-      }
-    }
+    acc_t k;
+    int64_t idx;
+    best_of_splits(part_nkey, part_nidx, n, splits, i, k, idx);
     neg_idx[i] = idx == kNoIndex ? -1 : idx;
   }
 }
