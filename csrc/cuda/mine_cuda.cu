@@ -65,6 +65,9 @@ void run_variant(const SelectParams& sp, const at::Tensor& x, const at::Tensor& 
   using acc_t = typename AccOf<T>::type;
   at::Tensor ws = at::empty({int64_t(workspace_bytes<acc_t>(sp.n, sp.m, sp.splits))},
                             x.options().dtype(at::kByte));
+#if defined(FASTMINE_CUDA_EMULATION)
+  ws.fill_(0x7f);  // as the emulated cudaMalloc: reads of unwritten workspace stand out
+#endif
   const T* xp = reinterpret_cast<const T*>(x.data_ptr());
   const T* rp = r.is_same(x) ? xp : reinterpret_cast<const T*>(r.data_ptr());
   cudaError_t err = mine_select_launch<T, P>(

@@ -209,7 +209,10 @@ __device__ inline void dot_tile(unsigned char* smem, const T* __restrict__ x,
   S* Bs = As + C::BM * C::LDS;
   acc_t* Cs = reinterpret_cast<acc_t*>(smem);  // aliases the stage (used after the K loop)
   constexpr bool kTensor = P != DotPath::Ffma;
-#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(FASTMINE_CUDA_EMULATION)
+#if defined(FASTMINE_CUDA_EMULATION)  // the emulated GPU generation (cuda_emulation.h)
+  constexpr bool kHaveTensor =
+      FASTMINE_EMU_ARCH >= 800 || (FASTMINE_EMU_ARCH >= 700 && std::is_same<T, __half>::value);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr bool kHaveTensor = true;
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
   constexpr bool kHaveTensor = std::is_same<T, __half>::value;

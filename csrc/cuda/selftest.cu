@@ -104,7 +104,12 @@ void host_select(const Problem& p, PosStrategy pos, NegStrategy neg, Distance di
     for (int64_t j = 0; j < p.m; ++j) {
       acc_t dot = 0;
       for (int64_t k = 0; k < p.d; ++k) dot += acc_t(p.x[i * p.d + k]) * acc_t(p.r[j * p.d + k]);
-      v[j] = mining_value<acc_t, DIST>(dot, ai, term(p.r, j));
+      // Written out here rather than calling the kernels' mining_value, so that a
+      // bug there is not copied into the reference (same operation order; the
+      // build disables FMA contraction).
+      const acc_t bj = term(p.r, j);
+      const acc_t raw = DIST == Distance::Cosine ? acc_t(1) - dot * ai * bj : (ai + bj) - acc_t(2) * dot;
+      v[j] = raw > acc_t(0) ? raw : acc_t(0);
     }
     auto excluded = [&](int64_t j) { return p.with_ids && p.qid[i] == p.rid[j]; };
     acc_t bk = inf;
@@ -116,7 +121,13 @@ void host_select(const Problem& p, PosStrategy pos, NegStrategy neg, Distance di
     if (neg == NegStrategy::SemiHard) {
       if (pi[i] < 0) continue;
       lo = v[pi[i]];
-      hi = semihard_upper<acc_t>(lo, margin, dist, inf);
+      if (margin < 0) hi = inf;  // independent of strategies.h's semihard_upper
+      else if (dist == Distance::Euclidean) {
+        const double root = std::sqrt(double(lo)) + margin;
+        hi = acc_t(root * root);
+      } else {
+        hi = acc_t(double(lo) + margin);
+      }
     }
     acc_t bn = inf;
     for (int64_t j = 0; j < p.m; ++j) {
@@ -175,7 +186,7 @@ void test_forward(const char* name, const Problem& prob, int64_t splits_req) {
   for (Distance dist : {Distance::Euclidean, Distance::SquaredEuclidean, Distance::Cosine})
     for (PosStrategy pos : {PosStrategy::Easy, PosStrategy::Hard})
       for (NegStrategy neg : {NegStrategy::Hard, NegStrategy::SemiHard, NegStrategy::Easy})
-        for (double margin : {-1.0, 0.5}) {
+        for (double margin : {-1.0, 1.0}) {  // integer data: hi = v_ap + 1 is hit exactly
           if (margin >= 0 && neg != NegStrategy::SemiHard) continue;
           SelectParams sp{prob.n, prob.m, prob.d, pos, neg, dist, margin, splits};
           CK(mine_select_launch<T, P>(sp, dp.x, dp.r, dp.ql, dp.rl, dp.qid, dp.rid, dpi, dni, ws,

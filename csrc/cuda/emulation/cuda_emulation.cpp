@@ -4,6 +4,7 @@
 // the order FASTMINE_EMU_SCHEDULE names.
 #include "cuda_emulation.h"
 
+#include <pthread.h>
 #include <ucontext.h>
 
 #include <cstdarg>
@@ -23,7 +24,6 @@
 #endif
 #endif
 #if defined(FASTMINE_EMU_ASAN)
-#include <pthread.h>
 #include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #endif
@@ -31,7 +31,7 @@
 // Context switch.  On x86-64 a minimal switch of the callee-saved registers
 // (plus the SSE/x87 control words), ~100x cheaper than swapcontext, which
 // makes a system call per switch to save the signal mask; elsewhere ucontext.
-#if defined(__x86_64__) && !defined(FASTMINE_EMU_UCONTEXT)
+#if defined(__x86_64__) && !defined(FASTMINE_EMU_UCONTEXT) && !defined(__CET__)  // no shadow stacks
 #define FASTMINE_EMU_ASM_SWITCH 1
 // void fastmine_emu_switch(void** save_sp, void* load_sp)
 asm(R"(
@@ -140,6 +140,7 @@ struct State {
   bool configured = false;
   cudaError_t last_error = cudaSuccess;
   std::string last_message;
+  pthread_t owner{};      // the one OS thread that may launch (the state is global)
   std::string drop_file;  // FASTMINE_EMU_DROP_BARRIER = file:line (suffix match)
   int drop_line = -1;
 #if defined(FASTMINE_EMU_ASAN)
@@ -183,7 +184,13 @@ void configure() {
     s.drop_line = std::atoi(d.c_str() + colon + 1);
   }
   const char* kb = std::getenv("FASTMINE_EMU_STACK_KB");
-  s.stack_bytes = size_t(kb ? std::strtoul(kb, nullptr, 10) : 256) * 1024;
+  const unsigned long stack_kb = kb ? std::strtoul(kb, nullptr, 10) : 256;
+  if (stack_kb < 64 || stack_kb > 65536) {
+    std::fprintf(stderr, "FASTMINE_EMU_STACK_KB=%s: expected 64 to 65536\n", kb);
+    std::abort();
+  }
+  s.stack_bytes = size_t(stack_kb) * 1024;
+  s.owner = pthread_self();
 #if defined(FASTMINE_EMU_ASAN)
   // The scheduler runs on the calling thread's stack.
   pthread_attr_t attr;
@@ -428,6 +435,10 @@ cudaError_t launch(dim3 grid, dim3 block, const char* kernel_name, void (*body)(
     std::fprintf(stderr, "fastmine CUDA emulation: kernel launched from a kernel\n");
     std::abort();
   }
+  if (!pthread_equal(s.owner, pthread_self())) {
+    std::fprintf(stderr, "fastmine CUDA emulation: launches must come from one OS thread\n");
+    std::abort();
+  }
   if (!valid_config(grid, block)) {
     s.last_error = cudaErrorInvalidConfiguration;
     char buf[256];
@@ -444,12 +455,19 @@ cudaError_t launch(dim3 grid, dim3 block, const char* kernel_name, void (*body)(
   s.ctx = ctx;
   s.nthreads = int(block.x * block.y * block.z);
   s.failed = false;
-  for (unsigned z = 0; z < grid.z && !s.failed; ++z)
-    for (unsigned y = 0; y < grid.y && !s.failed; ++y)
-      for (unsigned x = 0; x < grid.x && !s.failed; ++x) {
-        s.bidx = uint3{x, y, z};
-        run_block();
-      }
+  // Blocks are independent: the policy orders them too (x fastest for forward
+  // and depth, the reverse, or a random permutation).
+  std::vector<uint3> blocks;
+  blocks.reserve(size_t(grid.x) * grid.y * grid.z);
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) blocks.push_back(uint3{x, y, z});
+  if (s.order == Order::Reverse) std::reverse(blocks.begin(), blocks.end());
+  if (s.order == Order::Shuffle) std::shuffle(blocks.begin(), blocks.end(), s.rng);
+  for (size_t b = 0; b < blocks.size() && !s.failed; ++b) {
+    s.bidx = blocks[b];
+    run_block();
+  }
   s.in_launch = false;
   if (s.failed) {
     s.last_error = cudaErrorLaunchFailure;

@@ -72,6 +72,22 @@
 #define __launch_bounds__(...)
 #define __shared__ static
 
+// The GPU generation the kernels are compiled for (their __CUDA_ARCH__ tests):
+// 900 runs the tensor-core paths; 750 the FFMA fallback of sm_75 for bf16/tf32
+// (fp16 keeps WMMA from 700).
+#if !defined(FASTMINE_EMU_ARCH)
+#define FASTMINE_EMU_ARCH 900
+#endif
+
+#if defined(__SANITIZE_ADDRESS__)
+// GCC's AddressSanitizer puts redzones only around globals aligned to at most
+// 16 bytes, so a 128-byte aligned __shared__ array would go unguarded: cap the
+// alignment, and leave the 256-bit WMMA pointer check to the plain build.
+#undef __align__
+#define __align__(n) __attribute__((aligned(16)))
+#define FASTMINE_EMU_WEAK_ALIGNMENT 1
+#endif
+
 namespace fastmine {
 namespace emu {
 
@@ -190,16 +206,19 @@ template <> inline __half from_float<__half>(float v) { return __float2half_rn(v
 template <> inline __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 inline void check_pointer(const void* p, unsigned ldm, size_t elem, const char* what) {
+#if !defined(FASTMINE_EMU_WEAK_ALIGNMENT)
   if (reinterpret_cast<uintptr_t>(p) % 32 != 0)
     ::fastmine::emu::fail("%s: pointer %p is not 256-bit aligned", what, p);
+#endif
   if ((ldm * elem) % 16 != 0)
     ::fastmine::emu::fail("%s: ldm %u (x %zu bytes) is not a multiple of 16 bytes", what, ldm, elem);
 }
 }  // namespace detail
 
 // Element e = t * 32 + lane of the row-major (rows x cols) matrix lives in lane
-// `lane`'s x[t].  (The hardware layout is unspecified; code may only rely on
-// x[] being element-wise.)
+// `lane`'s x[t], each element once.  The hardware's layout is unspecified and
+// differs (e.g. a half A fragment holds 16 elements per lane, some replicated);
+// code may only rely on x[] being element-wise, which is all the kernels do.
 template <typename Use, int M, int N, int K, typename T, typename Layout = void>
 struct fragment {
   using element_type = typename detail::storage<T>::type;
