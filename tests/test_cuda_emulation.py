@@ -36,7 +36,7 @@ CXX = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
 
 # Checks the self-test makes (see selftest.cu: 5 variants; update when its
 # case list changes).  Asserting the exact count catches silently skipped cases.
-SELFTEST_CHECKS = 797
+SELFTEST_CHECKS = 917
 
 CUDA_INCLUDE = _cuda_emulated.cuda_include()
 pytestmark = [

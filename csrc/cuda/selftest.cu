@@ -335,6 +335,21 @@ void test_variant(const char* name) {
     }
     test_forward<T, P>(name, prob, c.splits);
   }
+  {
+    // Groups of 8 parallel rows (x, 2x, ..., 8x) of one class: their cosine
+    // values 1 - dot * a * b round to -eps, 0 or +eps, and only the clamp at 0
+    // makes the exact ties go to the smallest index.
+    Problem prob = make_problem(g, 64, 0, 8, true, 3);
+    for (int64_t i = 0; i < prob.n; ++i) {
+      const int64_t base = i - i % 8;
+      for (int64_t k = 0; k < prob.d; ++k)
+        prob.x[i * prob.d + k] = float(i % 8 + 1) * prob.x[base * prob.d + k];
+      prob.ql[i] = prob.ql[base];
+    }
+    prob.r = prob.x;
+    prob.rl = prob.ql;
+    test_forward<T, P>(name, prob, 0);
+  }
   if (P == DotPath::Ffma || std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value) {
     Problem prob = make_problem(g, 90, 40, 33, false, 3);
     test_backward<T>(name, prob, g);
