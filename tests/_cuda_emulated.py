@@ -50,17 +50,24 @@ def torch_nvcc_defines() -> list:
     return [f for f in COMMON_NVCC_FLAGS if f.startswith("-D")]
 
 
-def _toolchain_problem() -> str:
-    if cuda_include() is None:
-        return "no CUDA toolkit headers (cuda_fp16.h) found"
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
-        return "no C++ compiler"
-    return ""
+# Looked up once, at import: why_unavailable runs inside torch.compile'd code,
+# where file-system calls would break the graph.
+CUDA_INCLUDE = cuda_include()
+CXX = shutil.which(os.environ.get("CXX", "c++"))  # the compiler torch's cpp_extension uses
+_TOOLCHAIN_PROBLEM = ("no CUDA toolkit headers (cuda_fp16.h) found" if CUDA_INCLUDE is None
+                      else "no C++ compiler" if CXX is None else "")
 
 
-# Looked up once: why_unavailable runs inside torch.compile'd code, where
-# file-system calls would break the graph.
-_TOOLCHAIN_PROBLEM = _toolchain_problem()
+def include_dirs() -> list:
+    """Include directories of every emulated build (kernels, shared headers, toolkit)."""
+    return [os.path.join(CSRC, "include"), os.path.join(CSRC, "cuda"), CUDA_INCLUDE]
+
+
+def emulation_cflags() -> list:
+    """Compiler flags of every emulated build: the emulation switch, torch's nvcc
+    defines, no FMA contraction (host references must match bit for bit)."""
+    return ["-ffp-contract=off", "-DFASTMINE_CUDA_EMULATION", *torch_nvcc_defines(),
+            "-Wno-attributes", "-Wno-unknown-pragmas"]
 
 
 def why_unavailable(device: torch.device) -> str:
@@ -83,10 +90,8 @@ def load():
             name="fastmine_cuda_emulated",
             sources=[os.path.join(emu, "mine_cuda_emulated.cpp"),
                      os.path.join(emu, "cuda_emulation.cpp")],
-            extra_include_paths=[os.path.join(CSRC, "include"), os.path.join(CSRC, "cuda"),
-                                 cuda_include()],
-            extra_cflags=["-O2", "-ffp-contract=off", "-DFASTMINE_CUDA_EMULATION",
-                          *torch_nvcc_defines(), "-Wno-attributes", "-Wno-unknown-pragmas"],
+            extra_include_paths=include_dirs(),
+            extra_cflags=["-O2", *emulation_cflags()],
             is_python_module=False, verbose=False)
     except Exception as exc:  # report once, clearly, in every test that needs it
         _error = f"building the emulated CUDA launcher failed: {exc}"

@@ -22,35 +22,32 @@ device-compiler bugs -- needs the GPU run of tests/test_cuda.py.
 import concurrent.futures
 import os
 import re
-import shutil
 import subprocess
 
 import pytest
+import torch
 
 import _cuda_emulated
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
 KERNELS = os.path.join(CUDA_DIR, "mine_kernels.cuh")
-CXX = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
 
 # Checks the self-test makes (see selftest.cu: 5 variants; update when its
 # case list changes).  Asserting the exact count catches silently skipped cases.
 SELFTEST_CHECKS = 917
 
-CUDA_INCLUDE = _cuda_emulated.cuda_include()
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(CXX is None or CUDA_INCLUDE is None,
+    pytest.mark.skipif(_cuda_emulated.why_unavailable(torch.device("cpu")) != "",
                        reason="needs a C++ compiler and the CUDA toolkit's headers"),
 ]
 
 
 def _build(out, sources, extra=()):
-    cmd = [CXX, "-std=c++17", "-ffp-contract=off", "-DFASTMINE_CUDA_EMULATION",
-           *_cuda_emulated.torch_nvcc_defines(), "-Wall", "-Wno-attributes", "-Wno-unknown-pragmas", "-Wno-unused-parameter",
-           "-I", CUDA_INCLUDE, "-I", os.path.join(ROOT, "csrc", "include"), "-I", CUDA_DIR,
-           *extra]
+    cmd = [_cuda_emulated.CXX, "-std=c++17", "-Wall", "-Wno-unused-parameter",
+           *_cuda_emulated.emulation_cflags(),
+           *[f"-I{d}" for d in _cuda_emulated.include_dirs()], *extra]
     proc = subprocess.run(cmd + list(sources) + ["-o", str(out)], capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-6000:]
