@@ -3,11 +3,12 @@
 The integer codes mirror ``csrc/include/fastmine/strategies.h``; they are part of
 the ``fastmine::mine_select`` op schema.  Everything here is shape/dtype logic
 that is safe to trace (no data-dependent control flow): value checks that need
-the data (NaN/Inf, zero norms for cosine) run inside the op, see
-``check_finite``.
+the data (NaN/Inf, norm bounds) run inside the op, see ``check_finite``.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional
 
 import torch
@@ -17,13 +18,69 @@ NEG_STRATEGIES = {"hard": 0, "semihard": 1, "easy": 2}
 DISTANCES = {"euclidean": 0, "squared_euclidean": 1, "cosine": 2}
 BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
 
-_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+# Label and id dtypes: uint16/uint32 are widened to int64 at the boundary
+# (``widen_index_vector``); uint64 and bool are rejected (values >= 2^63 have no
+# int64 form, and a bool is not a class label).
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.uint16,
+               torch.uint32)
+_WIDENED_DTYPES = (torch.uint16, torch.uint32)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _choice(name: str, value, options) -> None:
-    if value not in options:
+def _dtype_names(dtypes) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_choice(name: str, value, options) -> None:
+    """``value`` must be a str among ``options`` (never hashes a non-str)."""
+    if not isinstance(value, str) or value not in options:
         raise ValueError(f"{name} must be one of {sorted(options)}, got {value!r}")
+
+
+_choice = check_choice
+
+
+def check_real(name: str, value, *, minimum: Optional[float] = None,
+               positive: bool = False) -> float:
+    """A finite real number: int, float, numpy scalar (numbers.Real) or 0-d real tensor.
+
+    bool, NaN and +-Inf are rejected; ``minimum`` (inclusive) or ``positive``
+    (> 0) bound it.  Returns it as a Python float.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be a real number or a 0-d real tensor, got a tensor "
+                            f"of shape {tuple(value.shape)} and dtype {value.dtype}")
+        value = value.item()
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} ({value!r})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum:g}, got {value!r}")
+    if positive and not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    return value
+
+
+def check_positive_int(name: str, value) -> int:
+    """An integer >= 1 (Python or numpy int, or a 0-d integer tensor; not bool, not 2.5)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point() \
+            and value.dtype != torch.bool:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} ({value!r})")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value!r}")
+    return int(value)
+
+
+def check_backend_name(backend, known) -> None:
+    """``backend`` must be "auto" or a registered backend name (availability is checked later)."""
+    if not isinstance(backend, str) or (backend != "auto" and backend not in known):
+        raise ValueError(f"unknown backend {backend!r}; backend must be one of "
+                         f"{['auto', *sorted(known)]}")
 
 
 def check_strategy(pos_strategy: str, neg_strategy: str, distance: str,
@@ -36,15 +93,19 @@ def check_strategy(pos_strategy: str, neg_strategy: str, distance: str,
             raise ValueError(
                 f"margin is only used by neg_strategy='semihard'; got margin={margin!r} "
                 f"with neg_strategy={neg_strategy!r}")
-        if not isinstance(margin, (int, float)) or isinstance(margin, bool):
-            raise TypeError(f"margin must be a float, got {type(margin).__name__}")
-        if not margin >= 0:  # also rejects NaN
-            raise ValueError(f"margin must be >= 0, got {margin!r}")
+        check_real("margin", margin, minimum=0.0)
+
+
+def _check_dense(name: str, t: torch.Tensor) -> None:
+    if t.is_nested or t.layout != torch.strided:
+        kind = "a nested tensor" if t.is_nested else f"a {t.layout} tensor"
+        raise TypeError(f"{name} must be a dense (strided) tensor, got {kind}")
 
 
 def check_embeddings(name: str, emb) -> None:
     if not isinstance(emb, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(emb).__name__}")
+    _check_dense(name, emb)
     if emb.dim() != 2:
         raise ValueError(f"{name} must be 2-D [rows, dim], got shape {tuple(emb.shape)}")
     if emb.dtype not in _FLOAT_DTYPES:
@@ -54,38 +115,102 @@ def check_embeddings(name: str, emb) -> None:
 def check_index_vector(name: str, vec, n: int, owner: str, device) -> None:
     if not isinstance(vec, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(vec).__name__}")
+    _check_dense(name, vec)
     if vec.dim() != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(vec.shape)}")
     if vec.dtype not in _INT_DTYPES:
-        raise TypeError(f"{name} must have an integer dtype, got {vec.dtype}")
+        raise TypeError(f"{name} must have an integer dtype ({_dtype_names(_INT_DTYPES)}), "
+                        f"got {vec.dtype}")
     if vec.shape[0] != n:
         raise ValueError(f"{name} has length {vec.shape[0]} but {owner} has {n} rows")
     if vec.device != device:
         raise ValueError(f"{name} is on {vec.device} but embeddings are on {device}")
 
 
+def widen_index_vector(vec: torch.Tensor) -> torch.Tensor:
+    """uint16/uint32 labels or ids as int64 (lossless); any other accepted dtype as is."""
+    return vec.to(torch.int64) if vec.dtype in _WIDENED_DTYPES else vec
+
+
+def sqnorm_bounds(dtype: torch.dtype, distance: str):
+    """(lo, hi): the admissible range of a row's squared norm |x|^2 in the compute dtype.
+
+    hi = max / 8 for every distance: then |a|^2, |b|^2, 2|a.b| <= max/4 by
+    Cauchy-Schwarz, so every Gram term |a|^2 + |b|^2 - 2 a.b, every partial dot
+    product and every direct difference |a - b|^2 <= 4 max(|a|^2, |b|^2) is
+    finite (float32/bfloat16: |x| <= 6.5e18; float64: |x| <= 4.7e153).  Beyond
+    it the mining values overflow to inf and no ranking is defined.
+
+    lo (cosine only) = tiny / eps, the smallest normal number divided by the
+    machine epsilon (float32: |x|^2 >= 9.9e-32, i.e. |x| >= 3.1e-16;
+    float64: |x| >= 1.1e-146): products a_k b_k that round in the subnormal
+    range then perturb a.b / (|a| |b|) by at most D * 2^-47 (float32), far
+    below the mining precision.  Smaller rows, zero rows and D = 0 have no
+    defined direction.  lo = 0 for the other distances (zero rows are fine).
+    """
+    cdt = compute_dtype(dtype)
+    fi = torch.finfo(cdt)
+    lo = fi.tiny / fi.eps if distance == "cosine" else 0.0
+    return lo, fi.max / 8
+
+
 def check_finite(name: str, emb: torch.Tensor, distance: str) -> None:
     """Data-dependent checks, run eagerly inside the op (never traced).
 
+    1. No NaN or +-Inf.
+    2. Every row's squared norm, in the compute dtype, lies within
+       ``sqnorm_bounds`` (too large: the Gram terms overflow; cosine and too
+       small, zero or D = 0: the direction is undefined).
     Reductions only, no [N, D] temporaries (the fused backends promise O(N)
     extra memory): min and max are finite iff no element is NaN or +-Inf
-    (both propagate NaN), and a row is zero iff its inf-norm is 0.
+    (both propagate NaN), and the norms come from ``vector_norm``, compared
+    as |x| against sqrt(bound) so that the check itself cannot overflow.
     """
-    if emb.numel() == 0:
+    if emb.shape[0] == 0:
         return
-    lo, hi = torch.aminmax(emb)
-    if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
-        raise ValueError(f"{name} contains NaN or Inf")
-    if distance == "cosine":
-        # Mining and the exact distances use |x|^2 in the compute dtype: a row
-        # whose squared norm underflows there is as undefined as a zero row.
-        norm = torch.linalg.vector_norm(emb, dim=1, dtype=compute_dtype(emb.dtype))
-        zero = (norm * norm == 0).nonzero()
-        if zero.numel():
+    if emb.numel():
+        lo, hi = torch.aminmax(emb)
+        if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+            raise ValueError(f"{name} contains NaN or Inf")
+    cdt = compute_dtype(emb.dtype)
+    sq_lo, sq_hi = sqnorm_bounds(emb.dtype, distance)
+    norm = torch.linalg.vector_norm(emb, dim=1, dtype=cdt)  # [N]; 0 when D = 0
+    big = (norm > math.sqrt(sq_hi)).nonzero()
+    if big.numel():
+        i = int(big[0, 0])
+        raise ValueError(
+            f"{name} row {i} has norm {float(norm[i]):.3g}, above the largest norm that "
+            f"{cdt} mining can rank ({math.sqrt(sq_hi):.3g}: squared distances would overflow); "
+            "scale the embeddings down (e.g. L2-normalise them)")
+    if sq_lo > 0:
+        small = (norm < math.sqrt(sq_lo)).nonzero()
+        if small.numel():
+            i = int(small[0, 0])
             raise ValueError(
-                f"cosine distance is undefined for zero vectors: {name} row "
-                f"{int(zero[0, 0])} has norm 0 (or a norm whose square underflows in "
-                f"{compute_dtype(emb.dtype)})")
+                f"cosine distance is undefined for zero vectors: {name} row {i} has norm "
+                f"{float(norm[i]):.3g} (zero, D = 0, or a squared norm below "
+                f"{sq_lo:.3g}, where {cdt} products lose their precision)")
+
+
+def semihard_window(v_ap: torch.Tensor, has_pos: torch.Tensor, margin: Optional[float],
+                    distance: str):
+    """The semi-hard window on the *mining value* v (Python form of strategies.h).
+
+    v is the value mining ranks: the squared distance for "euclidean" and
+    "squared_euclidean", 1 - cos for "cosine".  Given the positive's v_ap [N],
+    a negative is admissible iff lo < v_an < hi with lo = v_ap and
+    hi = (sqrt(v_ap) + margin)^2 (Euclidean) | v_ap + margin (others) | +inf
+    (no margin), computed in float64 and rounded to v's dtype.  Anchors
+    without a positive get lo = hi = +inf (nothing admissible).
+    Returns (lo, hi), each [N] in v_ap's dtype.
+    """
+    inf = torch.full_like(v_ap, float("inf"))
+    lo = torch.where(has_pos, v_ap, inf)
+    if margin is None:
+        return lo, inf
+    v64 = v_ap.double()
+    hi64 = (v64.sqrt() + margin).square() if distance == "euclidean" else v64 + margin
+    return lo, torch.where(has_pos, hi64.to(v_ap.dtype), inf)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -58,7 +58,7 @@ import torch
 from torch import Tensor
 
 from . import _backends
-from ._contract import DISTANCES, POS_STRATEGIES, compute_dtype
+from ._contract import DISTANCES, POS_STRATEGIES, compute_dtype, semihard_window
 
 try:
     import triton
@@ -674,21 +674,6 @@ def _launch_mine(x, r, a, b, ql, rl, qid, rid, lo, hi, pass_, distance, pos_near
         return out_key, out_idx
 
     return merged(pos), merged(neg)
-
-
-def semihard_window(v_ap: Tensor, has_pos: Tensor, margin: Optional[float],
-                    distance: str) -> Tuple[Tensor, Tensor]:
-    """(lo, hi) [N] on the mining value v, as in strategies.h: lo = v_ap and
-    hi = (sqrt(v_ap) + margin)^2 (Euclidean) | v_ap + margin (others) | +inf
-    (no margin), computed in float64 and rounded to v's dtype; +inf (nothing
-    admissible) for anchors without a positive."""
-    inf = torch.full_like(v_ap, float("inf"))
-    lo = torch.where(has_pos, v_ap, inf)
-    if margin is None:
-        return lo, inf
-    v64 = v_ap.double()
-    hi64 = (v64.sqrt() + margin).square() if distance == "euclidean" else v64 + margin
-    return lo, torch.where(has_pos, hi64.to(v_ap.dtype), inf)
 
 
 def select(x: Tensor, labels: Tensor, r: Tensor, ref_labels: Tensor,

@@ -7,7 +7,8 @@ import torch
 from torch import Tensor
 
 from . import _backends, _ops
-from ._contract import (check_embeddings, check_index_vector, check_strategy)
+from ._contract import (check_backend_name, check_embeddings, check_index_vector, check_strategy,
+                        widen_index_vector)
 
 
 class MiningResult(NamedTuple):
@@ -35,8 +36,7 @@ def _prepare(embeddings, labels, ref_emb, ref_labels, pos_strategy, neg_strategy
     n = embeddings.shape[0]
     check_index_vector("labels", labels, n, "embeddings", device)
     check_strategy(pos_strategy, neg_strategy, distance, margin)
-    if backend not in ("auto", *_backends._REGISTRY):
-        _backends.get(backend)  # raises with the list of choices
+    check_backend_name(backend, _backends._REGISTRY)
     if (ref_emb is None) != (ref_labels is None):
         missing = "ref_labels" if ref_labels is None else "ref_emb"
         raise ValueError(f"ref_emb and ref_labels must be given together ({missing} is missing)")
@@ -68,6 +68,9 @@ def _prepare(embeddings, labels, ref_emb, ref_labels, pos_strategy, neg_strategy
             check_index_vector("ref_ids", ref_ids, ref_emb.shape[0], "ref_emb", device)
     backend = _backends.resolve(backend, device)
     margin = None if margin is None else float(margin)
+    labels, ref_labels = widen_index_vector(labels), widen_index_vector(ref_labels)
+    if query_ids is not None:
+        query_ids, ref_ids = widen_index_vector(query_ids), widen_index_vector(ref_ids)
     return (embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids,
             pos_strategy, neg_strategy, distance, margin, backend)
 

@@ -11,33 +11,48 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._contract import compute_dtype
+from ._contract import compute_dtype, semihard_window
+
+
+def mining_values(x: Tensor, r: Tensor, distance: str) -> Tensor:
+    """The values mining ranks, [N, D] x [M, D] -> [N, M] in the compute dtype.
+
+    v = ||a||^2 + ||b||^2 - 2 a.b (the squared distance, for "euclidean" and
+    "squared_euclidean") or 1 - a.b / (||a|| ||b||) ("cosine"), clamped at 0:
+    the same mining arithmetic as the fused kernels.  The semi-hard window is
+    applied to v (``fastmine._contract.semihard_window``), as in every kernel.
+    Computed with autocast disabled, so an enclosing ``torch.autocast`` does
+    not lower the precision of the oracle.
+    """
+    cdt = compute_dtype(x.dtype)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x, r = x.to(cdt), r.to(cdt)
+        if distance == "cosine":
+            x = x / x.norm(dim=1, keepdim=True)
+            r = r / r.norm(dim=1, keepdim=True)
+            return (1 - x @ r.T).clamp_min(0)
+        sq = (x * x).sum(1)[:, None] + (r * r).sum(1)[None, :] - 2 * (x @ r.T)
+        return sq.clamp_min(0)
 
 
 def distance_matrix(x: Tensor, r: Tensor, distance: str) -> Tensor:
     """All pairwise distances, [N, D] x [M, D] -> [N, M] in the compute dtype.
 
-    Uses the Gram expansion ||a||^2 + ||b||^2 - 2 a.b (clamped at 0), the same
-    mining arithmetic as the fused kernels.  Mining only needs the ordering;
-    the distances that are *returned* are recomputed exactly from the rows
-    (see ``fastmine._pairs``).
+    ``mining_values`` (the Gram expansion), with the square root taken for
+    "euclidean".  Mining only needs the ordering; the distances that are
+    *returned* are recomputed exactly from the rows (see ``fastmine._pairs``).
     """
-    cdt = compute_dtype(x.dtype)
-    x, r = x.to(cdt), r.to(cdt)
-    if distance == "cosine":
-        x = x / x.norm(dim=1, keepdim=True)
-        r = r / r.norm(dim=1, keepdim=True)
-        return (1 - x @ r.T).clamp_min(0)
-    sq = (x * x).sum(1)[:, None] + (r * r).sum(1)[None, :] - 2 * (x @ r.T)
-    sq = sq.clamp_min(0)
-    return sq.sqrt() if distance == "euclidean" else sq
+    v = mining_values(x, r, distance)
+    return v.sqrt() if distance == "euclidean" else v
 
 
 def _masked_argbest(d: Tensor, mask: Tensor, nearest: bool) -> Tensor:
     """Per row, index of the min (nearest) or max (farthest) of d over mask; -1 if empty.
 
     torch.argmin/argmax return the first extremal index, so ties go to the
-    smallest reference index, as the contract demands.
+    smallest reference index, as the contract demands.  d is finite (the op
+    rejects rows whose norms would overflow it), so the +-inf fill of masked
+    entries never ties with an admissible one.
     """
     fill = float("inf") if nearest else float("-inf")
     masked = d.masked_fill(~mask, fill)
@@ -54,21 +69,18 @@ def select(x: Tensor, labels: Tensor, r: Tensor, ref_labels: Tensor,
     if n == 0 or m == 0:
         empty = torch.full((n,), -1, dtype=torch.int64, device=x.device)
         return empty, empty.clone()
-    d = distance_matrix(x, r, distance)
+    v = mining_values(x, r, distance)  # monotone in the distance: same ranking
     same = labels[:, None] == ref_labels[None, :]
     allowed = torch.ones_like(same)
     if query_ids is not None:
         allowed = query_ids[:, None] != ref_ids[None, :]  # same-sample pairs never selected
 
-    pos_idx = _masked_argbest(d, same & allowed, nearest=(pos_strategy == "easy"))
+    pos_idx = _masked_argbest(v, same & allowed, nearest=(pos_strategy == "easy"))
 
     neg_mask = ~same & allowed
     if neg_strategy == "semihard":
-        has_pos = pos_idx >= 0
-        d_ap = d.gather(1, pos_idx.clamp_min(0)[:, None])  # [N, 1]
-        window = d > d_ap
-        if margin is not None:
-            window &= d < d_ap + margin
-        neg_mask &= window & has_pos[:, None]
-    neg_idx = _masked_argbest(d, neg_mask, nearest=(neg_strategy != "easy"))
+        v_ap = v.gather(1, pos_idx.clamp_min(0)[:, None])[:, 0]
+        lo, hi = semihard_window(v_ap, pos_idx >= 0, margin, distance)
+        neg_mask &= (v > lo[:, None]) & (v < hi[:, None])
+    neg_idx = _masked_argbest(v, neg_mask, nearest=(neg_strategy != "easy"))
     return pos_idx, neg_idx
