@@ -187,7 +187,7 @@ def check_finite(name: str, emb: torch.Tensor, distance: str) -> None:
         if small.numel():
             i = int(small[0, 0])
             raise ValueError(
-                f"cosine distance is undefined for zero vectors: {name} row {i} has norm "
+                f"cosine distance needs rows with a direction: {name} row {i} has norm "
                 f"{float(norm[i]):.3g} (zero, D = 0, or a squared norm below "
                 f"{sq_lo:.3g}, where {cdt} products lose their precision)")
 
