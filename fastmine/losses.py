@@ -21,6 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _backends
+from ._contract import (DISTANCES, check_backend_name, check_choice, check_positive_int, check_real,
+                        check_strategy)
 from .mine import mine
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -44,8 +47,7 @@ def reduce_terms(terms: Tensor, valid: Tensor, reduction: str = "mean",
         denominator the result is ``terms.sum() * 0`` = 0, still attached to
         the graph, never NaN.
     """
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    check_choice("reduction", reduction, _REDUCTIONS)
     if reduction == "none":
         return terms
     total = terms.sum()  # invalid anchors contribute exact zeros
@@ -60,12 +62,13 @@ def reduce_terms(terms: Tensor, valid: Tensor, reduction: str = "mean",
     return total / count
 
 
-def _check_common(reduction: str, distance: str) -> None:
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if distance not in ("euclidean", "squared_euclidean", "cosine"):
-        raise ValueError("distance must be 'euclidean', 'squared_euclidean' or 'cosine', "
-                         f"got {distance!r}")
+def _check_common(reduction: str, distance: str, pos_strategy: str, neg_strategy: str,
+                  backend: str) -> None:
+    """Constructor checks shared by the loss modules (the errors ``mine`` would raise later)."""
+    check_choice("reduction", reduction, _REDUCTIONS)
+    check_choice("distance", distance, DISTANCES)
+    check_strategy(pos_strategy, neg_strategy, distance, None)
+    check_backend_name(backend, _backends._REGISTRY)
 
 
 class _MinedLoss(nn.Module):
@@ -106,8 +109,14 @@ class TripletMarginLoss(_MinedLoss):
                  average_nonzero: bool = False, semihard_margin: Optional[float] = None,
                  backend: str = "auto"):
         super().__init__()
-        _check_common(reduction, distance)
-        self.margin = float(margin)
+        _check_common(reduction, distance, pos_strategy, neg_strategy, backend)
+        self.margin = check_real("margin", margin, minimum=0.0)
+        if semihard_margin is not None:
+            if neg_strategy != "semihard":
+                raise ValueError(f"semihard_margin is only used by neg_strategy='semihard'; got "
+                                 f"semihard_margin={semihard_margin!r} with "
+                                 f"neg_strategy={neg_strategy!r}")
+            semihard_margin = check_real("semihard_margin", semihard_margin, minimum=0.0)
         self.distance, self.pos_strategy, self.neg_strategy = distance, pos_strategy, neg_strategy
         self.reduction, self.average_nonzero = reduction, bool(average_nonzero)
         self.normalize_embeddings = bool(normalize_embeddings)
@@ -157,12 +166,14 @@ class MarginLoss(_MinedLoss):
                  normalize_embeddings: bool = False, average_nonzero: bool = False,
                  backend: str = "auto"):
         super().__init__()
-        _check_common(reduction, distance)
-        if num_classes is not None and int(num_classes) < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        self.margin, self.nu, self.learn_beta = float(margin), float(nu), bool(learn_beta)
+        _check_common(reduction, distance, pos_strategy, neg_strategy, backend)
+        if num_classes is not None:
+            num_classes = check_positive_int("num_classes", num_classes)
+        self.margin = check_real("margin", margin, minimum=0.0)
+        self.nu = check_real("nu", nu, minimum=0.0)
+        self.learn_beta = bool(learn_beta)
         self.num_classes = num_classes
-        init = torch.full((int(num_classes) if num_classes else 1,), float(beta))
+        init = torch.full((num_classes or 1,), check_real("beta", beta))
         if self.learn_beta:
             self.beta = nn.Parameter(init)
         else:
@@ -176,7 +187,14 @@ class MarginLoss(_MinedLoss):
         """[N] beta of each anchor (global beta broadcast, or beta[label])."""
         beta = self.beta.to(dtype)
         if self.num_classes:
-            return beta[labels.long()]
+            labels = labels.long()
+            if not torch.compiler.is_compiling() and labels.numel():
+                lo, hi = torch.aminmax(labels)
+                if int(lo) < 0 or int(hi) >= self.num_classes:
+                    bad = int(lo) if int(lo) < 0 else int(hi)
+                    raise ValueError(f"labels must lie in [0, num_classes) = [0, "
+                                     f"{self.num_classes}) for per-class beta, got label {bad}")
+            return beta[labels]
         return beta.expand(labels.shape[0])
 
     def per_anchor(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,

@@ -1,25 +1,94 @@
 """Cross-batch memory (XBM, Wang et al. 2020) with same-sample exclusion."""
 from __future__ import annotations
 
-from typing import Optional
+import inspect
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+
+from ._contract import check_embeddings, check_index_vector, check_positive_int, widen_index_vector
+
+# The two loss protocols CrossBatchMemory drives (told apart by the forward's parameters).
+_FASTMINE = "fastmine"  # forward(embeddings, labels, ref_emb, ref_labels, *, query_ids, ref_ids)
+_PML = "pml"            # forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+
+
+def _loss_protocol(loss) -> str:
+    if not callable(loss):
+        raise TypeError(f"loss must be a loss module, got {type(loss).__name__}")
+    try:
+        params = inspect.signature(loss.forward if isinstance(loss, nn.Module) else loss).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if "query_ids" in params and "ref_ids" in params:
+        return _FASTMINE
+    if "indices_tuple" in params and "ref_emb" in params:
+        return _PML
+    raise TypeError(
+        f"loss must be a fastmine loss (forward(embeddings, labels, ref_emb, ref_labels, *, "
+        f"query_ids, ref_ids)) or a pytorch-metric-learning loss (forward(embeddings, labels, "
+        f"indices_tuple, ref_emb, ref_labels)); got {type(loss).__name__}")
+
+
+def all_pairs_indices(labels: Tensor, ref_labels: Tensor, query_ids: Tensor,
+                      ref_ids: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """PML's all-pairs tuple (a1, p, a2, n) without same-sample pairs.
+
+    labels, query_ids: [N]; ref_labels, ref_ids: [M] integer.  Positive pairs
+    (a1[k], p[k]) have equal labels, negative pairs (a2[k], n[k]) different
+    ones; a pair with ``query_ids[a] == ref_ids[r]`` is never listed.
+    Materialises [N, M] masks, as PML's own ``get_all_pairs_indices`` does.
+    """
+    other = query_ids[:, None] != ref_ids[None, :]
+    same = labels[:, None] == ref_labels[None, :]
+    a1, p = torch.where(same & other)
+    a2, n = torch.where(~same & other)
+    return a1, p, a2, n
+
+
+def _drop_same_sample(indices_tuple, query_ids: Tensor, ref_ids: Tensor):
+    """Remove same-sample pairs from a PML indices tuple ((a, p, n) or (a1, p, a2, n))."""
+    if len(indices_tuple) == 3:
+        a, p, n = indices_tuple
+        keep = (query_ids[a] != ref_ids[p]) & (query_ids[a] != ref_ids[n])
+        return a[keep], p[keep], n[keep]
+    if len(indices_tuple) == 4:
+        a1, p, a2, n = indices_tuple
+        kp, kn = query_ids[a1] != ref_ids[p], query_ids[a2] != ref_ids[n]
+        return a1[kp], p[kp], a2[kn], n[kn]
+    raise ValueError(f"miner must return a PML indices tuple of 3 or 4 tensors, got "
+                     f"{len(indices_tuple)}")
 
 
 class CrossBatchMemory(nn.Module):
     """Mine each batch against itself plus a ring buffer of past embeddings.
 
-    Args:
-        loss: a fastmine loss module (``fastmine.losses.TripletMarginLoss`` /
-            ``MarginLoss``, or anything with their ``forward(embeddings,
-            labels, ref_emb, ref_labels, *, query_ids, ref_ids)``).
-        embedding_size: D.
-        memory_size: capacity of the ring buffer (rows).
+    A drop-in for pytorch-metric-learning's ``CrossBatchMemory`` (same
+    constructor), which never pairs an anchor with a stored copy of itself.
 
-    ``forward(embeddings [N, D], labels [N], ids [N] int = None)``:
-      1. references = current batch (with gradient) followed by the filled part
-         of the memory (detached);
+    Args:
+        loss: a fastmine loss (``fastmine.losses.TripletMarginLoss`` /
+            ``MarginLoss``, or anything with their ``forward(embeddings,
+            labels, ref_emb, ref_labels, *, query_ids, ref_ids)``), which mines
+            by itself; or a pytorch-metric-learning loss (``forward(embeddings,
+            labels, indices_tuple, ref_emb, ref_labels)``), which is handed the
+            pairs or triplets chosen by ``miner``.
+        embedding_size: D.
+        memory_size: capacity of the ring buffer (rows), >= 1.
+        miner: PML losses only.  None: every positive and negative pair
+            (PML's default, O(N * (N + memory)) pairs); a fastmine miner
+            (``fastmine.miners.BatchEasyHardMiner`` / ``BatchHardMiner``):
+            fused mining with same-sample exclusion; any other PML miner:
+            called as ``miner(embeddings, labels, ref_emb, ref_labels)``, then
+            its same-sample pairs are removed.  A fastmine loss mines itself,
+            so a miner is an error there.
+
+    ``forward(embeddings [N, D] float, labels [N] int, ids [N] int = None)``:
+      1. references: with a fastmine loss, the current batch (with its
+         gradient) followed by the filled part of the memory (detached); with
+         a PML loss, as in PML, the batch is enqueued first and the references
+         are the filled memory in slot order (the batch rows detached);
       2. a pair (anchor i, reference j) is never used when ``ids[i] ==
          ref_ids[j]``.  Default ids are a running counter, so every enqueued
          batch has fresh ids and only the anchor's own row in the batch is
@@ -27,21 +96,34 @@ class CrossBatchMemory(nn.Module):
          of the same sample from earlier batches (an anchor never mines its own
          stale copy as its "easy positive" -- the bug fixed by
          pytorch-metric-learning PR #524);
-      3. the loss is computed, then the batch is enqueued (detached), oldest
-         rows overwritten first.
+      3. the loss is computed; the batch is enqueued (detached, oldest rows
+         overwritten first) after it (fastmine loss) or before it (PML loss).
+    ``embeddings``, ``labels`` and ``ids`` are validated as by
+    ``fastmine.mine`` before anything is stored.  PML's ``indices_tuple`` and
+    ``enqueue_mask`` arguments are not supported.
 
-    Buffers: ``embedding_memory`` [memory_size, D] (float32 at construction;
-    an empty memory adopts the dtype/device of the first batch), ``label_memory`` / ``id_memory`` [memory_size]
-    int64, ``queue_idx`` (next write slot), ``filled`` (rows in use).
+    State (all in ``state_dict``, so a checkpoint restores the memory exactly):
+    buffers ``embedding_memory`` [memory_size, D] (float32 at construction; an
+    empty memory adopts the dtype/device of the first batch, and loading a
+    checkpoint adopts the checkpoint's dtype), ``label_memory`` /
+    ``id_memory`` [memory_size] int64; and, as extra state, ``queue_idx``
+    (next write slot), ``filled`` (rows in use) and the default-id counter.
     """
 
-    def __init__(self, loss: nn.Module, embedding_size: int, memory_size: int):
+    def __init__(self, loss: nn.Module, embedding_size: int, memory_size: int = 1024,
+                 miner: Optional[nn.Module] = None):
         super().__init__()
-        if int(embedding_size) < 1 or int(memory_size) < 1:
-            raise ValueError(f"embedding_size and memory_size must be >= 1, got "
-                             f"{embedding_size}, {memory_size}")
-        self.loss = loss
-        self.embedding_size, self.memory_size = int(embedding_size), int(memory_size)
+        self._protocol = _loss_protocol(loss)
+        if miner is not None:
+            if self._protocol == _FASTMINE:
+                raise ValueError("miner is only used with pytorch-metric-learning losses: a "
+                                 "fastmine loss mines by itself (set its pos_strategy / "
+                                 "neg_strategy instead)")
+            if not callable(miner):
+                raise TypeError(f"miner must be a miner module, got {type(miner).__name__}")
+        self.loss, self.miner = loss, miner
+        self.embedding_size = check_positive_int("embedding_size", embedding_size)
+        self.memory_size = check_positive_int("memory_size", memory_size)
         self.register_buffer("embedding_memory", torch.zeros(self.memory_size, self.embedding_size))
         self.register_buffer("label_memory", torch.zeros(self.memory_size, dtype=torch.long))
         self.register_buffer("id_memory", torch.zeros(self.memory_size, dtype=torch.long))
@@ -49,11 +131,30 @@ class CrossBatchMemory(nn.Module):
         self.filled = 0
         self._next_id = 0  # running counter for default ids
 
+    # --- state -----------------------------------------------------------------------
+    def get_extra_state(self) -> dict:
+        return {"queue_idx": self.queue_idx, "filled": self.filled, "next_id": self._next_id}
+
+    def set_extra_state(self, state: dict) -> None:
+        queue_idx, filled = int(state["queue_idx"]), int(state["filled"])
+        if not (0 <= queue_idx < self.memory_size and 0 <= filled <= self.memory_size):
+            raise ValueError(f"CrossBatchMemory checkpoint has queue_idx={queue_idx}, "
+                             f"filled={filled}, which do not fit memory_size={self.memory_size}")
+        self.queue_idx, self.filled, self._next_id = queue_idx, filled, int(state["next_id"])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        saved = state_dict.get(prefix + "embedding_memory")
+        if isinstance(saved, Tensor) and saved.dtype != self.embedding_memory.dtype:
+            # adopt the checkpoint's dtype (a bf16 memory stays bf16, bit for bit)
+            self.embedding_memory = self.embedding_memory.to(saved.dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def reset_queue(self) -> None:
         """Empty the memory (ids of the default counter keep increasing)."""
         self.queue_idx = 0
         self.filled = 0
 
+    # --- forward ---------------------------------------------------------------------
     def _default_ids(self, n: int, device) -> Tensor:
         # Negative ids so that they never collide with user-supplied dataset
         # ids (>= 0) if the two are mixed across calls.
@@ -61,33 +162,52 @@ class CrossBatchMemory(nn.Module):
         self._next_id += n
         return ids
 
-    def forward(self, embeddings: Tensor, labels: Tensor, ids: Optional[Tensor] = None) -> Tensor:
+    def _validate(self, embeddings, labels, ids) -> None:
+        check_embeddings("embeddings", embeddings)
         n = embeddings.shape[0]
-        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
-            raise ValueError(f"embeddings must be [N, {self.embedding_size}], got "
-                             f"{tuple(embeddings.shape)}")
-        if labels.shape != (n,):
-            raise ValueError(f"labels must be [{n}], got {tuple(labels.shape)}")
+        if embeddings.shape[1] != self.embedding_size:
+            raise ValueError(f"embeddings must be [N, {self.embedding_size}] (embedding_size), "
+                             f"got {tuple(embeddings.shape)}")
+        check_index_vector("labels", labels, n, "embeddings", embeddings.device)
+        if ids is not None:
+            check_index_vector("ids", ids, n, "embeddings", embeddings.device)
         if n > self.memory_size:
             raise ValueError(f"batch size {n} exceeds memory_size {self.memory_size}")
-        if ids is None:
-            ids = self._default_ids(n, embeddings.device)
-        elif ids.shape != (n,) or ids.is_floating_point():
-            raise ValueError(f"ids must be an integer tensor of shape [{n}]")
-        ids = ids.to(embeddings.device, torch.long)
+
+    def forward(self, embeddings: Tensor, labels: Tensor, ids: Optional[Tensor] = None) -> Tensor:
+        self._validate(embeddings, labels, ids)
+        n = embeddings.shape[0]
+        labels = widen_index_vector(labels).long()
+        ids = self._default_ids(n, embeddings.device) if ids is None else widen_index_vector(ids).long()
         if self.filled == 0 and (self.embedding_memory.dtype != embeddings.dtype
                                  or self.embedding_memory.device != embeddings.device):
             # an empty memory adopts the embeddings' dtype/device (no precision loss)
             self.embedding_memory = self.embedding_memory.to(embeddings.device, embeddings.dtype)
-        labels_l = labels.to(embeddings.device, torch.long)
-        mem = self.embedding_memory.to(embeddings.device)
-        m = self.filled
-        ref_emb = torch.cat([embeddings, mem[:m].to(embeddings.dtype)])
-        ref_labels = torch.cat([labels_l, self.label_memory[:m].to(embeddings.device)])
-        ref_ids = torch.cat([ids, self.id_memory[:m].to(embeddings.device)])
-        out = self.loss(embeddings, labels_l, ref_emb, ref_labels, query_ids=ids, ref_ids=ref_ids)
-        self._enqueue(embeddings.detach(), labels_l, ids)
+        if self._protocol == _PML:
+            # PML's order: enqueue first, then the references are the memory
+            # (which now holds the batch, detached), in slot order.
+            self._enqueue(embeddings.detach(), labels, ids)
+            dev, m = embeddings.device, self.filled
+            ref_emb = self.embedding_memory[:m].to(dev, embeddings.dtype)
+            ref_labels, ref_ids = self.label_memory[:m].to(dev), self.id_memory[:m].to(dev)
+            indices_tuple = self._pml_indices(embeddings, labels, ids, ref_emb, ref_labels, ref_ids)
+            return self.loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        dev, m = embeddings.device, self.filled
+        ref_emb = torch.cat([embeddings, self.embedding_memory[:m].to(dev, embeddings.dtype)])
+        ref_labels = torch.cat([labels, self.label_memory[:m].to(dev)])
+        ref_ids = torch.cat([ids, self.id_memory[:m].to(dev)])
+        out = self.loss(embeddings, labels, ref_emb, ref_labels, query_ids=ids, ref_ids=ref_ids)
+        self._enqueue(embeddings.detach(), labels, ids)
         return out
+
+    def _pml_indices(self, embeddings, labels, ids, ref_emb, ref_labels, ref_ids):
+        from .miners import BatchEasyHardMiner  # fastmine's own miners take ids
+
+        if self.miner is None:
+            return all_pairs_indices(labels, ref_labels, ids, ref_ids)
+        if isinstance(self.miner, BatchEasyHardMiner):
+            return self.miner(embeddings, labels, ref_emb, ref_labels, query_ids=ids, ref_ids=ref_ids)
+        return _drop_same_sample(self.miner(embeddings, labels, ref_emb, ref_labels), ids, ref_ids)
 
     @torch.no_grad()
     def _enqueue(self, embeddings: Tensor, labels: Tensor, ids: Tensor) -> None:

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _backends
+from ._contract import NEG_STRATEGIES, POS_STRATEGIES, check_backend_name
 from .mine import mine
 
 _PML_DISTANCES = {"euclidean": "euclidean", "cosine": "cosine"}
@@ -40,9 +42,12 @@ class BatchEasyHardMiner(nn.Module):
         normalize_embeddings: L2-normalise first (PML's default: True).
         backend: fastmine backend.
 
-    Call: ``(embeddings [N, D], labels [N], ref_emb [M, D]=None, ref_labels [M]=None)``
-    -> ``(a1, p, a2, n)`` int64, one entry per anchor that has both a positive
-    and a negative (PML returns ``a, p, a, n`` for these strategies).
+    Call: ``(embeddings [N, D], labels [N], ref_emb [M, D]=None, ref_labels [M]=None,
+    *, query_ids [N]=None, ref_ids [M]=None)`` -> ``(a1, p, a2, n)`` int64, one
+    entry per anchor that has both a positive and a negative (PML returns
+    ``a, p, a, n`` for these strategies).  ``query_ids`` / ``ref_ids`` (a
+    fastmine extension, see ``fastmine.mine``) exclude same-sample pairs;
+    ``fastmine.CrossBatchMemory`` passes them.
     """
 
     def __init__(self, pos_strategy: str = "easy", neg_strategy: str = "semihard",
@@ -53,21 +58,23 @@ class BatchEasyHardMiner(nn.Module):
             raise ValueError(f"unsupported PML miner options {sorted(kwargs)}: fastmine's miners "
                              "support pos_strategy, neg_strategy, distance, "
                              "normalize_embeddings and backend")
-        if pos_strategy not in ("easy", "hard"):
+        if not isinstance(pos_strategy, str) or pos_strategy not in POS_STRATEGIES:
             raise ValueError(f"pos_strategy={pos_strategy!r} is not supported: use 'easy' or "
                              "'hard' (PML's 'semihard' and 'all' positives are not supported)")
-        if neg_strategy not in ("hard", "semihard", "easy"):
+        if not isinstance(neg_strategy, str) or neg_strategy not in NEG_STRATEGIES:
             raise ValueError(f"neg_strategy={neg_strategy!r} is not supported: use 'hard', "
                              "'semihard' or 'easy' (PML's 'all' is not supported)")
-        if distance not in _PML_DISTANCES:
+        if not isinstance(distance, str) or distance not in _PML_DISTANCES:
             raise ValueError(f"distance must be 'euclidean' (PML LpDistance) or 'cosine' "
                              f"(PML CosineSimilarity), got {distance!r}")
+        check_backend_name(backend, _backends._REGISTRY)
         self.pos_strategy, self.neg_strategy = pos_strategy, neg_strategy
         self.distance, self.normalize_embeddings = distance, bool(normalize_embeddings)
         self.backend = backend
 
     def _select(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
-                ref_labels: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+                ref_labels: Optional[Tensor], query_ids: Optional[Tensor] = None,
+                ref_ids: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
         """(anchor, pos, neg) indices of the valid anchors."""
         with torch.no_grad():
             if self.normalize_embeddings:
@@ -78,13 +85,15 @@ class BatchEasyHardMiner(nn.Module):
             res = mine(embeddings.detach(), labels.to(embeddings.device),
                        None if ref_emb is None else ref_emb.detach(), ref_labels,
                        pos_strategy=self.pos_strategy, neg_strategy=self.neg_strategy,
-                       distance=_PML_DISTANCES[self.distance], backend=self.backend)
+                       distance=_PML_DISTANCES[self.distance], query_ids=query_ids,
+                       ref_ids=ref_ids, backend=self.backend)
         a = torch.nonzero(res.valid).flatten()
         return a, res.pos_idx[a], res.neg_idx[a]
 
     def forward(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
-                ref_labels: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        a, p, n = self._select(embeddings, labels, ref_emb, ref_labels)
+                ref_labels: Optional[Tensor] = None, *, query_ids: Optional[Tensor] = None,
+                ref_ids: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        a, p, n = self._select(embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids)
         return a, p, a, n
 
 
@@ -99,5 +108,6 @@ class BatchHardMiner(BatchEasyHardMiner):
         super().__init__("hard", "hard", distance, normalize_embeddings, backend)
 
     def forward(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
-                ref_labels: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
-        return self._select(embeddings, labels, ref_emb, ref_labels)
+                ref_labels: Optional[Tensor] = None, *, query_ids: Optional[Tensor] = None,
+                ref_ids: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        return self._select(embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids)

@@ -4,6 +4,7 @@ import itertools
 import pytest
 import torch
 
+import fastmine
 from fastmine import losses
 
 POS = ("easy", "hard")
@@ -186,3 +187,48 @@ def test_triplet_with_refs_and_ids(distance):
     (t[valid].mean() * 2.3).backward()
     torch.testing.assert_close(x1.grad, x2.grad)
     torch.testing.assert_close(r1.grad, r2.grad)
+
+
+# --- constructors validate their arguments (issue: errors at the first forward) -----
+
+@pytest.mark.parametrize("make,exc,match", [
+    (lambda: losses.TripletMarginLoss(neg_strategy="hard", semihard_margin=0.2), ValueError,
+     "semihard_margin is only used by neg_strategy='semihard'"),
+    (lambda: losses.TripletMarginLoss(semihard_margin=-0.1), ValueError, "semihard_margin must be >= 0"),
+    (lambda: losses.TripletMarginLoss(margin=float("nan")), ValueError, "margin must be finite"),
+    (lambda: losses.TripletMarginLoss(margin=-1), ValueError, "margin must be >= 0"),
+    (lambda: losses.TripletMarginLoss(margin="0.1"), TypeError, "margin must be a real number"),
+    (lambda: losses.TripletMarginLoss(pos_strategy="medium"), ValueError, "pos_strategy must be one of"),
+    (lambda: losses.TripletMarginLoss(neg_strategy=["hard"]), ValueError, "neg_strategy must be one of"),
+    (lambda: losses.TripletMarginLoss(backend="metal"), ValueError, "unknown backend 'metal'"),
+    (lambda: losses.TripletMarginLoss(reduction="avg"), ValueError, "reduction must be one of"),
+    (lambda: losses.MarginLoss(num_classes=2.5), TypeError, "num_classes must be an integer"),
+    (lambda: losses.MarginLoss(num_classes=0), ValueError, "num_classes must be >= 1"),
+    (lambda: losses.MarginLoss(num_classes=True), TypeError, "num_classes must be an integer"),
+    (lambda: losses.MarginLoss(margin=-0.2), ValueError, "margin must be >= 0"),
+    (lambda: losses.MarginLoss(beta=float("inf")), ValueError, "beta must be finite"),
+    (lambda: losses.MarginLoss(nu=-1.0), ValueError, "nu must be >= 0"),
+    (lambda: losses.MarginLoss(distance="manhattan"), ValueError, "distance must be one of"),
+    (lambda: fastmine.miners.BatchEasyHardMiner(backend="metal"), ValueError, "unknown backend"),
+    (lambda: fastmine.miners.BatchEasyHardMiner(pos_strategy=["easy"]), ValueError, "pos_strategy"),
+])
+def test_constructors_validate(make, exc, match):
+    with pytest.raises(exc, match=match):
+        make()
+
+
+def test_constructors_accept_numpy_and_tensor_numbers():
+    import numpy as np
+    loss = losses.TripletMarginLoss(margin=np.float32(0.2), semihard_margin=torch.tensor(0.5))
+    assert isinstance(loss.margin, float) and loss.semihard_margin == 0.5
+    assert losses.MarginLoss(num_classes=np.int64(3)).beta.shape == (3,)
+
+
+@pytest.mark.parametrize("bad", [-1, 3])
+def test_margin_loss_per_class_beta_checks_label_range(bad):
+    loss = losses.MarginLoss(num_classes=3, backend="torch")
+    x = torch.randn(6, 4)
+    y = torch.tensor([0, 0, 1, 1, bad, bad])
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, num_classes\) = \[0, 3\).*"
+                                         f"got label {bad}"):
+        loss(x, y)
