@@ -5,6 +5,16 @@
     python -m benchmarks.mine --full          # GPU: N 1k..65k, 8192 x bank up to 1M, all D/dtypes
     python -m benchmarks.mine --n 4096 --m 65536 --d 128 --dtype bf16 --providers cpu pml floor
 
+Output
+------
+Every run gets its own folder, <results root>/<device>-<YYYY-MM-DD>-<HHMMSS>/
+(UTC start time; "-2", "-3", ... appended if that exists), so a second run
+never replaces the first.  The results root is benchmarks/results/ unless
+--results-root or $FASTMINE_BENCH_RESULTS names another.  --out DIR writes to
+DIR instead, and refuses a DIR that exists and is not empty unless --force is
+given (then results.json, results.md and the plots there are replaced; other
+files are kept).  The folder written is printed last.
+
 Method
 ------
 * Data: for each (N, M, D, dtype) one fresh random draw (fixed seed), shared by
@@ -35,6 +45,24 @@ Method
   earlier cell peaked higher).
 * A provider that raises out-of-memory is reported "OOM"; one whose estimated
   memory exceeds --mem-cap-gb is "skipped (est. X GB)" without running.
+* Machine load: other work on the machine inflates the times (a run next to a
+  compile measured 48.89x the floor where a quiet run measured 2.2x).  The
+  CPU time that anything but this benchmark (and its memory processes) used is
+  measured from psutil.cpu_times() minus this process tree's CPU time, as
+  busy cores: over LOAD_SAMPLE_S seconds just before the sweep and just after
+  it (the benchmark idle), and over every LOAD_WINDOW_S window during it.  The
+  run is "loaded" if any of these exceeds --load-threshold (default 0.25) x
+  the machine's core count; without psutil, if the 1-minute load average
+  before the run does.  (The load averages are recorded too, but not used when
+  psutil is there: after a run they include the run's own threads, and they
+  stay high for minutes after the previous run ended.)  A loaded run prints a
+  WARNING at the start (if already loaded) and at the end, and records
+  machine_load (the values, loaded: true/false and the warning) in
+  results.json and at the top of results.md.
+* Progress: the bar (plain lines when stderr is not a terminal) names the cell
+  -- phase, provider, mode, strategy, N, M, D, dtype -- before it starts,
+  including the memory cells run in a spawned process (the child announces
+  each cell before drawing its data).
 """
 from __future__ import annotations
 
@@ -42,9 +70,11 @@ import argparse
 import ctypes
 import datetime as _dt
 import gc
+import itertools
 import json
 import multiprocessing as mp
 import os
+import queue as _queue
 import platform
 import re
 import resource
@@ -52,6 +82,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -69,6 +100,10 @@ DTYPES = {"fp32": (torch.float32, "highest"), "tf32": (torch.float32, "high"),
 MODES = ("forward", "backward", "forward+backward")
 STRATEGIES = ("easy/hard", "easy/semihard", "hard/hard")
 REPO = Path(__file__).resolve().parent.parent
+RESULTS_ENV = "FASTMINE_BENCH_RESULTS"  # overrides the results root (tests use a tmp dir)
+LOAD_THRESHOLD = 0.25  # default --load-threshold: fraction of the cores busy with other work
+LOAD_SAMPLE_S = 1.0  # seconds of idle sampling just before and just after the sweep
+LOAD_WINDOW_S = 5.0  # sampling window during the sweep
 
 PRESETS = {
     # CPU, < 1 minute on 2 cores.
@@ -155,6 +190,135 @@ def device_tag(device: torch.device) -> str:
     if device.type == "cuda":
         return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
     return "cpu"
+
+
+# ---------------------------------------------------------------- machine load
+def _cpu_counters() -> Optional[tuple]:
+    """(monotonic s, busy CPU-seconds of the whole machine, CPU-seconds of this process tree).
+
+    None without psutil.  Busy = user + nice + system + irq + softirq + steal,
+    summed over all CPUs; this process tree = this process, its reaped children
+    (os.times) and its live children (the spawned memory processes).
+    """
+    try:
+        import psutil
+    except ImportError:
+        return None
+    t = psutil.cpu_times()
+    busy = sum(getattr(t, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq", "steal"))
+    own = os.times()
+    mine = own.user + own.system + own.children_user + own.children_system
+    try:
+        for child in psutil.Process().children(recursive=True):
+            try:
+                ct = child.cpu_times()
+                mine += ct.user + ct.system
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                pass
+    except psutil.Error:
+        pass
+    return time.monotonic(), busy, mine
+
+
+def _others_busy_cores(c0, c1) -> Optional[float]:
+    """Average number of cores kept busy by other processes between two _cpu_counters()."""
+    if c0 is None or c1 is None or c1[0] - c0[0] <= 0:
+        return None
+    return max(0.0, (c1[1] - c0[1]) - (c1[2] - c0[2])) / (c1[0] - c0[0])
+
+
+def _loadavg() -> Optional[List[float]]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def load_snapshot(sample_s: Optional[float] = None) -> dict:
+    """The load averages now, and the cores other processes kept busy over the next sample_s s."""
+    sample_s = LOAD_SAMPLE_S if sample_s is None else sample_s
+    c0 = _cpu_counters()
+    time.sleep(sample_s)
+    others = _others_busy_cores(c0, _cpu_counters())
+    return dict(loadavg=_loadavg(), others_busy_cores=None if others is None else round(others, 2),
+                sample_s=sample_s)
+
+
+class LoadSampler:
+    """Other processes' busy cores during the sweep: the mean, and per LOAD_WINDOW_S window."""
+
+    def __init__(self, window_s: Optional[float] = None):
+        self.window_s = LOAD_WINDOW_S if window_s is None else window_s
+        self.windows: List[float] = []
+        self._stop = threading.Event()
+        self._first = self._last = None
+        self._thread = threading.Thread(target=self._loop, name="fastmine-load-sampler", daemon=True)
+
+    def start(self) -> "LoadSampler":
+        self._first = _cpu_counters()
+        self._thread.start()
+        return self
+
+    def _loop(self):
+        prev = self._first
+        while not self._stop.wait(self.window_s):
+            cur = _cpu_counters()
+            v = _others_busy_cores(prev, cur)
+            if v is not None:
+                self.windows.append(v)
+            prev = cur
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        self._last = _cpu_counters()
+        mean = _others_busy_cores(self._first, self._last)
+        peak = max(self.windows + ([mean] if mean is not None else []), default=None)
+        return dict(others_busy_cores_mean=None if mean is None else round(mean, 2),
+                    others_busy_cores_max=None if peak is None else round(peak, 2),
+                    window_s=self.window_s, windows=len(self.windows))
+
+
+def assess_load(before: dict, during: Optional[dict], after: Optional[dict],
+                threshold: float = LOAD_THRESHOLD, cores: Optional[int] = None) -> dict:
+    """machine_load for results.json: the measurements, loaded: true/false and the warning.
+
+    Loaded if other processes kept more than threshold x cores busy just
+    before, on average or in any window during, or just after the run; without
+    a CPU measurement (no psutil), if the 1-minute load average before it
+    exceeded that.
+    """
+    cores = cores or os.cpu_count() or 1
+    limit = threshold * cores
+    reasons = []
+
+    def over(v):
+        return v is not None and v > limit
+    if over(before.get("others_busy_cores")):
+        reasons.append(f"other processes kept {before['others_busy_cores']:.2f} cores busy "
+                       "just before the run")
+    if during:
+        if over(during.get("others_busy_cores_mean")):
+            reasons.append(f"{during['others_busy_cores_mean']:.2f} on average during it")
+        elif over(during.get("others_busy_cores_max")):
+            reasons.append(f"up to {during['others_busy_cores_max']:.2f} in a {during['window_s']:g} s "
+                           "window during it")
+    if after and over(after.get("others_busy_cores")):
+        reasons.append(f"{after['others_busy_cores']:.2f} just after it")
+    measured = before.get("others_busy_cores") is not None
+    la = before.get("loadavg")
+    if not measured and la and over(la[0]):
+        reasons.append(f"the 1-minute load average was {la[0]:.2f} before the run")
+    loaded = bool(reasons)
+    warning = None
+    if loaded:
+        warning = (f"WARNING: the machine was loaded ({'; '.join(reasons)}; threshold "
+                   f"{threshold:g} x {cores} cores = {limit:.2f}). Times are inflated by the other "
+                   "work (a run next to a compile measured 48.89x the floor where a quiet run "
+                   "measured 2.2x): rerun on a quiet machine before quoting them.")
+    return dict(loaded=loaded, warning=warning, threshold=threshold, cpu_count=cores,
+                threshold_cores=round(limit, 2), method="cpu_times" if measured else "loadavg",
+                before=before, during=during, after=after)
 
 
 # ---------------------------------------------------------------- data
@@ -304,11 +468,13 @@ def measure_cuda_peak(setup, fn, device) -> tuple:
     return torch.cuda.max_memory_allocated(device) - before, "cuda.max_memory_allocated"
 
 
-def _memory_worker(provider_name: str, cells: List[dict], cfg: dict, out_path: str):
+def _memory_worker(provider_name: str, cells: List[dict], cfg: dict, out_path: str, announce=None):
     """Spawned child: measure CPU peak memory of one provider over ``cells``; writes JSON.
 
     Results are flushed after every cell, so a child killed by the OOM killer
-    still reports the cells before the fatal one.
+    still reports the cells before the fatal one.  Before each cell (before its
+    data is drawn) its key is put on ``announce`` (a queue), so the parent's
+    progress bar names the cell being measured.
     """
     torch.set_num_threads(cfg["threads"])
     device = torch.device("cpu")
@@ -316,6 +482,8 @@ def _memory_worker(provider_name: str, cells: List[dict], cfg: dict, out_path: s
     (provider,) = [p for p in provs if p.name == provider_name]
     out = []
     for cell in cells:
+        if announce is not None:
+            announce.put(cell["key"])
         dtype, precision = DTYPES[cell["dtype"]]
         torch.set_float32_matmul_precision(precision or "highest")
         data = make_data(cell["n"], cell["m"], cell["d"], dtype, device, cfg["spc"], cell["seed"])
@@ -332,11 +500,19 @@ def _memory_worker(provider_name: str, cells: List[dict], cfg: dict, out_path: s
             json.dump(out, f)
 
 
-def measure_cpu_memory(rows: List[dict], cfg: dict, progress) -> int:
+def cell_label(phase: str, provider: str, r: dict) -> str:
+    """Progress label of one cell: 'time fastmine cpu: forward easy/hard N=1024 M=1024 (self) D=128 fp32'."""
+    m = f"M={r['m']}" + (" (self)" if r["self_refs"] else "")
+    return f"{phase} {provider}: {r['mode']} {r['strategy']} N={r['n']} {m} D={r['d']} {r['dtype']}"
+
+
+def measure_cpu_memory(rows: List[dict], cfg: dict, progress, label=None) -> int:
     """Fill rows' peak_mem_bytes, one fresh spawned process per provider.
 
-    Calls ``progress(1)`` per provider process; returns how many were started.
+    Calls ``progress(1)`` per provider process and ``label(text)`` as each
+    cell starts in the child; returns how many processes were started.
     """
+    label = label or (lambda text: None)
     ctx = mp.get_context("spawn")
     by_provider: Dict[str, List[dict]] = {}
     for row in rows:
@@ -349,9 +525,20 @@ def measure_cpu_memory(rows: List[dict], cfg: dict, progress) -> int:
                  for i, r in enumerate(prow)]
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "mem.json")
-            proc = ctx.Process(target=_memory_worker, args=(name, cells, cfg, path))
+            announce = ctx.Queue()
+            label(f"memory {name}: starting a fresh process")
+            proc = ctx.Process(target=_memory_worker, args=(name, cells, cfg, path, announce))
             proc.start()
+            while True:  # relabel as the child starts each cell, until it exits
+                try:
+                    key = announce.get(timeout=0.2)
+                except _queue.Empty:
+                    if not proc.is_alive():
+                        break
+                    continue
+                label(cell_label("memory", name, prow[key]))
             proc.join()
+            announce.close()
             got = json.load(open(path)) if os.path.exists(path) else []
         done = {g["key"]: g for g in got}
         for i, r in enumerate(prow):
@@ -397,7 +584,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--mem-cap-gb", type=float, default=None,
                     help="skip a provider whose estimated memory exceeds this (default: half the "
                          "RAM on CPU, 90%% of the GPU memory on CUDA)")
-    ap.add_argument("--out", default=None, help="output dir (default benchmarks/results/<device>-<date>/)")
+    ap.add_argument("--out", default=None,
+                    help="output dir; refused if it exists and is not empty, unless --force "
+                         "(default: a new <results root>/<device>-<date>-<HHMMSS>/ per run)")
+    ap.add_argument("--force", action="store_true",
+                    help="with --out: replace the results.json, results.md and plots already there")
+    ap.add_argument("--results-root", default=None,
+                    help=f"where the default per-run folders go (default: ${RESULTS_ENV}, else "
+                         "benchmarks/results/ in the source tree)")
+    ap.add_argument("--load-threshold", type=float, default=LOAD_THRESHOLD,
+                    help="warn that the machine is loaded when other processes keep more than this "
+                         "fraction of the cores busy before, during or after the run "
+                         "(default %(default)s)")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
@@ -423,7 +621,65 @@ def parse_args(argv=None) -> argparse.Namespace:
         for v in getattr(args, name) or []:
             if v <= 0:
                 ap.error(f"--{name} values must be positive, got {v}")
+    if args.force and not args.out:
+        ap.error("--force only applies to --out (the default folder is new for every run)")
+    if args.out:
+        why = _out_conflict(Path(args.out))
+        if why and (not args.force or not Path(args.out).is_dir()):
+            ap.error(f"--out {args.out} {why}; refusing to overwrite a previous run"
+                     + ("" if not Path(args.out).is_dir() else " (add --force to replace it)"))
     return args
+
+
+def _out_conflict(out: Path) -> Optional[str]:
+    """Why writing a run into ``out`` would overwrite something, or None."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        return "exists and is not a directory"
+    if any(out.iterdir()):
+        return "exists and is not empty"
+    return None
+
+
+def _utcnow() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+def results_root(args) -> Path:
+    """--results-root, else $FASTMINE_BENCH_RESULTS, else benchmarks/results/ in the source tree."""
+    return Path(args.results_root or os.environ.get(RESULTS_ENV) or REPO / "benchmarks" / "results")
+
+
+def _new_dir(base: Path) -> Path:
+    """Create and return ``base``, or the first of base-2, base-3, ... that did not exist."""
+    for i in itertools.count(1):
+        path = base if i == 1 else base.with_name(f"{base.name}-{i}")
+        try:
+            path.mkdir(parents=True, exist_ok=False)
+            return path
+        except FileExistsError:
+            continue
+
+
+def output_dir(args, started: _dt.datetime) -> Path:
+    """The folder this run writes to, created: never one holding an earlier run (unless --force)."""
+    if not args.out:
+        return _new_dir(results_root(args) / f"{device_tag(args.device)}-{started:%Y-%m-%d-%H%M%S}")
+    out = Path(args.out)
+    if _out_conflict(out) and not args.force:
+        # Filled by something else while this run went on: keep both rather than lose either.
+        new = _new_dir(out)
+        print(f"WARNING: --out {out} was filled while this run went on; writing to {new} instead",
+              file=sys.stderr)
+        return new
+    out.mkdir(parents=True, exist_ok=True)
+    if args.force:  # replace the previous run's outputs, keep anything else
+        for old in [out / "results.json", out / "results.md", *out.glob("time_*.png"),
+                    *out.glob("memory_*.png")]:
+            if old.is_file():
+                old.unlink()
+    return out
 
 
 def _sizes(args) -> List[tuple]:
@@ -435,21 +691,49 @@ def _sizes(args) -> List[tuple]:
     return sizes
 
 
-def _progress_bar(total: int, enabled: bool):
-    if enabled:
-        try:
-            from tqdm import tqdm
-            bar = tqdm(total=total, unit="cell", dynamic_ncols=True, file=sys.stderr)
-            return bar.update, bar.set_postfix_str, bar.close
-        except ImportError:
-            pass
-    state = {"done": 0}
+class Progress:
+    """Cells done out of ``total`` and a label naming the cell now running.
 
-    def update(k=1):
-        state["done"] += k
-        if enabled:
-            print(f"[{state['done']}/{total}]", file=sys.stderr, flush=True)
-    return update, (lambda s: None), (lambda: None)
+    A tqdm bar when stderr is a terminal with a width (and tqdm is installed);
+    otherwise one plain line "[done/total] label" per label, so logs show
+    every cell.  (tqdm draws nothing at all on a zero-width pseudo-terminal.)
+    """
+
+    def __init__(self, total: int, enabled: bool, stream=None):
+        self.total, self.done, self.label, self.enabled = total, 0, "", enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self._bar = None
+        if enabled and getattr(self.stream, "isatty", lambda: False)() and self._columns() > 0:
+            try:
+                from tqdm import tqdm
+                self._bar = tqdm(total=total, unit="cell", dynamic_ncols=True, file=self.stream)
+            except ImportError:
+                pass
+
+    def _columns(self) -> int:
+        try:
+            return os.get_terminal_size(self.stream.fileno()).columns
+        except (AttributeError, OSError, ValueError):
+            return 0
+
+    def cell(self, label: str) -> None:
+        """Name the cell about to run (call before it starts)."""
+        self.label = label
+        if self._bar is not None:
+            self._bar.set_postfix_str(label, refresh=True)
+        elif self.enabled:
+            print(f"[{self.done}/{self.total}] {label}", file=self.stream, flush=True)
+
+    def update(self, k: int = 1) -> None:
+        self.done += k
+        if self._bar is not None:
+            self._bar.update(k)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        elif self.enabled:
+            print(f"[{self.done}/{self.total}] done", file=self.stream, flush=True)
 
 
 def run(args) -> dict:
@@ -468,10 +752,19 @@ def run(args) -> dict:
     cells = [(n, m, s, d, dt, st, mode) for (n, m, s) in _sizes(args) for d in args.d
              for dt in args.dtype for st in args.strategies for mode in args.modes]
     total = len(cells) * len(provs) + (len(provs) if memory == "subprocess" else 0)
-    update, postfix, close = _progress_bar(total, not args.no_progress)
+    before = load_snapshot()
+    pre = assess_load(before, None, None, args.load_threshold)
+    if pre["loaded"]:
+        print(pre["warning"], file=sys.stderr, flush=True)
+    progress = Progress(total, not args.no_progress)
+    # What the first pass does to a cell (the label's first word); subprocess memory comes after.
+    phase = "time" if args.repeats > 0 else "run" if memory != "subprocess" else "check"
+    if memory == "inprocess":
+        phase += "+memory"
     rows: List[dict] = []
     prev_precision = torch.get_float32_matmul_precision()
     data_key, data = None, None
+    sampler = LoadSampler().start()
     try:
         for seed_i, (n, m, self_refs, d, dt, strategy, mode) in enumerate(cells):
             dtype, precision = DTYPES[dt]
@@ -479,24 +772,25 @@ def run(args) -> dict:
             seed = args.seed + 7919 * n + 104729 * m + 31 * d + sorted(DTYPES).index(dt)
             key = (n, m, self_refs, d, dt)
             if key != data_key:  # one fresh draw per size/dtype, shared by every provider
+                progress.cell(f"drawing data: N={n} M={m}{' (self)' if self_refs else ''} D={d} {dt}")
                 data = None
                 gc.collect()
                 data = make_data(n, None if self_refs else m, d, dtype, device, args.samples_per_class, seed)
                 data_key = key
             elem = torch.empty((), dtype=dtype).element_size()
             for prov in provs:
-                postfix(f"{prov.name} N={n} M={m} D={d} {dt} {mode}")
                 row = dict(provider=prov.name, mode=mode, strategy=strategy, n=n, m=m, d=d, dtype=dt,
                            self_refs=self_refs, seed=seed, status="ok", time_s=None, times_s=None,
                            peak_mem_bytes=None, mem_method=None)
                 why = prov.unsupported(device, strategy, mode, not self_refs)
                 est = prov.estimate_bytes(n, m, d, elem)
                 if why:
-                    update()
+                    progress.update()
                     continue  # not a result: e.g. BatchHardMiner in an easy/hard cell
                 if est > args.mem_cap_gb * 2**30:
                     row["status"] = f"skipped (est. {est / 2**30:.1f} GB)"
                 else:
+                    progress.cell(cell_label(phase, prov.name, row))
                     try:
                         setup, fn = _call(prov, mode, data, strategy)
                         if args.repeats > 0:  # --repeats 0: memory only
@@ -517,35 +811,41 @@ def run(args) -> dict:
                         if device.type == "cuda":
                             torch.cuda.empty_cache()
                 rows.append(row)
-                update()
+                progress.update()
         if memory == "subprocess":
             measured = measure_cpu_memory(rows, dict(threads=torch.get_num_threads(),
-                                                     spc=args.samples_per_class), update)
-            update(len(provs) - measured)  # providers with nothing to measure
+                                                     spc=args.samples_per_class),
+                                          progress.update, progress.cell)
+            progress.update(len(provs) - measured)  # providers with nothing to measure
     finally:
         torch.set_float32_matmul_precision(prev_precision)
-        close()
+        progress.close()
+        during = sampler.stop()
+    after = load_snapshot()
     report.add_derived(rows)
     config = {k: v for k, v in vars(args).items() if k not in ("device",)}
     config["memory"] = memory
     result = dict(environment=environment(device), config=config, missing_providers=missing,
+                  machine_load=assess_load(before, during, after, args.load_threshold),
                   results=rows)
     return result
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    started = _utcnow()
     result = run(args)
-    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
-    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"{device_tag(args.device)}-{date}"
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(args, started)
     (out / "results.json").write_text(json.dumps(result, indent=1, default=str))
     md = report.markdown(result)
     (out / "results.md").write_text(md)
     if not args.no_plots:
         report.plots(result, out)
     print(md)
-    print(f"written to {out}", file=sys.stderr)
+    load = result["machine_load"]
+    if load["loaded"]:
+        print(load["warning"], file=sys.stderr)
+    print(f"written to {out.resolve()}", file=sys.stderr, flush=True)
     return result
 
 

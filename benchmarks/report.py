@@ -60,11 +60,32 @@ def _mem(r: dict) -> str:
     return f"{b / 2**20:.1f}"
 
 
+def _load_line(load: dict) -> str:
+    """One line summarising machine_load (results written before it existed have none)."""
+    def cores(v):
+        return "?" if v is None else f"{v:.2f}"
+    before, during, after = load.get("before") or {}, load.get("during") or {}, load.get("after") or {}
+    la = before.get("loadavg")
+    return (f"Machine load: {'**LOADED**' if load.get('loaded') else 'quiet'} (threshold "
+            f"{cores(load.get('threshold_cores'))} of {load.get('cpu_count')} cores); other processes' busy "
+            f"cores {cores(before.get('others_busy_cores'))} before, "
+            f"{cores(during.get('others_busy_cores_mean'))} mean / "
+            f"{cores(during.get('others_busy_cores_max'))} max during, "
+            f"{cores(after.get('others_busy_cores'))} after"
+            + (f"; 1-min load average {la[0]:.2f} before" if la else "") + "  ")
+
+
 def markdown(result: dict) -> str:
-    """Environment summary plus one table row per (cell, provider)."""
+    """Machine-load warning (if any), environment summary, one table row per (cell, provider)."""
     env = result["environment"]
     hw = env.get("gpu") or env.get("cpu")
-    lines = [
+    load = result.get("machine_load")
+    lines = []
+    if load and load.get("loaded"):
+        lines += [f"> **{load.get('warning') or 'WARNING: the machine was loaded during this run.'}**", ""]
+    if load:
+        lines.append(_load_line(load))
+    lines += [
         f"**{hw}** ({env['device']}, {env.get('torch_threads')} torch threads"
         + (f", driver {env['driver']}" if env.get("driver") else "") + ")  ",
         f"torch {env['torch']}, triton {env.get('triton')}, numpy {env.get('numpy')}, "

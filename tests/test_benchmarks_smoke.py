@@ -114,3 +114,223 @@ def test_time_budget_limits_repeats():
     assert len(calls) == 2 and len(times) == 1 and times[0] >= 0.02  # 1 warm-up, then 1 timed run
     times = M.time_call(lambda: None, fn, torch.device("cpu"), repeats=3, warmup=0)
     assert len(times) == 3
+
+
+# ---------------------------------------------------------------- item 20: output folders, load, progress
+import datetime as _dt  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+TINY = ["--device", "cpu", "--n", "64", "--d", "8", "--providers", "floor", "--repeats", "1",
+        "--warmup", "0", "--memory", "off", "--no-plots", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def _short_load_samples(monkeypatch):
+    monkeypatch.setattr(M, "LOAD_SAMPLE_S", 0.02)  # the idle samples before/after each run
+
+
+def _written_to(err: str) -> Path:
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("written to ")]
+    return Path(line[len("written to "):])
+
+
+def test_each_run_gets_its_own_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(M.RESULTS_ENV, str(tmp_path / "root"))
+    # Both runs start in the same second: the name alone would collide.
+    monkeypatch.setattr(M, "_utcnow", lambda: _dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=_dt.timezone.utc))
+    M.main(TINY)
+    first = _written_to(capsys.readouterr().err)
+    first_json = (first / "results.json").read_text()
+    M.main(TINY)
+    second = _written_to(capsys.readouterr().err)
+    assert first == (tmp_path / "root" / "cpu-2026-01-02-030405").resolve()
+    assert second == first.with_name(first.name + "-2")
+    assert (first / "results.json").read_text() == first_json  # the first run is untouched
+    assert json.loads((second / "results.json").read_text())["results"]
+    # --results-root beats the environment variable.
+    M.main(TINY + ["--results-root", str(tmp_path / "other")])
+    third = _written_to(capsys.readouterr().err)
+    assert third.parent == (tmp_path / "other").resolve()
+
+
+def test_out_refuses_a_previous_run_without_force(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "prev"
+    out.mkdir()
+    (out / "results.json").write_text("previous")
+    (out / "time_forward_old.png").write_text("stale plot")
+    (out / "notes.txt").write_text("mine")
+
+    def no_sweep(args):
+        raise AssertionError("refused only after the sweep")
+    monkeypatch.setattr(M, "run", no_sweep)
+    with pytest.raises(SystemExit) as e:
+        M.main(TINY + ["--out", str(out)])
+    assert e.value.code == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (out / "results.json").read_text() == "previous"
+    monkeypatch.undo()
+    monkeypatch.setattr(M, "LOAD_SAMPLE_S", 0.02)
+    M.main(TINY + ["--out", str(out), "--force"])
+    assert _written_to(capsys.readouterr().err) == out.resolve()
+    assert json.loads((out / "results.json").read_text())["results"]
+    assert not (out / "time_forward_old.png").exists()  # a previous run's plot would mislead
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def _fake_counters(others_cores):
+    """_cpu_counters as if other processes kept ``others_cores`` cores busy all along."""
+    def counters():
+        t = M.time.monotonic()
+        return t, others_cores * t, 0.0
+    return counters
+
+
+def _load_run(tmp_path, capsys):
+    M.main(TINY + ["--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    saved = json.loads((tmp_path / "o" / "results.json").read_text())
+    md = (tmp_path / "o" / "results.md").read_text()
+    return err, saved["machine_load"], md
+
+
+def test_load_warning_when_the_machine_is_busy(tmp_path, monkeypatch, capsys):
+    cores = os.cpu_count()
+    monkeypatch.setattr(M, "_cpu_counters", _fake_counters(0.9 * cores))
+    err, load, md = _load_run(tmp_path, capsys)
+    assert load["loaded"] is True and load["method"] == "cpu_times"
+    assert load["before"]["others_busy_cores"] == pytest.approx(0.9 * cores, rel=0.05)
+    assert load["during"]["others_busy_cores_mean"] == pytest.approx(0.9 * cores, rel=0.05)
+    assert load["warning"].startswith("WARNING: the machine was loaded")
+    # At the start (from the sample before the run), and in full at the end.
+    assert err.count("WARNING: the machine was loaded") == 2 and load["warning"] in err
+    assert md.startswith(f"> **{load['warning']}**")
+    assert "Machine load: **LOADED**" in md
+
+
+def test_no_load_warning_on_a_quiet_machine(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(M, "_cpu_counters", _fake_counters(0.0))
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))  # stale: the previous run's threads
+    err, load, md = _load_run(tmp_path, capsys)
+    assert load["loaded"] is False and load["warning"] is None
+    assert "WARNING" not in err and "WARNING" not in md
+    assert md.startswith("Machine load: quiet")
+
+
+def test_load_warning_falls_back_to_the_load_average(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(M, "_cpu_counters", lambda: None)  # as without psutil
+    monkeypatch.setattr(os, "getloadavg", lambda: (os.cpu_count() * 1.0, 1.0, 1.0))
+    err, load, md = _load_run(tmp_path, capsys)
+    assert load["loaded"] is True and load["method"] == "loadavg"
+    assert "1-minute load average" in load["warning"] and load["warning"] in err
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    err, load, md = _load_run(tmp_path / "quiet", capsys)
+    assert load["loaded"] is False
+
+
+def test_load_threshold_boundary():
+    before = dict(loadavg=None, others_busy_cores=0.5)
+    assert not M.assess_load(before, None, None, threshold=0.25, cores=2)["loaded"]  # = limit
+    assert M.assess_load(dict(before, others_busy_cores=0.51), None, None, 0.25, 2)["loaded"]
+    during = dict(others_busy_cores_mean=0.1, others_busy_cores_max=1.5, window_s=5.0, windows=3)
+    load = M.assess_load(before, during, dict(others_busy_cores=0.0), 0.25, 2)
+    assert load["loaded"] and "window" in load["warning"]  # a compile during part of the run
+
+
+def test_progress_names_the_cell_before_it_runs(tmp_path, monkeypatch, capsys):
+    real_call, real_make = M._call, M.make_data
+
+    def call(provider, mode, data, strategy):
+        x, _, r, _ = data
+        m = f"M={x.shape[0]} (self)" if r is None else f"M={r.shape[0]}"
+        print(f"RUN {provider.name}: {mode} {strategy} N={x.shape[0]} {m} D={x.shape[1]} fp32",
+              file=sys.stderr)
+        return real_call(provider, mode, data, strategy)
+
+    def make(n, m, d, *a, **k):
+        print(f"DRAW N={n} D={d}", file=sys.stderr)
+        return real_make(n, m, d, *a, **k)
+    monkeypatch.setattr(M, "_call", call)
+    monkeypatch.setattr(M, "make_data", make)
+    M.main(["--device", "cpu", "--n", "64", "96", "--d", "8", "--providers", "torch", "--repeats", "1",
+            "--warmup", "0", "--memory", "subprocess", "--no-plots", "--out", str(tmp_path / "o")])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    label = None
+    runs = 0
+    for ln in err:  # stderr is not a terminal here: one "[done/total] label" line per label
+        if ln.startswith("["):
+            label = ln.split("] ", 1)[1]
+        elif ln.startswith("RUN "):
+            assert label == "time " + ln[4:], (label, ln)
+            runs += 1
+        elif ln.startswith("DRAW "):
+            n, d = ln.split()[1:]
+            assert label.startswith("drawing data: ") and f" {n} " in label and f" {d} " in label, label
+    assert runs == 2
+    # The memory pass runs in a spawned child; each of its cells is named too, in order.
+    labels = [ln.split("] ", 1)[1] for ln in err if ln.startswith("[")]
+    mem = [lab for lab in labels if lab.startswith("memory ")]
+    assert mem == ["memory fastmine torch: starting a fresh process",
+                   "memory fastmine torch: forward easy/hard N=64 M=64 (self) D=8 fp32",
+                   "memory fastmine torch: forward easy/hard N=96 M=96 (self) D=8 fp32"]
+    assert labels[-1] == "done"
+
+
+def test_progress_falls_back_to_lines_without_a_terminal_width():
+    import io
+
+    class ZeroWidthTTY(io.StringIO):
+        def isatty(self):
+            return True  # but fileno() fails: no width, tqdm would draw nothing at all
+    stream = ZeroWidthTTY()
+    bar = M.Progress(3, True, stream)
+    bar.cell("time fastmine cpu: forward easy/hard N=64 M=64 (self) D=8 fp32")
+    bar.update()
+    bar.close()
+    assert stream.getvalue().splitlines() == [
+        "[0/3] time fastmine cpu: forward easy/hard N=64 M=64 (self) D=8 fp32", "[1/3] done"]
+
+
+def test_memory_child_announces_each_cell_before_running_it(tmp_path, monkeypatch):
+    events = []
+
+    class Announce:
+        def put(self, key):
+            events.append(("announce", key))
+    real_make = M.make_data
+
+    def make(n, *a, **k):
+        events.append(("draw", n))
+        return real_make(n, *a, **k)
+
+    def measure(setup, fn):
+        events.append(("measure",))
+        return 0, "fake"
+    monkeypatch.setattr(M, "make_data", make)
+    monkeypatch.setattr(M, "measure_cpu_peak", measure)
+    cells = [dict(key=i, n=n, m=None, d=8, dtype="fp32", mode="forward", strategy="easy/hard", seed=1)
+             for i, n in enumerate((64, 96))]
+    threads, precision = torch.get_num_threads(), torch.get_float32_matmul_precision()
+    try:  # in this process, so that the order is observable
+        M._memory_worker("fastmine torch", cells, dict(threads=threads, spc=8), str(tmp_path / "m.json"),
+                         Announce())
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_float32_matmul_precision(precision)
+    assert events == [("announce", 0), ("draw", 64), ("measure",),
+                      ("announce", 1), ("draw", 96), ("measure",)]
+
+
+_COMMITTED = sorted((Path(M.REPO) / "benchmarks" / "results").glob("**/results.json"))
+
+
+@pytest.mark.parametrize("path", _COMMITTED, ids=lambda p: p.parent.name)
+def test_report_regenerates_committed_results(path):
+    """Results written before machine_load existed still give exactly their committed Markdown."""
+    md = path.parent / "results.md"
+    if not md.exists():
+        pytest.skip("no results.md next to it")
+    result = json.loads(path.read_text())
+    report.add_derived(result["results"])
+    assert report.markdown(result) == md.read_text()
