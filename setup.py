@@ -1,28 +1,88 @@
 """Build fastmine's compiled extension.
 
-    pip install --no-build-isolation -e .
+    pip install --no-build-isolation -e .        # or a wheel: python -m build --wheel --no-isolation
 
 The CPU extension is always built.  CUDA sources (csrc/cuda/*.cu) are added
 only when torch has CUDA *and* a CUDA toolkit is found; FASTMINE_CUDA=0/1
 forces it off/on.  Installing never fails because CUDA is absent.  torch must
 already be installed (it is deliberately not a build requirement: pip would
-otherwise fetch a multi-GB CUDA build into an isolated environment).
+otherwise fetch a multi-GB CUDA build into an isolated environment), so a
+wheel or an install needs --no-build-isolation.  An sdist needs no torch:
+`python -m build --sdist` works in build's isolated environment.
+
+A compiled extension is bound to the torch it was built against, so a build
+with torch X.Y records that version in fastmine/_build_config.py (read by
+fastmine/_extension.py, which refuses to load the extension under another
+torch X.Y) and pins the wheel's metadata to torch>=X.Y,<X.(Y+1).  The sdist
+keeps the open range (dependencies are dynamic in pyproject.toml).
+
+Release builds carry no debug info (-g0; Python's own CFLAGS have -g);
+FASTMINE_DEBUG=1 keeps it.
 """
 import glob
 import os
+import re
+import sys
 
 from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+EXT_NAME = "fastmine._C"
+BUILD_CONFIG = "_build_config.py"   # written next to the extension (fastmine/)
+TORCH_FLOOR = "torch>=2.4"          # the sdist's (source) range
+DEPENDENCIES = ["numpy"]            # besides torch; keep in sync with pyproject's note
+
+# setuptools commands that compile (or install a compiled) extension; sdist,
+# egg_info and dist_info do not.  setuptools.build_meta runs setup.py with the
+# command in sys.argv (sdist -> 'sdist', wheel -> 'bdist_wheel', editable ->
+# 'editable_wheel', metadata -> 'egg_info' / 'dist_info').
+_COMPILING = {"build", "build_ext", "bdist", "bdist_wheel", "bdist_egg", "install", "develop",
+              "editable_wheel"}
+_commands = {a for a in sys.argv[1:] if not a.startswith("-")}
+_SDIST = "sdist" in _commands
+
 try:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-except ImportError as exc:  # pragma: no cover - message for users
-    raise SystemExit(
-        "fastmine builds against an installed torch: `pip install torch` first, then "
-        "`pip install --no-build-isolation -e .`") from exc
+except ImportError as exc:
+    torch = None
+    if _commands & _COMPILING:
+        raise SystemExit(
+            f"fastmine: cannot build the compiled extension: torch is not importable here ({exc}).\n"
+            "fastmine compiles against the torch already installed, which an isolated build "
+            "environment (pip's or `python -m build`'s default) does not see; torch is "
+            "deliberately not a build requirement (pip would fetch a multi-GB CUDA build).\n"
+            "Install torch first, then build without isolation:\n"
+            "    pip install --no-build-isolation -e .          (a checkout)\n"
+            "    pip install --no-build-isolation fastmine-*.tar.gz\n"
+            "    python -m build --wheel --no-isolation\n"
+            "An sdist needs no torch: python -m build --sdist") from exc
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+
+def _torch_minor() -> str:
+    m = re.match(r"(\d+)\.(\d+)", torch.__version__)
+    if m is None:  # pragma: no cover - torch always has X.Y...
+        raise SystemExit(f"fastmine: cannot parse torch.__version__ {torch.__version__!r}")
+    return f"{m.group(1)}.{m.group(2)}"
+
+
+def torch_requirement() -> str:
+    """The torch requirement of what this command builds.
+
+    An sdist (or a metadata query without torch) keeps the source range; a
+    wheel / install is pinned to the building torch's X.Y, since the compiled
+    extension's C++ ABI is bound to it."""
+    if torch is None or _SDIST:
+        return TORCH_FLOOR
+    from torch.torch_version import TorchVersion
+
+    minor = _torch_minor()
+    major, mnr = (int(p) for p in minor.split("."))
+    low = minor
+    if TorchVersion(torch.__version__) < minor:  # a pre-release such as 2.14.0.dev20260101
+        low = f"{minor}.0.dev0"
+    return f"torch>={low},<{major}.{mnr + 1}"
 
 
 def _want_cuda() -> bool:
@@ -37,25 +97,67 @@ def _want_cuda() -> bool:
     return have
 
 
+def _debug() -> bool:
+    return os.environ.get("FASTMINE_DEBUG", "0").lower() in ("1", "on", "true")
+
+
 def extensions():
+    if torch is None or _SDIST:  # the sdist ships csrc/ through MANIFEST.in
+        return []
     rel = lambda pattern: sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
     include_dirs = [os.path.join(HERE, "csrc", "include")]
-    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-std=c++17"]
+    # -g0 last: it overrides the -g of Python's CFLAGS (a 14 MB .so with it).
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-std=c++17", "-g" if _debug() else "-g0"]
     if _want_cuda():
         # Target GPUs: TORCH_CUDA_ARCH_LIST (e.g. "8.0;9.0"), read by BuildExtension;
         # unset, torch builds for the visible GPU (or its default list without one).
         # No -std flag: torch's BuildExtension picks the C++ standard its headers need.
         # selftest.cu is a stand-alone program (it has main()); the extension
         # takes the launcher only, like fastmine/_jit.py's source list.
+        # -lineinfo (source lines for profilers, no host debug info) stays in release builds.
         sources += [p for p in rel("csrc/cuda/*.cu") if os.path.basename(p) != "selftest.cu"]
+        nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + (["-g"] if _debug() else [])
         return [CUDAExtension(
-            "fastmine._C", sources, include_dirs=include_dirs + [os.path.join(HERE, "csrc", "cuda")],
+            EXT_NAME, sources, include_dirs=include_dirs + [os.path.join(HERE, "csrc", "cuda")],
             define_macros=[("FASTMINE_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
             extra_link_args=["-fopenmp"])]
-    return [CppExtension("fastmine._C", sources, include_dirs=include_dirs,
+    return [CppExtension(EXT_NAME, sources, include_dirs=include_dirs,
                          extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])]
+
+
+def _build_config_text() -> str:
+    return ("# Generated by setup.py when the compiled extension fastmine._C was built; do not edit.\n"
+            "# fastmine/_extension.py refuses to load fastmine._C under another torch major.minor.\n"
+            f"TORCH_VERSION = {torch.__version__!r}\n"
+            f"TORCH_CUDA = {torch.version.cuda!r}\n")
+
+
+if torch is not None:
+    class BuildExt(BuildExtension.with_options(use_ninja=True)):
+        """BuildExtension, plus fastmine/_build_config.py (the torch it was built
+        against) written next to the extension: in place for editable installs,
+        into build_lib (hence the wheel) otherwise."""
+
+        def run(self):
+            super().run()
+            if not self.extensions:
+                return
+            path = os.path.join(os.path.dirname(self.get_ext_fullpath(EXT_NAME)), BUILD_CONFIG)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                f.write(_build_config_text())
+
+        def get_outputs(self):
+            outs = super().get_outputs()
+            if self.extensions:
+                outs.append(os.path.join(os.path.dirname(self.get_ext_fullpath(EXT_NAME)), BUILD_CONFIG))
+            return outs
+
+    CMDCLASS = {"build_ext": BuildExt}
+else:
+    CMDCLASS = {}
 
 
 class BuildPyWithSources(build_py):
@@ -80,6 +182,7 @@ class BuildPyWithSources(build_py):
 
 setup(
     packages=find_packages(include=["fastmine", "fastmine.*"]),
+    install_requires=[torch_requirement(), *DEPENDENCIES],
     ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True), "build_py": BuildPyWithSources},
+    cmdclass={**CMDCLASS, "build_py": BuildPyWithSources},
 )

@@ -2,16 +2,47 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Optional
 
 import torch
 
+try:  # written by setup.py next to the compiled extension (absent in a plain checkout)
+    from ._build_config import TORCH_VERSION as BUILT_WITH_TORCH
+except ImportError:
+    BUILT_WITH_TORCH: Optional[str] = None
+
+
+def _major_minor(version: str) -> Optional[tuple]:
+    m = re.match(r"(\d+)\.(\d+)", str(version))
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def abi_mismatch(built: Optional[str], running: str) -> str:
+    """Why an extension built against torch `built` must not be loaded under
+    torch `running` ('' when it may: same major.minor, or `built` unknown).
+
+    The extension's C++ ABI is bound to the torch it was compiled against;
+    loading it under another torch X.Y crashes or fails with undefined
+    symbols, so fastmine refuses it and names both versions instead."""
+    if built is None or _major_minor(built) == _major_minor(running):
+        return ""
+    want = ".".join(map(str, _major_minor(built) or ()))
+    return (f"the compiled extension fastmine._C was built against torch {built}, but torch {running} "
+            f"is running, and a compiled extension only loads under the torch major.minor it was built "
+            f"with: rebuild fastmine against this torch (`pip install --no-build-isolation -e .` in a "
+            f"checkout, or `pip install --no-build-isolation --no-deps --force-reinstall` its sdist) "
+            f"or install torch {want}.x")
+
+
 _C = None
 _load_error: Optional[BaseException] = None
-try:  # importing the module registers the fastmine:: C++ ops with torch
-    from . import _C  # type: ignore[attr-defined,no-redef]
-except ImportError as exc:  # not built (e.g. a plain source checkout)
-    _load_error = exc
+_refused = abi_mismatch(BUILT_WITH_TORCH, torch.__version__)
+if not _refused:
+    try:  # importing the module registers the fastmine:: C++ ops with torch
+        from . import _C  # type: ignore[attr-defined,no-redef]
+    except ImportError as exc:  # not built (e.g. a plain source checkout)
+        _load_error = exc
 
 
 def loaded() -> bool:
@@ -61,8 +92,10 @@ def cuda_why_missing() -> str:
         return ""
     if _jit.last_error() is not None:
         return str(_jit.last_error())
-    base = "fastmine was built without its CUDA kernels"
+    base = _refused or "fastmine was built without its CUDA kernels"
     if not jit_enabled():
+        if _refused:
+            return base + "; or set FASTMINE_JIT=1 to compile the CUDA kernels for this torch on first use"
         return (base + "; rebuild with a CUDA torch and toolkit (FASTMINE_CUDA=1), or set "
                 "FASTMINE_JIT=1 to compile them on first use")
     try:
@@ -76,16 +109,22 @@ def why_missing() -> str:
     """A human-readable reason the extension is unavailable ('' when loaded)."""
     if loaded():
         return ""
+    if _refused:
+        return _refused
     return (f"the compiled extension fastmine._C is not available ({_load_error}); "
             "build it with `pip install --no-build-isolation -e .`")
 
 
 def build_info() -> str:
-    """Compiler/OpenMP/CUDA flags of the compiled extension ('not built' without it);
+    """Compiler/OpenMP/CUDA flags of the compiled extension and the torch it was
+    built against ('not built' without it);
     '; cuda=jit' is appended once the CUDA kernels were JIT-built in this process."""
     from . import _jit
 
-    info = _C.build_info() if loaded() else "not built"
+    if loaded():
+        info = _C.build_info() + (f"; torch={BUILT_WITH_TORCH}" if BUILT_WITH_TORCH else "")
+    else:
+        info = "not loaded (torch ABI mismatch)" if _refused else "not built"
     return info + "; cuda=jit" if _jit.loaded() else info
 
 

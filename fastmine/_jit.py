@@ -6,8 +6,11 @@ variable ``FASTMINE_JIT=1`` is set (a build takes minutes and needs a CUDA
 toolkit, so it never starts silently); :func:`load_cuda_extension` can also be
 called directly.  The build uses ``torch.utils.cpp_extension.load`` with ninja
 and caches in torch's extension directory (``TORCH_EXTENSIONS_DIR``), so later
-processes load the cached library in seconds.  Target GPUs follow
-``TORCH_CUDA_ARCH_LIST`` as in setup.py.
+processes load the cached library in seconds (one library per torch
+major.minor, see :func:`library_name`).  Target GPUs follow
+``TORCH_CUDA_ARCH_LIST`` as in setup.py.  When fastmine._C is missing, or
+was refused because it was built against another torch (fastmine._extension),
+the JIT library also defines the op schema and the CPU kernel.
 
 Sources are looked up in this order: ``$FASTMINE_SOURCE_DIR`` (a ``csrc``
 folder), ``fastmine/_csrc`` (shipped inside wheels by setup.py), the
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from typing import List, Optional
 
 import torch
@@ -68,6 +72,17 @@ def _sources(root: str, with_schema: bool) -> List[str]:
             + sorted(glob.glob(os.path.join(root, "cpu", "*.cpp"))) + cu)
 
 
+def library_name(with_schema: bool) -> str:
+    """The JIT library's name, hence its cache folder in TORCH_EXTENSIONS_DIR.
+
+    It names the torch major.minor: torch's cache is keyed by sources and flags
+    only, and a library cached under another torch would not load (its C++ ABI
+    is bound to the torch it was built with, as for fastmine._C)."""
+    m = re.match(r"(\d+)\.(\d+)", torch.__version__)
+    tag = f"_torch{m.group(1)}_{m.group(2)}" if m else ""
+    return "fastmine_cuda_jit" + ("_full" if with_schema else "") + tag
+
+
 def load_cuda_extension(verbose: bool = False) -> None:
     """Compile (or load from torch's cache) the CUDA kernels and register them
     as the CUDA implementation of ``torch.ops.fastmine.mine_select``.
@@ -89,7 +104,7 @@ def load_cuda_extension(verbose: bool = False) -> None:
         from . import _extension
 
         with_schema = not _extension.loaded()
-        load(name="fastmine_cuda_jit" + ("_full" if with_schema else ""),
+        load(name=library_name(with_schema),
              sources=_sources(root, with_schema),
              extra_include_paths=[os.path.join(root, "include"), os.path.join(root, "cuda")],
              extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],
