@@ -12,6 +12,8 @@ import pytest
 import torch
 
 import fastmine
+from fastmine import reference
+
 from _oracle import assert_exact_pair_distances, assert_matches_reference
 
 DEVICE = torch.device(os.environ.get("FASTMINE_TEST_DEVICE", "cpu"))
@@ -60,6 +62,74 @@ def test_matches_reference_float64(backend, distance, pos, neg, margin, refs):
         assert not bool((res.pos_idx[:10] == own).any())
 
 
+def assert_semihard_selection(res, x, y, pos, margin, distance):
+    """A batch's semi-hard selection from low-precision inputs, against a float64
+    recomputation on the same (rounded) inputs, within the documented precision.
+
+    The contract (docs/contract.md, Precision): inputs stay as given (exact in
+    float64), their dot products accumulate in float32, so every mining value v
+    (squared distance, or 1 - cos) is within ``tol`` of the float64 one; the
+    window d_ap < d_an < d_ap + margin is applied to the backend's own v.  So,
+    for each anchor with the backend's positive p (itself within tol of the
+    oracle's best):
+
+    * a selected negative lies in the window widened by tol on each side;
+    * it is the nearest admissible: no negative clearly inside the window (by
+      more than tol) is nearer than it by more than tol;
+    * -1 only when no negative lies clearly inside the window.
+
+    Only picks that a rounding flip at a window edge or a near-tie can explain
+    are tolerated; the checks are in the mining value v (d = sqrt(v) for
+    "euclidean", so the window's upper bound is (sqrt(v_ap) + margin)^2).
+    """
+    n, d = x.shape
+    x64 = x.detach().double()
+    v = reference.mining_values(x64, x64, distance)
+    eps32 = torch.finfo(torch.float32).eps
+    # |error of a float32 Gram value| <= ~(D + 2) eps32 (|a|^2 + |b|^2); doubled, as
+    # both sides of each comparison (v_an and the window from v_ap) carry it.
+    scale = 1.0 if distance == "cosine" else 2 * float((x64 * x64).sum(1).max())
+    tol = 4 * (d + 2) * eps32 * scale
+    eye = torch.eye(n, dtype=torch.bool, device=x.device)
+    same = y[:, None] == y[None, :]
+    pos_mask, neg_mask = same & ~eye, ~same
+    inf = torch.tensor(float("inf"), dtype=v.dtype, device=v.device)
+
+    pidx, nidx = res.pos_idx, res.neg_idx
+    has_pos = pos_mask.any(1)
+    assert torch.equal(pidx >= 0, has_pos), "pos_idx: -1 pattern differs"
+    assert not bool((nidx[~has_pos] >= 0).any()), "a semi-hard negative without a positive"
+    rows = torch.nonzero(has_pos)[:, 0]
+    p = pidx[rows]
+    assert bool(pos_mask[rows, p].all()), "a positive of another class (or the anchor itself)"
+    v_pos = v[rows].masked_fill(~pos_mask[rows], -inf if pos == "hard" else inf)
+    best = v_pos.amax(1) if pos == "hard" else v_pos.amin(1)
+    v_ap = v[rows, p]
+    assert bool(((v_ap - best).abs() <= tol).all()), "positive not the best within tol"
+
+    def upper(v_ap):  # the window's upper bound on v
+        if margin is None:
+            return torch.full_like(v_ap, float("inf"))
+        if distance == "euclidean":
+            return (v_ap.clamp_min(0).sqrt() + margin) ** 2
+        return v_ap + margin
+
+    vr, negs = v[rows], neg_mask[rows]
+    inside = negs & (vr > (v_ap + tol)[:, None]) & (vr < (upper(v_ap - tol) - tol)[:, None])
+    near = negs & (vr > (v_ap - tol)[:, None]) & (vr < (upper(v_ap + tol) + tol)[:, None])
+    q = nidx[rows]
+    chosen = q >= 0
+    assert torch.equal(chosen | ~inside.any(1), torch.ones_like(chosen)), (
+        "-1 although a negative lies clearly inside the window")
+    qc = q[chosen]
+    assert bool(near[chosen].gather(1, qc[:, None]).all()), "negative outside the window"
+    v_an = vr[chosen].gather(1, qc[:, None])[:, 0]
+    nearest = vr[chosen].masked_fill(~inside[chosen], inf).amin(1)
+    assert bool((v_an <= nearest + tol).all()), (
+        f"not the nearest admissible: by {float((v_an - nearest).max()):.3g} (tol {tol:.3g})")
+    assert int(chosen.sum()) >= 3  # the batch exercises the window
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("distance", DISTANCES)
@@ -72,6 +142,7 @@ def test_low_precision_dtypes(backend, dtype, distance):
         # dtype's rounding of the inputs' dot products.
         rtol = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
         if neg == "semihard":  # a rounding flip at the window edge changes the pick
+            assert_semihard_selection(res, x, y, pos, margin, distance)
             assert_exact_pair_distances(res, x, None, distance)
             continue
         assert_matches_reference(res, x, y, rtol=rtol, pos_strategy=pos, neg_strategy=neg,

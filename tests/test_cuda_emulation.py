@@ -23,6 +23,7 @@ import concurrent.futures
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -161,3 +162,67 @@ def test_selftest_under_address_sanitizer(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
     assert _counts(proc.stdout) == (SELFTEST_CHECKS, 0)
     assert "runtime error" not in proc.stderr, proc.stderr[-4000:]
+
+
+# A stand-in for the CUDA runtime that a CUDA build of torch loads into the
+# process's global symbol scope (libtorch_global_deps.so -> libcudart), as it
+# behaves on a machine without a GPU driver: every call fails.
+_STANDIN_CUDART = r"""
+extern "C" {
+static const char kMessage[] = "stand-in libcudart: CUDA driver version is insufficient";
+int cudaMalloc(void**, unsigned long) { return 35; }
+int cudaFree(void*) { return 35; }
+int cudaMemcpy(void*, const void*, unsigned long, int) { return 35; }
+int cudaMemcpyAsync(void*, const void*, unsigned long, int, void*) { return 35; }
+int cudaMemset(void*, int, unsigned long) { return 35; }
+int cudaMemsetAsync(void*, int, unsigned long, void*) { return 35; }
+int cudaDeviceSynchronize(void) { return 35; }
+int cudaStreamSynchronize(void*) { return 35; }
+int cudaGetLastError(void) { return 35; }
+int cudaPeekAtLastError(void) { return 35; }
+const char* cudaGetErrorName(int) { return kMessage; }
+const char* cudaGetErrorString(int) { return kMessage; }
+int cudaGetDeviceCount(int*) { return 35; }
+int cudaDeviceGetAttribute(int*, int, int) { return 35; }
+}
+"""
+
+_RUN_WITH_STANDIN = r"""
+import ctypes, sys
+ctypes.CDLL(sys.argv[1], mode=ctypes.RTLD_GLOBAL)  # first in the global scope
+assert ctypes.CDLL(None).cudaGetLastError() == 35  # the stand-in is what the process sees
+sys.path.insert(0, sys.argv[2])
+import torch, fastmine, _cuda_emulated
+g = torch.Generator().manual_seed(0)
+x = torch.randn(40, 6, generator=g, dtype=torch.float64)
+y = torch.randint(0, 4, (40,), generator=g)
+ids = torch.arange(40)
+for neg in ("hard", "semihard"):
+    got = _cuda_emulated.select(x, y, x, y, ids, ids, "easy", neg, "euclidean", None)
+    want = fastmine.mine(x, y, neg_strategy=neg, backend="torch")
+    assert torch.equal(got[0], want.pos_idx) and torch.equal(got[1], want.neg_idx), neg
+print("emulated launcher ok")
+"""
+
+
+def test_emulated_runtime_is_not_interposed_by_a_real_libcudart(tmp_path):
+    """The emulated launcher (the "cuda-emulated" backend) keeps calling the
+    emulation's runtime API when a real CUDA runtime is in the process: a CUDA
+    build of torch loads libcudart into the global symbol scope, where it would
+    otherwise win over the emulated library's exported cudaDeviceGetAttribute,
+    cudaMemsetAsync, cudaGetLastError (the backend then failed on CPU machines
+    with "CUDA driver version is insufficient for CUDA runtime version").  A
+    stand-in libcudart whose every call fails is loaded first, globally; the
+    emulated selection must still equal the reference.  .ci/cuda_torch_check
+    runs the whole suite against a real CUDA build of torch."""
+    src = tmp_path / "standin_cudart.cpp"
+    src.write_text(_STANDIN_CUDART)
+    lib = tmp_path / "libstandin_cudart.so"
+    proc = subprocess.run([_cuda_emulated.CXX, "-shared", "-fPIC", str(src), "-o", str(lib)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run([sys.executable, "-c", _RUN_WITH_STANDIN, str(lib),
+                           os.path.dirname(os.path.abspath(__file__))],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "emulated launcher ok" in proc.stdout

@@ -1,4 +1,6 @@
 """opcheck of the custom ops, torch.compile, determinism, MineFunction gradcheck."""
+import os
+
 import pytest
 import torch
 
@@ -110,18 +112,78 @@ def test_compile_fullgraph_matches_eager(backend):
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
-def test_deterministic_gradients_bit_identical(backend):
-    model, x, y = _model_and_data()
-    loss_fn = losses.MarginLoss(backend=backend)
+# Fused backends whose backward runs kernels of their own on CPU tensors:
+# triton (under the interpreter).  cpu and cuda-emulated scatter with
+# fastmine._pairs (torch's index_put_ / index_add_), whose order the CPU never
+# varies: their run-to-run claim is the GPU test below.
+OWN_BACKWARD = [b for b in FUSED_BACKENDS if b == "triton"]
+
+
+def _loss_grads(backend, n, deterministic):
+    """d(loss)/d(embeddings) of a triplet loss over an n-row batch (its own references)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+    x, y = torch.randn(n, 6), torch.randint(0, 3, (n,))
+    loss_fn = losses.TripletMarginLoss(margin=10.0, neg_strategy="hard", backend=backend)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        emb = model(x)
+        return torch.autograd.grad(loss_fn(emb, y) * 3.7, emb)[0]
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
+@pytest.mark.parametrize("backend", OWN_BACKWARD)
+def test_deterministic_gradients_bit_identical(backend, shuffled_triton_programs):
+    """Under torch.use_deterministic_algorithms(True), a loss's gradients do not
+    depend on the order in which the GPU runs the backward's programs.  On CPU
+    the Triton interpreter runs them in grid order, where atomics never race
+    and this could not fail; conftest.shuffled_triton_programs runs each launch's
+    programs in a shuffled order instead.  96 anchors (6 programs) scatter into
+    96 reference rows: the atomic path changes bits with the order (checked, so
+    the test can tell), the deterministic one must not."""
+    det, atomic = [], []
+    for seed in range(3):
+        with shuffled_triton_programs(seed):
+            det.append(_loss_grads(backend, 96, True))
+            atomic.append(_loss_grads(backend, 96, False))
+    assert det[0].abs().sum() > 0
+    assert all(torch.equal(det[0], g) for g in det[1:])
+    assert any(not torch.equal(atomic[0], g) for g in atomic[1:])
+    torch.testing.assert_close(atomic[0], det[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["torch", "cuda", "triton"])
+def test_gpu_deterministic_gradients_bit_identical(backend):
+    """On CUDA tensors, where atomics race: with torch.use_deterministic_algorithms(True)
+    the gradients into anchors and a small reference bank (16384 anchors, 64
+    references: every reference row sums hundreds of pairs) are bit-identical
+    across runs, for every backend, including those whose backward is
+    fastmine._pairs (torch's scatter).  GPU-only: on CPU nothing runs out of order."""
+    if backend not in fastmine.available_backends("cuda"):
+        pytest.skip(f"backend {backend!r} is not available for CUDA tensors")
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("Triton runs compiled on CUDA tensors with FASTMINE_TEST_GPU=1")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(16384, 64, device="cuda", generator=g)
+    r = torch.randn(64, 64, device="cuda", generator=g)
+    y = torch.randint(0, 8, (16384,), device="cuda", generator=g)
+    ry = torch.arange(64, device="cuda") % 8
+    w = torch.randn(2, 16384, device="cuda", generator=g)
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
         grads = []
         for _ in range(3):
-            emb = model(x)
-            grads.append(torch.autograd.grad(loss_fn(emb, y) * 3.7, emb)[0])
+            xg, rg = x.clone().requires_grad_(), r.clone().requires_grad_()
+            res = fastmine.mine(xg, y, rg, ry, backend=backend)
+            grads.append(torch.autograd.grad((res.pos_dist * w[0] - res.neg_dist * w[1]).sum(),
+                                             (xg, rg)))
     finally:
         torch.use_deterministic_algorithms(prev)
-    assert grads[0].abs().sum() > 0
-    assert all(torch.equal(grads[0], g) for g in grads[1:])
+    assert grads[0][1].abs().sum() > 0
+    for g in grads[1:]:
+        assert torch.equal(g[0], grads[0][0]) and torch.equal(g[1], grads[0][1])

@@ -483,9 +483,21 @@ cudaError_t launch(dim3 grid, dim3 block, const char* kernel_name, void (*body)(
 }  // namespace fastmine
 
 // ------------------------------------------------------------ runtime API
+// Every definition below is hidden: it binds inside the library or program
+// that links this file and is never exported.  A torch built with CUDA loads
+// the real libcudart into the process's global scope (libtorch_global_deps),
+// and exported definitions would lose to it: the emulated launcher's
+// cudaDeviceGetAttribute, cudaMemsetAsync, cudaGetLastError, ... would call the
+// real runtime, which on a machine without a GPU (or driver) fails with
+// "CUDA driver version is insufficient", and on one with a GPU would operate on
+// host pointers.  The linker applies the most constraining visibility of all
+// declarations, so the callers' plain declarations (cuda_runtime_api.h) bind
+// here too.  tests/test_cuda_emulation.py checks both the symbol table and a
+// process where a stand-in libcudart is loaded first.
+#define FASTMINE_EMU_RUNTIME __attribute__((visibility("hidden")))
 using fastmine::emu::S;
 
-cudaError_t cudaMalloc(void** p, size_t bytes) {
+FASTMINE_EMU_RUNTIME cudaError_t cudaMalloc(void** p, size_t bytes) {
   *p = nullptr;
   if (bytes == 0) return cudaSuccess;
   if (posix_memalign(p, 256, bytes) != 0) return cudaErrorMemoryAllocation;
@@ -493,42 +505,43 @@ cudaError_t cudaMalloc(void** p, size_t bytes) {
   return cudaSuccess;
 }
 
-cudaError_t cudaFree(void* p) {
+FASTMINE_EMU_RUNTIME cudaError_t cudaFree(void* p) {
   std::free(p);
   return cudaSuccess;
 }
 
-cudaError_t cudaMemcpy(void* dst, const void* src, size_t count, enum cudaMemcpyKind) {
+FASTMINE_EMU_RUNTIME cudaError_t cudaMemcpy(void* dst, const void* src, size_t count,
+                                            enum cudaMemcpyKind) {
   if (count) std::memmove(dst, src, count);
   return cudaSuccess;
 }
 
-cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t count, enum cudaMemcpyKind kind,
-                            cudaStream_t) {
+FASTMINE_EMU_RUNTIME cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t count,
+                                                 enum cudaMemcpyKind kind, cudaStream_t) {
   return cudaMemcpy(dst, src, count, kind);
 }
 
-cudaError_t cudaMemset(void* p, int value, size_t count) {
+FASTMINE_EMU_RUNTIME cudaError_t cudaMemset(void* p, int value, size_t count) {
   if (count) std::memset(p, value, count);
   return cudaSuccess;
 }
 
-cudaError_t cudaMemsetAsync(void* p, int value, size_t count, cudaStream_t) {
+FASTMINE_EMU_RUNTIME cudaError_t cudaMemsetAsync(void* p, int value, size_t count, cudaStream_t) {
   return cudaMemset(p, value, count);
 }
 
-cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
-cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+FASTMINE_EMU_RUNTIME cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
+FASTMINE_EMU_RUNTIME cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
 
-cudaError_t cudaGetLastError(void) {
+FASTMINE_EMU_RUNTIME cudaError_t cudaGetLastError(void) {
   const cudaError_t e = S().last_error;
   S().last_error = cudaSuccess;
   return e;
 }
 
-cudaError_t cudaPeekAtLastError(void) { return S().last_error; }
+FASTMINE_EMU_RUNTIME cudaError_t cudaPeekAtLastError(void) { return S().last_error; }
 
-const char* cudaGetErrorName(cudaError_t e) {
+FASTMINE_EMU_RUNTIME const char* cudaGetErrorName(cudaError_t e) {
   switch (e) {
     case cudaSuccess: return "cudaSuccess";
     case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
@@ -538,21 +551,22 @@ const char* cudaGetErrorName(cudaError_t e) {
   }
 }
 
-const char* cudaGetErrorString(cudaError_t e) {
+FASTMINE_EMU_RUNTIME const char* cudaGetErrorString(cudaError_t e) {
   if (e == cudaSuccess) return "no error";
   static std::string text;  // the emulator's detailed message for the last failed launch
   text = std::string(cudaGetErrorName(e)) + " (emulated): " + S().last_message;
   return text.c_str();
 }
 
-cudaError_t cudaGetDeviceCount(int* count) {
+FASTMINE_EMU_RUNTIME cudaError_t cudaGetDeviceCount(int* count) {
   *count = 1;
   return cudaSuccess;
 }
 
 // FASTMINE_EMU_SMS sets the multiprocessor count (default 132, an H100 SXM),
 // which the kernels' split heuristic reads.
-cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int) {
+FASTMINE_EMU_RUNTIME cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr,
+                                                        int) {
   if (attr == cudaDevAttrMultiProcessorCount) {
     const char* sms = std::getenv("FASTMINE_EMU_SMS");
     *value = sms ? std::atoi(sms) : 132;

@@ -37,6 +37,8 @@
 //     of never-written workspace give conspicuous values.  Streams are ignored
 //     (everything is synchronous).  Launch configurations are validated
 //     against the hardware limits (block <= 1024 threads, grid.y/z <= 65535).
+//     Its definitions have hidden visibility, so that a real libcudart in the
+//     same process (a CUDA build of torch loads one) never takes their place.
 //
 // Types come from the toolkit's own host-compilable headers (cuda_fp16.h,
 // cuda_bf16.h pull in cuda_runtime_api.h and vector_types.h), so __half,
