@@ -1,8 +1,181 @@
-// The op schemas of the compiled backends: one schema, one implementation per
-// device (csrc/cpu/*.cpp registers CPU, csrc/cuda/*.cu registers CUDA).
-// Fake (meta) implementations live in fastmine/_ops.py.
+// The fastmine ops: schemas, the per-device kernels that pick the
+// implementation named by `backend`, and the autograd kernel, registered once.
+//
+//   Python fastmine.mine(...) --> fastmine::mine            (C++ schema.h)
+//     Autograd key:  MineAutograd (below): forward = the op below autograd,
+//                    backward = fastmine::mine_backward on the saved rows.
+//     CPU / CUDA key: mine_device: backend "cpu" on CPU tensors runs
+//                    csrc/cpu/mine_cpu.cpp here; any other backend X runs the
+//                    op fastmine::mine_X (csrc/cuda/mine_cuda.cu registers
+//                    mine_cuda; fastmine/_triton.py registers mine_triton).
+//     Meta / fake:   fastmine/_ops.py (register_fake), so torch.compile and
+//                    opcheck see the output shapes.
+// mine_backward dispatches the same way; an implementation without its own
+// backward op on CPU tensors uses the CPU backward (same formulas).
+#include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <mutex>
+#include <string>
+#include <unordered_map>
+
+#include "fastmine/op_checks.h"
+#include "fastmine/ops.h"
 #include "fastmine/schema.h"
 
-TORCH_LIBRARY(fastmine, m) { m.def(FASTMINE_MINE_SELECT_SCHEMA); }
+namespace fastmine {
+namespace {
+
+using MineOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using MineSig = MineOut(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                        const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+                        const c10::optional<at::Tensor>&, int64_t, int64_t, int64_t,
+                        c10::optional<double>);
+using BackwardOut = std::tuple<at::Tensor, at::Tensor>;
+using BackwardSig = BackwardOut(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const c10::optional<at::Tensor>&, const at::Tensor&,
+                                const at::Tensor&, int64_t, bool);
+
+// The op fastmine::<kind>_<backend> ('-' read as '_'), or nullopt when no
+// library registered it.  Looked up once per name.
+c10::optional<c10::OperatorHandle> implementation(const std::string& kind, c10::string_view backend) {
+  static std::mutex mu;
+  static std::unordered_map<std::string, c10::optional<c10::OperatorHandle>> cache;
+  std::string name = "fastmine::" + kind + "_" + std::string(backend);
+  for (auto& c : name) c = c == '-' ? '_' : c;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(name);
+  if (it != cache.end() && it->second.has_value()) return it->second;
+  auto op = c10::Dispatcher::singleton().findOp({name, ""});
+  cache[name] = op;  // a miss is looked up again: the library may register later
+  return op;
+}
+
+MineOut mine_device(const at::Tensor& embeddings, const at::Tensor& labels,
+                    const c10::optional<at::Tensor>& ref_emb,
+                    const c10::optional<at::Tensor>& ref_labels,
+                    const c10::optional<at::Tensor>& query_ids,
+                    const c10::optional<at::Tensor>& ref_ids, int64_t pos_strategy,
+                    int64_t neg_strategy, int64_t distance, c10::optional<double> margin,
+                    c10::string_view backend) {
+  if (embeddings.is_cpu() && backend == "cpu") {
+    return cpu::mine_cpu(embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids,
+                         pos_strategy, neg_strategy, distance, margin);
+  }
+  auto op = implementation("mine", backend);
+  TORCH_CHECK(op.has_value(), "fastmine::mine: backend '", backend, "' has no implementation for ",
+              embeddings.device().type(), " tensors (no op fastmine::mine_", backend,
+              " is registered)");
+  return op->typed<MineSig>().call(embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids,
+                                   pos_strategy, neg_strategy, distance, margin);
+}
+
+BackwardOut mine_backward_device(const at::Tensor& grad_pos_dist, const at::Tensor& grad_neg_dist,
+                                 const at::Tensor& embeddings,
+                                 const c10::optional<at::Tensor>& ref_emb,
+                                 const at::Tensor& pos_idx, const at::Tensor& neg_idx,
+                                 int64_t distance, bool ref_emb_grad, c10::string_view backend) {
+  auto op = backend == "cpu" ? c10::nullopt : implementation("mine_backward", backend);
+  if (op.has_value()) {
+    return op->typed<BackwardSig>().call(grad_pos_dist, grad_neg_dist, embeddings, ref_emb,
+                                         pos_idx, neg_idx, distance, ref_emb_grad);
+  }
+  TORCH_CHECK(embeddings.is_cpu(), "fastmine::mine_backward: backend '", backend,
+              "' has no backward for ", embeddings.device().type(),
+              " tensors (no op fastmine::mine_backward_", backend, " is registered)");
+  return cpu::mine_backward_cpu(grad_pos_dist, grad_neg_dist, embeddings, ref_emb, pos_idx,
+                                neg_idx, distance, ref_emb_grad);
+}
+
+// Autograd of fastmine::mine: the indices are not differentiable; the pair
+// distances backpropagate through fastmine::mine_backward into the anchor and
+// reference rows (both into embeddings when the references are the batch).
+class MineAutograd : public torch::autograd::Function<MineAutograd> {
+ public:
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext* ctx, const at::Tensor& embeddings,
+      const at::Tensor& labels, const c10::optional<at::Tensor>& ref_emb,
+      const c10::optional<at::Tensor>& ref_labels, const c10::optional<at::Tensor>& query_ids,
+      const c10::optional<at::Tensor>& ref_ids, int64_t pos_strategy, int64_t neg_strategy,
+      int64_t distance, c10::optional<double> margin, c10::string_view backend) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("fastmine::mine", "")
+                         .typed<MineOut(const at::Tensor&, const at::Tensor&,
+                                        const c10::optional<at::Tensor>&,
+                                        const c10::optional<at::Tensor>&,
+                                        const c10::optional<at::Tensor>&,
+                                        const c10::optional<at::Tensor>&, int64_t, int64_t,
+                                        int64_t, c10::optional<double>, c10::string_view)>();
+    auto [pos_idx, neg_idx, pos_dist, neg_dist] =
+        op.call(embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids, pos_strategy,
+                neg_strategy, distance, margin, backend);
+    ctx->save_for_backward({embeddings, ref_emb.has_value() ? *ref_emb : at::Tensor(), pos_idx,
+                            neg_idx});
+    ctx->saved_data["distance"] = distance;
+    ctx->saved_data["backend"] = std::string(backend);
+    ctx->mark_non_differentiable({pos_idx, neg_idx});
+    return {pos_idx, neg_idx, pos_dist, neg_dist};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& embeddings = saved[0];
+    const at::Tensor& ref_emb = saved[1];
+    const bool need_x = ctx->needs_input_grad(0);
+    const bool need_r = ref_emb.defined() && ctx->needs_input_grad(2);
+    torch::autograd::variable_list out(11);
+    if (!need_x && !need_r) return out;
+    auto grad_or_zeros = [&](const at::Tensor& g) {
+      return g.defined() ? g : at::zeros({embeddings.size(0)}, embeddings.options());
+    };
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("fastmine::mine_backward", "")
+                         .typed<BackwardOut(const at::Tensor&, const at::Tensor&,
+                                            const at::Tensor&, const c10::optional<at::Tensor>&,
+                                            const at::Tensor&, const at::Tensor&, int64_t, bool,
+                                            c10::string_view)>();
+    const std::string backend = ctx->saved_data["backend"].toStringRef();
+    auto [grad_x, grad_r] =
+        op.call(grad_or_zeros(grads[2]), grad_or_zeros(grads[3]), embeddings,
+                ref_emb.defined() ? c10::optional<at::Tensor>(ref_emb) : c10::nullopt, saved[2],
+                saved[3], ctx->saved_data["distance"].toInt(), need_r, backend);
+    if (need_x) out[0] = grad_x;
+    if (need_r) out[2] = grad_r;
+    return out;
+  }
+};
+
+MineOut mine_autograd(const at::Tensor& embeddings, const at::Tensor& labels,
+                      const c10::optional<at::Tensor>& ref_emb,
+                      const c10::optional<at::Tensor>& ref_labels,
+                      const c10::optional<at::Tensor>& query_ids,
+                      const c10::optional<at::Tensor>& ref_ids, int64_t pos_strategy,
+                      int64_t neg_strategy, int64_t distance, c10::optional<double> margin,
+                      c10::string_view backend) {
+  auto out = MineAutograd::apply(embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids,
+                                 pos_strategy, neg_strategy, distance, margin, backend);
+  return {out[0], out[1], out[2], out[3]};
+}
+
+}  // namespace
+}  // namespace fastmine
+
+TORCH_LIBRARY(fastmine, m) {
+  m.def(FASTMINE_MINE_SCHEMA);
+  m.def(FASTMINE_MINE_BACKWARD_SCHEMA);
+  m.def(FASTMINE_MINE_SELECT_SCHEMA);
+}
+
+TORCH_LIBRARY_IMPL(fastmine, CPU, m) {
+  m.impl("mine", &fastmine::mine_device);
+  m.impl("mine_backward", &fastmine::mine_backward_device);
+}
+
+TORCH_LIBRARY_IMPL(fastmine, CUDA, m) {
+  m.impl("mine", &fastmine::mine_device);
+  m.impl("mine_backward", &fastmine::mine_backward_device);
+}
+
+TORCH_LIBRARY_IMPL(fastmine, Autograd, m) { m.impl("mine", &fastmine::mine_autograd); }

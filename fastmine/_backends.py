@@ -1,45 +1,40 @@
-"""Backend registry: per backend, a *selection* function and a *backward* function.
+"""Backends: which implementation of ``fastmine::mine`` runs, and whether it can.
 
-selection(x, labels, r, ref_labels, query_ids, ref_ids, pos, neg, distance, margin)
-    -> (pos_idx, neg_idx)          int64 [N], -1 where none exists
-backward(grad_pos, grad_neg, x, r, pos_idx, neg_idx, distance)
-    -> (grad_x [N, D], grad_r [M, D])
-pair_distance(x, r, idx, distance) -> [N]   (optional; default fastmine._pairs.pair_distance)
+Every call goes through the one op ``fastmine::mine`` (C++, csrc/fastmine_ops.cpp):
+its autograd and its fake implementation are registered once, and its CPU /
+CUDA kernel runs the implementation named by ``backend``:
 
-Exact pair distances follow one definition (fastmine._pairs, the direct
-difference); backends differ in how they select and may supply a fused
-backward and a fused pair-distance kernel computing that same definition.
+* ``cpu``: the compiled CPU kernels (csrc/cpu), run directly;
+* ``cuda``: the compiled CUDA kernels, the op ``fastmine::mine_cuda``;
+* any other name X: the op ``fastmine::mine_X`` -- the Python backends
+  (``torch``, the readable reference; ``triton``) register theirs here with
+  :func:`register_python`, from a selection, a backward and a pair-distance
+  function.
+
+This module keeps, per name, only *whether* the backend can run on a device
+(``unavailable``); asking never builds anything.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
+from torch import Tensor
 
-from . import _extension, _pairs, reference
-from ._contract import DISTANCES, NEG_STRATEGIES, POS_STRATEGIES
+from . import _extension
+from ._contract import DISTANCES, NEG_STRATEGIES, POS_STRATEGIES, check_finite
+
+_POS_NAMES = {v: k for k, v in POS_STRATEGIES.items()}
+_NEG_NAMES = {v: k for k, v in NEG_STRATEGIES.items()}
+_DISTANCE_NAMES = {v: k for k, v in DISTANCES.items()}
 
 
 @dataclass(frozen=True)
 class Backend:
     name: str
-    select: Callable
-    backward: Callable
     # Returns "" if usable for tensors on `device`, else the reason it is not.
     unavailable: Callable[[torch.device], str]
-    # Exact distances of the selected pairs; None: fastmine._pairs.pair_distance.
-    pair_distance: Optional[Callable] = None
-
-
-def _compiled_select(x, labels, r, ref_labels, query_ids, ref_ids, pos, neg, distance, margin):
-    return _extension.select_op()(
-        x, labels, r, ref_labels, query_ids, ref_ids,
-        POS_STRATEGIES[pos], NEG_STRATEGIES[neg], DISTANCES[distance], margin)
-
-
-def _torch_unavailable(device: torch.device) -> str:
-    return ""
 
 
 def _cpu_unavailable(device: torch.device) -> str:
@@ -51,27 +46,81 @@ def _cpu_unavailable(device: torch.device) -> str:
 def _cuda_unavailable(device: torch.device) -> str:
     if device.type != "cuda":
         return f"backend 'cuda' needs CUDA tensors, got tensors on {device}"
-    if not _extension.has_cuda_kernels():
-        return _extension.cuda_why_missing() or _extension.why_missing()
-    return ""
+    return _extension.cuda_why_missing()
 
 
 _REGISTRY: Dict[str, Backend] = {
-    "torch": Backend("torch", reference.select, _pairs.pair_distance_backward, _torch_unavailable),
-    "cpu": Backend("cpu", _compiled_select, _pairs.pair_distance_backward, _cpu_unavailable),
-    "cuda": Backend("cuda", _compiled_select, _pairs.pair_distance_backward, _cuda_unavailable),
+    "torch": Backend("torch", lambda device: ""),
+    "cpu": Backend("cpu", _cpu_unavailable),
+    "cuda": Backend("cuda", _cuda_unavailable),
 }
 
 
 def register(backend: Backend) -> None:
-    """Add a backend (used by optional backends such as triton at import)."""
+    """Add a backend name (its op fastmine::mine_<name> must exist when it is used)."""
     _REGISTRY[backend.name] = backend
+
+
+def register_python(name: str, select: Callable, backward: Callable,
+                    unavailable: Callable[[torch.device], str],
+                    pair_distance: Optional[Callable] = None) -> None:
+    """Register a backend written in Python as the ops fastmine::mine_<name> and
+    fastmine::mine_backward_<name> (the implementation ops of schema.h).
+
+    select(x, labels, r, ref_labels, query_ids, ref_ids, pos, neg, distance, margin)
+        -> (pos_idx, neg_idx)      int64 [N], -1 where none exists; strategy and
+        distance names as in fastmine.mine; ids None: no exclusion.
+    backward(grad_pos, grad_neg, x, r, pos_idx, neg_idx, distance)
+        -> (grad_x [N, D], grad_r [M, D])
+    pair_distance(x, r, idx, distance) -> [N] (default fastmine._pairs.pair_distance)
+
+    The op runs the data checks (fastmine._contract.check_finite) first and
+    expands the batch-as-references case (ref_emb None: r = x, ids arange(N)
+    unless query_ids are given).
+    """
+    from ._pairs import pair_distance as default_pair_distance
+
+    exact = pair_distance or default_pair_distance
+    op_name = name.replace("-", "_")
+
+    @torch.library.custom_op(f"fastmine::mine_{op_name}", mutates_args=())
+    def mine_impl(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
+                  ref_labels: Optional[Tensor], query_ids: Optional[Tensor],
+                  ref_ids: Optional[Tensor], pos_strategy: int, neg_strategy: int,
+                  distance: int, margin: Optional[float]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        dist = _DISTANCE_NAMES[distance]
+        check_finite("embeddings", embeddings, dist)
+        if ref_emb is None:
+            ref_emb, ref_labels = embeddings, labels
+            if query_ids is None:
+                query_ids = torch.arange(embeddings.shape[0], device=embeddings.device)
+            ref_ids = query_ids
+        else:
+            check_finite("ref_emb", ref_emb, dist)
+        pos_idx, neg_idx = select(embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids,
+                                  _POS_NAMES[pos_strategy], _NEG_NAMES[neg_strategy], dist, margin)
+        return (pos_idx, neg_idx, exact(embeddings, ref_emb, pos_idx, dist),
+                exact(embeddings, ref_emb, neg_idx, dist))
+
+    @torch.library.custom_op(f"fastmine::mine_backward_{op_name}", mutates_args=())
+    def mine_backward_impl(grad_pos_dist: Tensor, grad_neg_dist: Tensor, embeddings: Tensor,
+                           ref_emb: Optional[Tensor], pos_idx: Tensor, neg_idx: Tensor,
+                           distance: int, ref_emb_grad: bool) -> Tuple[Tensor, Tensor]:
+        r = embeddings if ref_emb is None else ref_emb
+        grad_x, grad_r = backward(grad_pos_dist, grad_neg_dist, embeddings, r, pos_idx, neg_idx,
+                                  _DISTANCE_NAMES[distance])
+        empty = embeddings.new_empty((0, embeddings.shape[1]))
+        if ref_emb is None:
+            return grad_x + grad_r, empty
+        return grad_x, (grad_r if ref_emb_grad else empty)
+
+    register(Backend(name, unavailable))
 
 
 def get(name: str) -> Backend:
     try:
         return _REGISTRY[name]
-    except KeyError:
+    except (KeyError, TypeError):
         raise ValueError(f"unknown backend {name!r}; choose from {['auto', *sorted(_REGISTRY)]}") from None
 
 
@@ -97,3 +146,12 @@ def available(device: Optional[torch.device] = None) -> list:
     """Names of the backends usable for tensors on `device` (default: CPU)."""
     device = torch.device("cpu") if device is None else torch.device(device)
     return [n for n, b in sorted(_REGISTRY.items()) if not b.unavailable(device)]
+
+
+def _register_reference() -> None:
+    from . import _pairs, reference
+
+    register_python("torch", reference.select, _pairs.pair_distance_backward, lambda device: "")
+
+
+_register_reference()

@@ -25,12 +25,15 @@ from ._contract import compute_dtype
 
 
 def _gather(x: Tensor, r: Tensor, idx: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """(a, b, valid): the anchors and their selected references, gathered then
+    upcast to the compute dtype (only the N selected rows are read, never the
+    whole bank)."""
     cdt = compute_dtype(x.dtype)
     valid = idx >= 0
     a = x.to(cdt)
     if r.shape[0] == 0:  # no references: every idx is -1 and b is never used
         return a, torch.ones_like(a), valid
-    b = r.to(cdt).index_select(0, idx.clamp_min(0))
+    b = r.index_select(0, idx.clamp_min(0)).to(cdt)
     return a, b, valid
 
 
@@ -47,7 +50,9 @@ def pair_distance(x: Tensor, r: Tensor, idx: Tensor, distance: str) -> Tensor:
     else:
         d = (a - b).pow(2).sum(1)
         if distance == "euclidean":
-            d = d.sqrt()
+            # sqrt with the subgradient 0 at d = 0 (duplicates) under plain autograd
+            pos = d > 0
+            d = torch.where(pos, torch.where(pos, d, torch.ones_like(d)).sqrt(), torch.zeros_like(d))
     return torch.where(valid, d, torch.zeros_like(d)).to(x.dtype)
 
 

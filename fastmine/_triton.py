@@ -779,5 +779,4 @@ def why_unavailable(device: torch.device) -> str:
     return f"backend 'triton' needs CUDA tensors, got tensors on {device}"
 
 
-_backends.register(_backends.Backend("triton", select, backward, why_unavailable,
-                                     pair_distance=pair_distance))
+_backends.register_python("triton", select, backward, why_unavailable, pair_distance=pair_distance)

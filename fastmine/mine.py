@@ -1,4 +1,4 @@
-"""fastmine.mine: the public entry point, and MineFunction for direct autograd use."""
+"""fastmine.mine: the public entry point, and MineFunction for the raw op outputs."""
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -6,9 +6,9 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import _backends, _ops
-from ._contract import (check_backend_name, check_embeddings, check_index_vector, check_strategy,
-                        widen_index_vector)
+from . import _backends, _extension, _ops, reference  # noqa: F401  (_ops: fake kernels)
+from ._contract import (DISTANCES, NEG_STRATEGIES, POS_STRATEGIES, check_backend_name,
+                        check_embeddings, check_index_vector, check_strategy, widen_index_vector)
 
 
 class MiningResult(NamedTuple):
@@ -30,7 +30,10 @@ class MiningResult(NamedTuple):
 
 def _prepare(embeddings, labels, ref_emb, ref_labels, pos_strategy, neg_strategy, distance,
              margin, query_ids, ref_ids, backend):
-    """Validate (statically) and fill in defaults; returns the op's argument tuple."""
+    """Validate (statically) and fill in defaults; returns the op's argument tuple.
+
+    ref_emb / ref_labels stay None when the references are the batch: the op
+    then excludes self-pairs itself (no arange is materialised)."""
     check_embeddings("embeddings", embeddings)
     device = embeddings.device
     n = embeddings.shape[0]
@@ -44,10 +47,9 @@ def _prepare(embeddings, labels, ref_emb, ref_labels, pos_strategy, neg_strategy
         if ref_ids is not None:
             raise ValueError("ref_ids given without ref_emb: when the references are the batch "
                              "their ids are query_ids")
-        ref_emb, ref_labels = embeddings, labels
-        query_ids = torch.arange(n, device=device) if query_ids is None else query_ids
-        check_index_vector("query_ids", query_ids, n, "embeddings", device)
-        ref_ids = query_ids
+        if query_ids is not None:
+            check_index_vector("query_ids", query_ids, n, "embeddings", device)
+            query_ids = widen_index_vector(query_ids)
     else:
         check_embeddings("ref_emb", ref_emb)
         if ref_emb.device != device:
@@ -59,6 +61,7 @@ def _prepare(embeddings, labels, ref_emb, ref_labels, pos_strategy, neg_strategy
             raise TypeError(f"embeddings ({embeddings.dtype}) and ref_emb ({ref_emb.dtype}) "
                             "must have the same dtype")
         check_index_vector("ref_labels", ref_labels, ref_emb.shape[0], "ref_emb", device)
+        ref_labels = widen_index_vector(ref_labels)
         if (query_ids is None) != (ref_ids is None):
             missing = "ref_ids" if ref_ids is None else "query_ids"
             raise ValueError(f"with ref_emb, query_ids and ref_ids must be given together "
@@ -66,13 +69,20 @@ def _prepare(embeddings, labels, ref_emb, ref_labels, pos_strategy, neg_strategy
         if query_ids is not None:
             check_index_vector("query_ids", query_ids, n, "embeddings", device)
             check_index_vector("ref_ids", ref_ids, ref_emb.shape[0], "ref_emb", device)
+            query_ids, ref_ids = widen_index_vector(query_ids), widen_index_vector(ref_ids)
     backend = _backends.resolve(backend, device)
     margin = None if margin is None else float(margin)
-    labels, ref_labels = widen_index_vector(labels), widen_index_vector(ref_labels)
-    if query_ids is not None:
-        query_ids, ref_ids = widen_index_vector(query_ids), widen_index_vector(ref_ids)
-    return (embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids,
-            pos_strategy, neg_strategy, distance, margin, backend)
+    return (embeddings, widen_index_vector(labels), ref_emb, ref_labels, query_ids, ref_ids,
+            POS_STRATEGIES[pos_strategy], NEG_STRATEGIES[neg_strategy], DISTANCES[distance],
+            margin, backend)
+
+
+def _mine_op(args):
+    """(pos_idx, neg_idx, pos_dist, neg_dist): the op fastmine::mine, or, when the
+    compiled extension is missing, the reference computed eagerly."""
+    if args[-1] == "torch" and not _extension.loaded():
+        return reference.mine_eager(*args[:-1])
+    return torch.ops.fastmine.mine(*args)
 
 
 def mine(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
@@ -93,55 +103,38 @@ def mine(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
         distance: "euclidean", "squared_euclidean" or "cosine" (1 - cos).
         margin: semi-hard upper window, >= 0; only with neg_strategy="semihard".
         query_ids, ref_ids: [N], [M] integer sample ids; a pair with equal ids
-            is the same sample and is never selected.  Default: arange(N) when
-            the references are the batch (self-pairs excluded); no exclusion when
-            ref_emb is given without ids.
+            is the same sample and is never selected.  Default: each row is its
+            own sample when the references are the batch (self-pairs
+            excluded); no exclusion when ref_emb is given without ids.
         backend: "auto", "torch" (reference), "cpu", "triton" or "cuda".
 
     Returns:
         MiningResult(pos_idx, neg_idx, pos_dist, neg_dist, valid), each [N].
         Exact ties go to the smallest reference index.  See docs/contract.md.
     """
-    args = _prepare(embeddings, labels, ref_emb, ref_labels, pos_strategy, neg_strategy,
-                    distance, margin, query_ids, ref_ids, backend)
-    pos_idx, neg_idx, pos_dist, neg_dist = torch.ops.fastmine.mine(*args)
+    pos_idx, neg_idx, pos_dist, neg_dist = _mine_op(_prepare(
+        embeddings, labels, ref_emb, ref_labels, pos_strategy, neg_strategy, distance, margin,
+        query_ids, ref_ids, backend))
     return MiningResult(pos_idx, neg_idx, pos_dist, neg_dist, (pos_idx >= 0) & (neg_idx >= 0))
 
 
-class MineFunction(torch.autograd.Function):
-    """Mining as a ``torch.autograd.Function``, for research code that wants the raw op.
+class MineFunction:
+    """Mining as a function of tensors, for research code that wants the raw outputs.
 
     ``MineFunction.apply(embeddings, labels, ref_emb=None, ref_labels=None,
     pos_strategy="easy", neg_strategy="hard", distance="euclidean", margin=None,
-    query_ids=None, ref_ids=None, backend="auto")`` (positional, as ``apply``
-    requires) returns ``(pos_idx, neg_idx, pos_dist, neg_dist)``: the indices
-    are int64 [N] and marked non-differentiable; the distances [N] are
-    differentiable w.r.t. ``embeddings`` and ``ref_emb``.  The backward is the
-    same explicit scatter (``fastmine::mine_backward``) that ``mine`` uses;
-    when the references are the batch, both halves of it land in
+    query_ids=None, ref_ids=None, backend="auto")`` (positional, like
+    ``torch.autograd.Function.apply``) returns ``(pos_idx, neg_idx, pos_dist,
+    neg_dist)``: the indices are int64 [N] and not differentiable; the
+    distances [N] are differentiable w.r.t. ``embeddings`` and ``ref_emb``
+    through the op's one registered autograd (``fastmine::mine_backward``).
+    When the references are the batch, both halves of the gradient land in
     ``embeddings.grad``.
     """
 
     @staticmethod
-    def forward(ctx, embeddings, labels, ref_emb=None, ref_labels=None, pos_strategy="easy",
-                neg_strategy="hard", distance="euclidean", margin=None, query_ids=None,
-                ref_ids=None, backend="auto"):
-        args = _prepare(embeddings, labels, ref_emb, ref_labels, pos_strategy, neg_strategy,
-                        distance, margin, query_ids, ref_ids, backend)
-        pos_idx, neg_idx, pos_dist, neg_dist = torch.ops.fastmine.mine(*args)
-        ctx.mark_non_differentiable(pos_idx, neg_idx)
-        ctx.save_for_backward(args[0], args[2], pos_idx, neg_idx)
-        ctx.self_refs = ref_emb is None
-        ctx.distance, ctx.backend = distance, args[-1]
-        return pos_idx, neg_idx, pos_dist, neg_dist
-
-    @staticmethod
-    def backward(ctx, _g_pos_idx, _g_neg_idx, grad_pos_dist, grad_neg_dist):
-        rest = (None,) * 9
-        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[2]):
-            return (None, None) + rest
-        grad_x, grad_r = _ops.pair_grads(ctx, grad_pos_dist, grad_neg_dist)
-        if ctx.self_refs:
-            return (grad_x + grad_r, None) + rest
-        return (grad_x if ctx.needs_input_grad[0] else None, None,
-                grad_r if ctx.needs_input_grad[2] else None) + (None,) * 8
+    def apply(embeddings, labels, ref_emb=None, ref_labels=None, pos_strategy="easy",
+              neg_strategy="hard", distance="euclidean", margin=None, query_ids=None,
+              ref_ids=None, backend="auto"):
+        return _mine_op(_prepare(embeddings, labels, ref_emb, ref_labels, pos_strategy,
+                                 neg_strategy, distance, margin, query_ids, ref_ids, backend))

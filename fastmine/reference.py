@@ -84,3 +84,28 @@ def select(x: Tensor, labels: Tensor, r: Tensor, ref_labels: Tensor,
         neg_mask &= (v > lo[:, None]) & (v < hi[:, None])
     neg_idx = _masked_argbest(v, neg_mask, nearest=(neg_strategy != "easy"))
     return pos_idx, neg_idx
+
+
+def mine_eager(x: Tensor, labels: Tensor, r: Optional[Tensor], ref_labels: Optional[Tensor],
+               query_ids: Optional[Tensor], ref_ids: Optional[Tensor], pos_strategy: int,
+               neg_strategy: int, distance: int, margin: Optional[float]):
+    """The reference without the compiled op (fastmine._C missing or refused):
+    the op's arguments (strategy and distance codes, ref None = the batch) ->
+    (pos_idx, neg_idx, pos_dist, neg_dist), differentiable through plain autograd."""
+    from ._contract import DISTANCES, NEG_STRATEGIES, POS_STRATEGIES, check_finite
+    from ._pairs import pair_distance
+
+    names = lambda table, code: next(k for k, v in table.items() if v == code)
+    dist = names(DISTANCES, distance)
+    check_finite("embeddings", x, dist)
+    if r is None:
+        r, ref_labels = x, labels
+        query_ids = torch.arange(x.shape[0], device=x.device) if query_ids is None else query_ids
+        ref_ids = query_ids
+    else:
+        check_finite("ref_emb", r, dist)
+    with torch.no_grad():
+        pos_idx, neg_idx = select(x, labels, r, ref_labels, query_ids, ref_ids,
+                                  names(POS_STRATEGIES, pos_strategy),
+                                  names(NEG_STRATEGIES, neg_strategy), dist, margin)
+    return pos_idx, neg_idx, pair_distance(x, r, pos_idx, dist), pair_distance(x, r, neg_idx, dist)

@@ -106,5 +106,4 @@ def select(x, labels, r, ref_labels, query_ids, ref_ids, pos, neg, distance, mar
 
 
 def register() -> None:
-    _backends.register(_backends.Backend(NAME, select, _pairs.pair_distance_backward,
-                                         why_unavailable))
+    _backends.register_python(NAME, select, _pairs.pair_distance_backward, why_unavailable)

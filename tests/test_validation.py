@@ -85,7 +85,7 @@ def test_compiled_op_checks_its_arguments():
     if "cpu" not in fastmine.available_backends():
         pytest.skip("extension not built")
     op = torch.ops.fastmine.mine_select
-    with pytest.raises(RuntimeError, match="fastmine::mine_select: embeddings have dim 3 but ref_emb has dim 2"):
+    with pytest.raises(RuntimeError, match="fastmine: embeddings have dim 3 but ref_emb has dim 2"):
         op(X, Y, torch.randn(4, 2), RY, None, None, 0, 0, 0, None)
     with pytest.raises(RuntimeError, match="unknown neg_strategy code 7"):
         op(X, Y, R, RY, None, None, 0, 7, 0, None)

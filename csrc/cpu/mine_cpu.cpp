@@ -1,12 +1,15 @@
-// CPU implementation of fastmine::mine_select.
+// CPU implementation of fastmine::mine (selection + exact pair distances) and
+// fastmine::mine_backward, and of the selection-only fastmine::mine_select.
 //
-// Blocked and fused, never holding the N x M matrix:
+// Selection is blocked and fused, never holding the N x M matrix:
 //   for each block of BM anchors (in parallel, at::parallel_for):
 //     for each chunk of BN references:
 //       dot = X_blk @ R_chunk^T               (BLAS, at::mm_out into a BM x BN buffer)
 //       one vectorised pass over the buffer: mining value v, label and
 //       same-sample masks, running argmin of the positive and negative keys.
-// Memory: O(threads * BM * BN) plus O((N + M) * D) for upcasts/norms.
+// Memory: O(threads * BM * (BN + D)) plus O(N + M) row terms.  Low-precision
+// inputs are upcast block by block and chunk by chunk (never a copy of the
+// whole bank); float32/float64 rows are read in place.
 //
 // Selection is "argmin of a key" (strategies.h): key = v for nearest rules and
 // -v for farthest ones, +inf for inadmissible references.  The inner loop only
@@ -21,17 +24,27 @@
 // sweeps: positives first, then negatives inside the window (lo, hi) of
 // strategies.h.  When all references fit in one chunk the second sweep reuses
 // the dot buffer; otherwise it recomputes the GEMM chunk by chunk.
+//
+// Labels and ids are read as int64 (no compaction, no host round trip).  The
+// references default to the batch (ref_emb undefined); same-sample pairs are
+// then the diagonal (a flag, not a materialised arange) unless ids are given.
+// Data checks (NaN/Inf, admissible norms) come for free from the row terms.
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdio>
 #include <limits>
+#include <string>
 #include <vector>
 
-#include "fastmine/compact.h"
 #include "fastmine/op_checks.h"
+#include "fastmine/ops.h"
 #include "fastmine/strategies.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
@@ -51,52 +64,53 @@ constexpr int64_t kSub = 64;            // width of one min-reduction sub-chunk
 
 enum class Pass { Fused, PosOnly, NegWindow };
 
+// How same-sample pairs are recognised.
+enum class Ids {
+  None,      // no exclusion (ref_emb given without ids)
+  Explicit,  // query_ids[i] == ref_ids[j]
+  Self,      // the references are the batch: i == j
+};
+
 template <typename acc_t>
 struct Best {
   acc_t key;
   int64_t idx;
 };
 
-// Mining value from a dot product: squared Euclidean via the Gram expansion
-// (a_i = |x_i|^2, b_j = |r_j|^2) or cosine distance (a_i, b_j = 1/|.|).
-// Clamped at +0 (rounding can make it slightly negative).
-template <typename acc_t, Distance DIST>
-inline acc_t mining_value(acc_t dot, acc_t ai, acc_t bj) {
-  acc_t v;
-  if constexpr (DIST == Distance::Cosine) {
-    v = acc_t(1) - dot * ai * bj;
-  } else {
-    v = ai + bj - acc_t(2) * dot;
-  }
-  return v > acc_t(0) ? v : acc_t(0);
-}
-
 // Everything one anchor row needs to turn dot products into keys.
 template <typename acc_t>
 struct RowKeys {
   const acc_t* dot;     // [cn]
   const acc_t* b;       // [cn] reference terms
-  const int32_t* rl;    // [cn] reference labels
-  const int32_t* rid;   // [cn] reference ids (nullptr without ids)
+  const int64_t* rl;    // [cn] reference labels
+  const int64_t* rid;   // [cn] reference ids (Ids::Explicit)
+  int64_t j0;           // global index of dot[0]
   acc_t ai;
-  int32_t li, qi;
+  int64_t li, qi;       // anchor label; anchor id (Explicit) or global row (Self)
   acc_t ps, ns;         // +1 nearest / -1 farthest
   acc_t lo, hi;         // semi-hard window on v (NegWindow only)
 };
 
-template <typename acc_t, Distance DIST, bool HAS_IDS>
+template <typename acc_t, Ids IDS>
+inline bool same_sample(const RowKeys<acc_t>& k, int64_t j) {
+  if constexpr (IDS == Ids::Explicit) return k.rid[j] == k.qi;
+  if constexpr (IDS == Ids::Self) return k.j0 + j == k.qi;
+  return false;
+}
+
+template <typename acc_t, bool COS, Ids IDS>
 inline acc_t pos_key(const RowKeys<acc_t>& k, int64_t j) {
   const acc_t inf = std::numeric_limits<acc_t>::infinity();
-  const acc_t v = mining_value<acc_t, DIST>(k.dot[j], k.ai, k.b[j]);
-  const bool ok = (k.rl[j] == k.li) & !(HAS_IDS && k.rid[j] == k.qi);
+  const acc_t v = mining_value<acc_t>(k.dot[j], k.ai, k.b[j], COS);
+  const bool ok = (k.rl[j] == k.li) & !same_sample<acc_t, IDS>(k, j);
   return ok ? k.ps * v : inf;
 }
 
-template <typename acc_t, Distance DIST, bool HAS_IDS, bool WINDOW>
+template <typename acc_t, bool COS, Ids IDS, bool WINDOW>
 inline acc_t neg_key(const RowKeys<acc_t>& k, int64_t j) {
   const acc_t inf = std::numeric_limits<acc_t>::infinity();
-  const acc_t v = mining_value<acc_t, DIST>(k.dot[j], k.ai, k.b[j]);
-  bool ok = (k.rl[j] != k.li) & !(HAS_IDS && k.rid[j] == k.qi);
+  const acc_t v = mining_value<acc_t>(k.dot[j], k.ai, k.b[j], COS);
+  bool ok = (k.rl[j] != k.li) & !same_sample<acc_t, IDS>(k, j);
   if (WINDOW) ok = ok & (v > k.lo) & (v < k.hi);
   return ok ? k.ns * v : inf;
 }
@@ -113,13 +127,13 @@ inline int64_t first_index_of(KeyFn key_fn, int64_t s, int64_t e, acc_t key) {
 template <typename acc_t>
 struct BlockArgs {
   const acc_t* dot;  // [bm, cn] row-major
-  int64_t bm, cn, j0;
+  int64_t bm, cn, i0, j0;
   const acc_t* a;    // [bm]
   const acc_t* b;    // [cn]
-  const int32_t* ql; // [bm]
-  const int32_t* rl; // [cn]
-  const int32_t* qid;  // [bm] or nullptr
-  const int32_t* rid;  // [cn] or nullptr
+  const int64_t* ql; // [bm]
+  const int64_t* rl; // [cn]
+  const int64_t* qid;  // [bm] (Explicit)
+  const int64_t* rid;  // [cn] (Explicit)
   acc_t ps, ns;
   const acc_t* lo;   // [bm] (NegWindow)
   const acc_t* hi;   // [bm] (NegWindow)
@@ -127,15 +141,15 @@ struct BlockArgs {
   Best<acc_t>* bn;   // [bm] running best negative
 };
 
-template <typename acc_t, Distance DIST, bool HAS_IDS, Pass PASS>
+template <typename acc_t, bool COS, Ids IDS, Pass PASS>
 FASTMINE_CPU_CLONES void scan_block(const BlockArgs<acc_t>& A) {
   constexpr bool DO_POS = PASS != Pass::NegWindow;
   constexpr bool DO_NEG = PASS != Pass::PosOnly;
   constexpr bool WINDOW = PASS == Pass::NegWindow;
   const acc_t inf = std::numeric_limits<acc_t>::infinity();
   for (int64_t i = 0; i < A.bm; ++i) {
-    RowKeys<acc_t> k{A.dot + i * A.cn, A.b, A.rl, A.rid, A.a[i], A.ql[i],
-                     HAS_IDS ? A.qid[i] : 0, A.ps, A.ns,
+    const int64_t qi = IDS == Ids::Explicit ? A.qid[i] : (IDS == Ids::Self ? A.i0 + i : 0);
+    RowKeys<acc_t> k{A.dot + i * A.cn, A.b, A.rl, A.rid, A.j0, A.a[i], A.ql[i], qi, A.ps, A.ns,
                      WINDOW ? A.lo[i] : acc_t(0), WINDOW ? A.hi[i] : acc_t(0)};
     if (WINDOW && !(k.lo < inf)) continue;  // no positive -> no semi-hard negative
     acc_t best_p = inf, best_n = inf;
@@ -146,11 +160,11 @@ FASTMINE_CPU_CLONES void scan_block(const BlockArgs<acc_t>& A) {
 #pragma omp simd reduction(min : mp, mn)
       for (int64_t j = s; j < e; ++j) {
         if constexpr (DO_POS) {
-          const acc_t kp = pos_key<acc_t, DIST, HAS_IDS>(k, j);
+          const acc_t kp = pos_key<acc_t, COS, IDS>(k, j);
           mp = kp < mp ? kp : mp;
         }
         if constexpr (DO_NEG) {
-          const acc_t kn = neg_key<acc_t, DIST, HAS_IDS, WINDOW>(k, j);
+          const acc_t kn = neg_key<acc_t, COS, IDS, WINDOW>(k, j);
           mn = kn < mn ? kn : mn;
         }
       }
@@ -158,65 +172,149 @@ FASTMINE_CPU_CLONES void scan_block(const BlockArgs<acc_t>& A) {
       if (mn < best_n) { best_n = mn; sub_n = s; }
     }
     if (DO_POS && sub_p >= 0 && best_p < A.bp[i].key) {
-      auto fn = [&](int64_t j) { return pos_key<acc_t, DIST, HAS_IDS>(k, j); };
+      auto fn = [&](int64_t j) { return pos_key<acc_t, COS, IDS>(k, j); };
       A.bp[i] = {best_p, A.j0 + first_index_of(fn, sub_p, std::min(sub_p + kSub, A.cn), best_p)};
     }
     if (DO_NEG && sub_n >= 0 && best_n < A.bn[i].key) {
-      auto fn = [&](int64_t j) { return neg_key<acc_t, DIST, HAS_IDS, WINDOW>(k, j); };
+      auto fn = [&](int64_t j) { return neg_key<acc_t, COS, IDS, WINDOW>(k, j); };
       A.bn[i] = {best_n, A.j0 + first_index_of(fn, sub_n, std::min(sub_n + kSub, A.cn), best_n)};
     }
   }
 }
 
-template <typename acc_t, Distance DIST, bool HAS_IDS>
-void scan_dispatch(Pass pass, const BlockArgs<acc_t>& A) {
+template <typename acc_t, bool COS, Ids IDS>
+void scan_pass(Pass pass, const BlockArgs<acc_t>& A) {
   switch (pass) {
-    case Pass::Fused: return scan_block<acc_t, DIST, HAS_IDS, Pass::Fused>(A);
-    case Pass::PosOnly: return scan_block<acc_t, DIST, HAS_IDS, Pass::PosOnly>(A);
-    case Pass::NegWindow: return scan_block<acc_t, DIST, HAS_IDS, Pass::NegWindow>(A);
+    case Pass::Fused: return scan_block<acc_t, COS, IDS, Pass::Fused>(A);
+    case Pass::PosOnly: return scan_block<acc_t, COS, IDS, Pass::PosOnly>(A);
+    case Pass::NegWindow: return scan_block<acc_t, COS, IDS, Pass::NegWindow>(A);
   }
 }
 
-template <typename acc_t>
-void scan(Distance dist, bool has_ids, Pass pass, const BlockArgs<acc_t>& A) {
-#define FASTMINE_SCAN(D)                                                   \
-  return has_ids ? scan_dispatch<acc_t, D, true>(pass, A)                  \
-                 : scan_dispatch<acc_t, D, false>(pass, A)
-  switch (dist) {
-    case Distance::Euclidean:  // mined on the square: same ordering
-    case Distance::SquaredEuclidean: FASTMINE_SCAN(Distance::SquaredEuclidean);
-    case Distance::Cosine: FASTMINE_SCAN(Distance::Cosine);
+template <typename acc_t, bool COS>
+void scan_ids(Ids ids, Pass pass, const BlockArgs<acc_t>& A) {
+  switch (ids) {
+    case Ids::None: return scan_pass<acc_t, COS, Ids::None>(pass, A);
+    case Ids::Explicit: return scan_pass<acc_t, COS, Ids::Explicit>(pass, A);
+    case Ids::Self: return scan_pass<acc_t, COS, Ids::Self>(pass, A);
   }
-#undef FASTMINE_SCAN
 }
 
+template <typename acc_t, typename scalar_t>
+inline acc_t squared_norm(const scalar_t* row, int64_t d) {
+  acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t k = 0; k < d; ++k) {
+    const acc_t v = static_cast<acc_t>(row[k]);
+    s += v * v;
+  }
+  return s;
+}
+
+// Per-row terms of the mining value (strategies.h mining_value), computed from
+// the rows in their own dtype, with the contract's data checks:
+//   a NaN/Inf element, or |x|^2 above sqnorm_max, or (cosine) below
+//   cosine_sqnorm_min is a ValueError naming `name` and the row.
+// Returns |x|^2 (Euclidean) or 1/|x| (cosine), [rows] in acc_t.
 template <typename acc_t>
-void mine_select_impl(const at::Tensor& x, const at::Tensor& r, const at::Tensor& a_terms,
-                      const at::Tensor& b_terms, const at::Tensor& ql, const at::Tensor& rl,
-                      const at::Tensor& qid, const at::Tensor& rid, PosStrategy pos,
-                      NegStrategy neg, Distance dist, double margin, at::Tensor& pos_idx,
-                      at::Tensor& neg_idx) {
-  const int64_t n = x.size(0), m = r.size(0);
-  const bool has_ids = qid.defined();
+at::Tensor row_terms(const at::Tensor& rows, bool cosine, const char* name) {
+  const int64_t n = rows.size(0), d = rows.size(1);
+  at::Tensor out = at::empty({n}, rows.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  acc_t* o = out.data_ptr<acc_t>();
+  std::atomic<int64_t> first_bad{n};  // first row failing a check (n: none)
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "row_terms", [&] {
+    const scalar_t* p = rows.data_ptr<scalar_t>();
+    const int64_t stride = rows.stride(0);
+    at::parallel_for(0, n, 256, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const acc_t s = squared_norm<acc_t>(p + i * stride, d);
+        const bool ok = s <= sqnorm_max<acc_t>() && (!cosine || s >= cosine_sqnorm_min<acc_t>());
+        if (!ok) {  // NaN fails both comparisons
+          int64_t cur = first_bad.load();
+          while (i < cur && !first_bad.compare_exchange_weak(cur, i)) {}
+        }
+        o[i] = cosine ? acc_t(1) / std::sqrt(s) : s;
+      }
+    });
+    const int64_t i = first_bad.load();
+    if (i == n) return;
+    const scalar_t* row = p + i * stride;
+    acc_t s = 0;
+    bool finite = true;
+    for (int64_t k = 0; k < d; ++k) {
+      const acc_t v = static_cast<acc_t>(row[k]);
+      finite = finite && std::isfinite(v);
+      s += v * v;
+    }
+    char msg[320];
+    if (!finite) {
+      std::snprintf(msg, sizeof msg, "%s contains NaN or Inf", name);
+    } else if (!(s <= sqnorm_max<acc_t>())) {
+      std::snprintf(msg, sizeof msg,
+                    "%s row %lld has norm %.3g, above the largest norm that %s mining can rank "
+                    "(%.3g: squared distances would overflow); scale the embeddings down (e.g. "
+                    "L2-normalise them)",
+                    name, static_cast<long long>(i), static_cast<double>(std::sqrt(s)),
+                    sizeof(acc_t) == 8 ? "torch.float64" : "torch.float32",
+                    std::sqrt(static_cast<double>(sqnorm_max<acc_t>())));
+    } else {
+      std::snprintf(msg, sizeof msg,
+                    "cosine distance needs rows with a direction: %s row %lld has norm %.3g "
+                    "(zero, D = 0, or a squared norm below %.3g, where %s products lose their "
+                    "precision)",
+                    name, static_cast<long long>(i), static_cast<double>(std::sqrt(s)),
+                    static_cast<double>(cosine_sqnorm_min<acc_t>()),
+                    sizeof(acc_t) == 8 ? "torch.float64" : "torch.float32");
+    }
+    TORCH_CHECK_VALUE(false, msg);
+  });
+  return out;
+}
+
+struct SelectArgs {
+  at::Tensor x, r;            // [N, D], [M, D] contiguous, any float dtype (r may be x)
+  at::Tensor a, b;            // row terms [N], [M] in acc_t
+  at::Tensor ql, rl;          // int64 [N], [M]
+  at::Tensor qid, rid;        // int64 [N], [M] (Ids::Explicit)
+  Ids ids;
+  PosStrategy pos;
+  NegStrategy neg;
+  Distance dist;
+  double margin;              // < 0: none
+};
+
+template <typename acc_t>
+void select_impl(const SelectArgs& S, at::Tensor& pos_idx, at::Tensor& neg_idx) {
+  const at::Tensor& x = S.x;
+  const at::Tensor& r = S.r;
+  const int64_t n = x.size(0), m = r.size(0), d = x.size(1);
+  const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+  const bool upcast = x.scalar_type() != acc;  // fp16/bf16: convert tiles, never the bank
   const int64_t bn_cap = std::max<int64_t>(kSub, kBufferBytes / int64_t(sizeof(acc_t)) / kBlockRows);
   const int64_t chunk = std::min(m, bn_cap);
   const int64_t nblocks = (n + kBlockRows - 1) / kBlockRows;
   const acc_t inf = std::numeric_limits<acc_t>::infinity();
-  const acc_t ps = pos_is_nearest(pos) ? acc_t(1) : acc_t(-1);
-  const acc_t ns = neg_is_nearest(neg) ? acc_t(1) : acc_t(-1);
-  const bool semihard = neg == NegStrategy::SemiHard;
+  const acc_t ps = pos_is_nearest(S.pos) ? acc_t(1) : acc_t(-1);
+  const acc_t ns = neg_is_nearest(S.neg) ? acc_t(1) : acc_t(-1);
+  const bool semihard = S.neg == NegStrategy::SemiHard;
+  const bool cosine = S.dist == Distance::Cosine;
 
   at::parallel_for(0, nblocks, 1, [&](int64_t blk0, int64_t blk1) {
-    // Worker threads do not inherit the caller's dispatch state (the op runs
-    // below autograd only on the calling thread): operands are detached and
-    // grad mode is off here so mm_out never sees autograd.
+    // Worker threads do not inherit the caller's dispatch state: operands are
+    // plain data and grad mode is off here so mm_out never sees autograd.
     at::NoGradGuard no_grad;
-    at::Tensor buf = at::empty({kBlockRows * chunk}, x.options());
+    at::Tensor buf = at::empty({kBlockRows * chunk}, x.options().dtype(acc));
+    at::Tensor xbuf, rbuf;
+    if (upcast) {
+      xbuf = at::empty({kBlockRows, d}, x.options().dtype(acc));
+      rbuf = at::empty({chunk, d}, x.options().dtype(acc));
+    }
     std::vector<Best<acc_t>> bp(kBlockRows), bn(kBlockRows);
     std::vector<acc_t> lo(kBlockRows), hi(kBlockRows);
     for (int64_t blk = blk0; blk < blk1; ++blk) {
       const int64_t i0 = blk * kBlockRows, bm = std::min(kBlockRows, n - i0);
-      const at::Tensor xb = x.narrow(0, i0, bm);
+      at::Tensor xb = x.narrow(0, i0, bm);
+      if (upcast) xb = xbuf.narrow(0, 0, bm).copy_(xb);
       std::fill(bp.begin(), bp.end(), Best<acc_t>{inf, -1});
       std::fill(bn.begin(), bn.end(), Best<acc_t>{inf, -1});
       // One sweep over all reference chunks with the given pass.
@@ -224,14 +322,22 @@ void mine_select_impl(const at::Tensor& x, const at::Tensor& r, const at::Tensor
         for (int64_t j0 = 0; j0 < m; j0 += chunk) {
           const int64_t cn = std::min(chunk, m - j0);
           at::Tensor dot = buf.narrow(0, 0, bm * cn).view({bm, cn});
-          if (!reuse_buffer) at::mm_out(dot, xb, r.narrow(0, j0, cn).t());
-          BlockArgs<acc_t> A{dot.data_ptr<acc_t>(), bm, cn, j0,
-                             a_terms.data_ptr<acc_t>() + i0, b_terms.data_ptr<acc_t>() + j0,
-                             ql.data_ptr<int32_t>() + i0, rl.data_ptr<int32_t>() + j0,
-                             has_ids ? qid.data_ptr<int32_t>() + i0 : nullptr,
-                             has_ids ? rid.data_ptr<int32_t>() + j0 : nullptr,
+          if (!reuse_buffer) {
+            at::Tensor rc = r.narrow(0, j0, cn);
+            if (upcast) rc = rbuf.narrow(0, 0, cn).copy_(rc);
+            at::mm_out(dot, xb, rc.t());
+          }
+          BlockArgs<acc_t> A{dot.data_ptr<acc_t>(), bm, cn, i0, j0,
+                             S.a.data_ptr<acc_t>() + i0, S.b.data_ptr<acc_t>() + j0,
+                             S.ql.data_ptr<int64_t>() + i0, S.rl.data_ptr<int64_t>() + j0,
+                             S.ids == Ids::Explicit ? S.qid.data_ptr<int64_t>() + i0 : nullptr,
+                             S.ids == Ids::Explicit ? S.rid.data_ptr<int64_t>() + j0 : nullptr,
                              ps, ns, lo.data(), hi.data(), bp.data(), bn.data()};
-          scan<acc_t>(dist, has_ids, pass, A);
+          if (cosine) {
+            scan_ids<acc_t, true>(S.ids, pass, A);
+          } else {
+            scan_ids<acc_t, false>(S.ids, pass, A);
+          }
         }
       };
       if (!semihard) {
@@ -242,7 +348,7 @@ void mine_select_impl(const at::Tensor& x, const at::Tensor& r, const at::Tensor
           if (bp[i].idx < 0) { lo[i] = inf; hi[i] = inf; continue; }
           const acc_t v_ap = ps * bp[i].key;  // key = ps * v
           lo[i] = v_ap;
-          hi[i] = semihard_upper<acc_t>(v_ap, margin, dist, inf);
+          hi[i] = semihard_upper<acc_t>(v_ap, S.margin, S.dist, inf);
         }
         sweep(Pass::NegWindow, /*reuse_buffer=*/chunk == m);
       }
@@ -253,7 +359,248 @@ void mine_select_impl(const at::Tensor& x, const at::Tensor& r, const at::Tensor
   });
 }
 
+// ---------------------------------------------------------------- pair distances
+// d(x[i], r[idx[i]]) by direct difference, in acc_t, from the rows in their own
+// dtype (gather, then upcast: only the selected rows are read).  The formulas
+// and their gradients are those of fastmine/_pairs.py:
+//   squared_euclidean  d = |u|^2, u = a - b          dd/da = 2u             dd/db = -dd/da
+//   euclidean          d = |u|                       dd/da = u/|u| (0 at u = 0)
+//   cosine             d = |a^ - b^|^2 / 2, a^ = a/|a|, w = a^ - b^
+//                      dd/da = (w - (a^.w) a^)/|a|   dd/db = (-w + (b^.w) b^)/|b|
+template <typename acc_t, typename scalar_t>
+acc_t pair_value(const scalar_t* a, const scalar_t* b, int64_t d, Distance dist) {
+  if (dist == Distance::Cosine) {
+    acc_t na = 0, nb = 0;
+    for (int64_t k = 0; k < d; ++k) {
+      const acc_t va = static_cast<acc_t>(a[k]), vb = static_cast<acc_t>(b[k]);
+      na += va * va;
+      nb += vb * vb;
+    }
+    na = std::sqrt(na);
+    nb = std::sqrt(nb);
+    acc_t s = 0;
+    for (int64_t k = 0; k < d; ++k) {
+      const acc_t w = static_cast<acc_t>(a[k]) / na - static_cast<acc_t>(b[k]) / nb;
+      s += w * w;
+    }
+    return acc_t(0.5) * s;
+  }
+  acc_t s = 0;
+  for (int64_t k = 0; k < d; ++k) {
+    const acc_t u = static_cast<acc_t>(a[k]) - static_cast<acc_t>(b[k]);
+    s += u * u;
+  }
+  return dist == Distance::Euclidean ? std::sqrt(s) : s;
+}
+
+// ga, gb [d]: dd/da and dd/db of one pair, scaled by g.
+template <typename acc_t, typename scalar_t>
+void pair_grad(const scalar_t* a, const scalar_t* b, int64_t d, Distance dist, acc_t g, acc_t* ga,
+               acc_t* gb) {
+  if (dist == Distance::Cosine) {
+    acc_t na = 0, nb = 0;
+    for (int64_t k = 0; k < d; ++k) {
+      const acc_t va = static_cast<acc_t>(a[k]), vb = static_cast<acc_t>(b[k]);
+      na += va * va;
+      nb += vb * vb;
+    }
+    na = std::sqrt(na);
+    nb = std::sqrt(nb);
+    acc_t aw = 0, bw = 0;
+    for (int64_t k = 0; k < d; ++k) {
+      const acc_t ah = static_cast<acc_t>(a[k]) / na, bh = static_cast<acc_t>(b[k]) / nb;
+      const acc_t w = ah - bh;
+      aw += ah * w;
+      bw += bh * w;
+    }
+    for (int64_t k = 0; k < d; ++k) {
+      const acc_t ah = static_cast<acc_t>(a[k]) / na, bh = static_cast<acc_t>(b[k]) / nb;
+      const acc_t w = ah - bh;
+      ga[k] = g * ((w - aw * ah) / na);
+      gb[k] = g * ((-w + bw * bh) / nb);
+    }
+    return;
+  }
+  acc_t scale = 2;
+  if (dist == Distance::Euclidean) {
+    acc_t s = 0;
+    for (int64_t k = 0; k < d; ++k) {
+      const acc_t u = static_cast<acc_t>(a[k]) - static_cast<acc_t>(b[k]);
+      s += u * u;
+    }
+    scale = s > 0 ? acc_t(1) / std::sqrt(s) : acc_t(0);  // subgradient 0 at u = 0
+  }
+  for (int64_t k = 0; k < d; ++k) {
+    const acc_t u = static_cast<acc_t>(a[k]) - static_cast<acc_t>(b[k]);
+    ga[k] = g * (scale * u);
+    gb[k] = -ga[k];
+  }
+}
+
+template <typename acc_t, typename scalar_t>
+void pair_distances(const at::Tensor& x, const at::Tensor& r, const at::Tensor& idx,
+                    Distance dist, at::Tensor& out) {
+  const int64_t n = x.size(0), d = x.size(1);
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const scalar_t* rp = r.data_ptr<scalar_t>();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  at::parallel_for(0, n, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      op[i] = ip[i] < 0 ? scalar_t(0)
+                        : static_cast<scalar_t>(
+                              pair_value<acc_t>(xp + i * d, rp + ip[i] * d, d, dist));
+    }
+  });
+}
+
+at::Tensor as_int64(const at::Tensor& t) { return t.to(at::kLong).contiguous(); }
+
+// Selection shared by mine_cpu and mine_select_cpu.  Arguments are checked.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_cpu(
+    const at::Tensor& embeddings, const at::Tensor& labels, const at::Tensor& ref_emb,
+    const at::Tensor& ref_labels, const c10::optional<at::Tensor>& query_ids,
+    const c10::optional<at::Tensor>& ref_ids, bool self_refs, int64_t pos_strategy,
+    int64_t neg_strategy, int64_t distance, c10::optional<double> margin) {
+  const int64_t n = embeddings.size(0), m = ref_emb.size(0);
+  const auto dist = static_cast<Distance>(distance);
+  const bool cosine = dist == Distance::Cosine;
+  auto lopts = at::TensorOptions().dtype(at::kLong);
+  at::Tensor pos_idx = at::full({n}, -1, lopts), neg_idx = at::full({n}, -1, lopts);
+  SelectArgs S;
+  S.x = embeddings.detach().contiguous();
+  S.r = self_refs ? S.x : ref_emb.detach().contiguous();
+  if (n == 0) return {pos_idx, neg_idx, S.x, S.r};
+  const bool f64 = embeddings.scalar_type() == at::kDouble;
+  // Row terms first: they carry the data checks, which hold even when m == 0.
+  S.a = f64 ? row_terms<double>(S.x, cosine, "embeddings")
+            : row_terms<float>(S.x, cosine, "embeddings");
+  if (self_refs) {
+    S.b = S.a;
+  } else {
+    S.b = f64 ? row_terms<double>(S.r, cosine, "ref_emb") : row_terms<float>(S.r, cosine, "ref_emb");
+  }
+  if (m == 0) return {pos_idx, neg_idx, S.x, S.r};
+  S.ql = as_int64(labels);
+  S.rl = self_refs ? S.ql : as_int64(ref_labels);
+  if (query_ids.has_value()) {
+    S.ids = Ids::Explicit;
+    S.qid = as_int64(*query_ids);
+    S.rid = self_refs ? S.qid : as_int64(*ref_ids);
+  } else {
+    S.ids = self_refs ? Ids::Self : Ids::None;
+  }
+  S.pos = static_cast<PosStrategy>(pos_strategy);
+  S.neg = static_cast<NegStrategy>(neg_strategy);
+  S.dist = dist;
+  S.margin = margin.has_value() ? *margin : -1.0;
+  if (f64) {
+    select_impl<double>(S, pos_idx, neg_idx);
+  } else {
+    select_impl<float>(S, pos_idx, neg_idx);
+  }
+  return {pos_idx, neg_idx, S.x, S.r};
+}
+
 }  // namespace
+
+// ------------------------------------------------------------------------- ops
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mine_cpu(
+    const at::Tensor& embeddings, const at::Tensor& labels,
+    const c10::optional<at::Tensor>& ref_emb, const c10::optional<at::Tensor>& ref_labels,
+    const c10::optional<at::Tensor>& query_ids, const c10::optional<at::Tensor>& ref_ids,
+    int64_t pos_strategy, int64_t neg_strategy, int64_t distance, c10::optional<double> margin) {
+  const bool self_refs = check_mine_args(c10::DeviceType::CPU, embeddings, labels, ref_emb,
+                                         ref_labels, query_ids, ref_ids, pos_strategy,
+                                         neg_strategy, distance, margin);
+  at::NoGradGuard no_grad;  // the autograd kernel sits above this one
+  const at::Tensor& r = self_refs ? embeddings : *ref_emb;
+  auto [pos_idx, neg_idx, x, rc] =
+      select_cpu(embeddings, labels, r, self_refs ? labels : *ref_labels, query_ids,
+                 self_refs ? query_ids : ref_ids, self_refs, pos_strategy, neg_strategy, distance,
+                 margin);
+  const int64_t n = embeddings.size(0);
+  at::Tensor pos_dist = at::empty({n}, embeddings.options());
+  at::Tensor neg_dist = at::empty({n}, embeddings.options());
+  const auto dist = static_cast<Distance>(distance);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pair_distances", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    pair_distances<acc_t, scalar_t>(x, rc, pos_idx, dist, pos_dist);
+    pair_distances<acc_t, scalar_t>(x, rc, neg_idx, dist, neg_dist);
+  });
+  return {pos_idx, neg_idx, pos_dist, neg_dist};
+}
+
+std::tuple<at::Tensor, at::Tensor> mine_backward_cpu(
+    const at::Tensor& grad_pos_dist, const at::Tensor& grad_neg_dist,
+    const at::Tensor& embeddings, const c10::optional<at::Tensor>& ref_emb,
+    const at::Tensor& pos_idx, const at::Tensor& neg_idx, int64_t distance,
+    bool ref_emb_grad) {
+  check_mine_backward_args(c10::DeviceType::CPU, grad_pos_dist, grad_neg_dist, embeddings,
+                           ref_emb, pos_idx, neg_idx, distance);
+  at::NoGradGuard no_grad;
+  const bool self_refs = !ref_emb.has_value();
+  const at::Tensor x = embeddings.detach().contiguous();
+  const at::Tensor r = self_refs ? x : ref_emb->detach().contiguous();
+  const int64_t n = x.size(0), m = r.size(0), d = x.size(1);
+  const bool f64 = x.scalar_type() == at::kDouble;
+  const auto acc = f64 ? at::kDouble : at::kFloat;
+  // Accumulate in acc; the reference gradient only when asked for (a memory
+  // bank without grad costs O(N*D), not O(M*D)).  Self refs: both halves land
+  // in grad_x, the returned grad_ref_emb is empty.
+  at::Tensor gx = at::zeros({n, d}, x.options().dtype(acc));
+  const bool want_r = !self_refs && ref_emb_grad;
+  at::Tensor gr = want_r ? at::zeros({m, d}, x.options().dtype(acc)) : at::Tensor();
+  const at::Tensor gp = grad_pos_dist.to(acc).contiguous(), gn = grad_neg_dist.to(acc).contiguous();
+  const auto dist = static_cast<Distance>(distance);
+  const int64_t* pi = pos_idx.contiguous().data_ptr<int64_t>();
+  const int64_t* ni = neg_idx.contiguous().data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mine_backward", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* rp = r.data_ptr<scalar_t>();
+    const acc_t* gpp = gp.data_ptr<acc_t>();
+    const acc_t* gnp = gn.data_ptr<acc_t>();
+    acc_t* gxp = gx.data_ptr<acc_t>();
+    acc_t* grp = want_r ? gr.data_ptr<acc_t>() : nullptr;
+    const bool scatter = want_r || self_refs;
+    acc_t* target = self_refs ? gxp : grp;
+    // Anchor rows: dense and parallel.  Reference rows: scattered afterwards
+    // in anchor order by one thread, so the sum is the same on every run
+    // (deterministic whether or not torch.use_deterministic_algorithms is on).
+    std::vector<acc_t> gbuf(scatter ? size_t(2 * n * d) : 0);
+    at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
+      std::vector<acc_t> ga(d), gb(d);
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t idx[2] = {pi[i], ni[i]};
+        const acc_t g[2] = {gpp[i], gnp[i]};
+        for (int side = 0; side < 2; ++side) {
+          if (idx[side] < 0) continue;
+          pair_grad<acc_t>(xp + i * d, rp + idx[side] * d, d, dist, g[side], ga.data(), gb.data());
+          acc_t* row = gxp + i * d;
+          for (int64_t k = 0; k < d; ++k) row[k] += ga[k];
+          if (scatter) std::copy(gb.begin(), gb.end(), gbuf.begin() + (2 * i + side) * d);
+        }
+      }
+    });
+    if (scatter) {
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t idx[2] = {pi[i], ni[i]};
+        for (int side = 0; side < 2; ++side) {
+          if (idx[side] < 0) continue;
+          acc_t* row = target + idx[side] * d;
+          const acc_t* src = gbuf.data() + (2 * i + side) * d;
+          for (int64_t k = 0; k < d; ++k) row[k] += src[k];
+        }
+      }
+    }
+  });
+  at::Tensor grad_x = gx.to(embeddings.scalar_type());
+  at::Tensor grad_r = want_r ? gr.to(ref_emb->scalar_type())
+                             : at::empty({0, d}, embeddings.options());
+  return {grad_x, grad_r};
+}
 
 std::tuple<at::Tensor, at::Tensor> mine_select_cpu(
     const at::Tensor& embeddings, const at::Tensor& labels, const at::Tensor& ref_emb,
@@ -262,40 +609,10 @@ std::tuple<at::Tensor, at::Tensor> mine_select_cpu(
     int64_t distance, c10::optional<double> margin) {
   check_mine_select_args(c10::DeviceType::CPU, embeddings, labels, ref_emb, ref_labels, query_ids,
                          ref_ids, pos_strategy, neg_strategy, distance, margin);
-  const int64_t n = embeddings.size(0), m = ref_emb.size(0);
-  const auto neg = static_cast<NegStrategy>(neg_strategy);
-
-  auto opts = at::TensorOptions().dtype(at::kLong);
-  at::Tensor pos_idx = at::full({n}, -1, opts), neg_idx = at::full({n}, -1, opts);
-  if (n == 0 || m == 0) return {pos_idx, neg_idx};
-
-  // float64 stays float64; float16/bfloat16/float32 are mined in float32.
-  const auto acc = embeddings.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  // Selection is not differentiable: detach so no ATen call below records autograd.
-  at::Tensor x = embeddings.detach().to(acc).contiguous();
-  at::Tensor r = ref_emb.is_same(embeddings) ? x : ref_emb.detach().to(acc).contiguous();
-  const auto dist = static_cast<Distance>(distance);
-  at::Tensor a_terms, b_terms;
-  if (dist == Distance::Cosine) {
-    a_terms = x.norm(2, {1}).reciprocal_();
-    b_terms = r.is_same(x) ? a_terms : r.norm(2, {1}).reciprocal_();
-  } else {
-    a_terms = (x * x).sum(1);
-    b_terms = r.is_same(x) ? a_terms : (r * r).sum(1);
-  }
-  auto [ql, rl] = compact_int32(labels, ref_labels);
-  at::Tensor qid, rid;
-  if (query_ids.has_value()) std::tie(qid, rid) = compact_int32(*query_ids, *ref_ids);
-
-  const auto pos = static_cast<PosStrategy>(pos_strategy);
-  const double margin_v = margin.has_value() ? *margin : -1.0;
-  if (acc == at::kDouble) {
-    mine_select_impl<double>(x, r, a_terms, b_terms, ql, rl, qid, rid, pos, neg, dist, margin_v,
-                             pos_idx, neg_idx);
-  } else {
-    mine_select_impl<float>(x, r, a_terms, b_terms, ql, rl, qid, rid, pos, neg, dist, margin_v,
-                            pos_idx, neg_idx);
-  }
+  at::NoGradGuard no_grad;
+  auto [pos_idx, neg_idx, x, r] =
+      select_cpu(embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids,
+                 /*self_refs=*/false, pos_strategy, neg_strategy, distance, margin);
   return {pos_idx, neg_idx};
 }
 

@@ -8,7 +8,7 @@
 
 #include "fastmine/strategies.h"
 
-#define FASTMINE_CHECK_ARG(cond, ...) TORCH_CHECK(cond, "fastmine::mine_select: ", __VA_ARGS__)
+#define FASTMINE_CHECK_ARG(cond, ...) TORCH_CHECK(cond, "fastmine: ", __VA_ARGS__)
 
 namespace fastmine {
 
@@ -66,6 +66,57 @@ inline void check_mine_select_args(c10::DeviceType device_type, const at::Tensor
       !margin.has_value() ||
           (static_cast<NegStrategy>(neg_strategy) == NegStrategy::SemiHard && *margin >= 0),
       "margin must be >= 0 and is only valid with the semi-hard negative strategy");
+}
+
+// Checks the arguments of fastmine::mine for the implementation on
+// `device_type`; returns true when the references are the batch (ref_emb None).
+inline bool check_mine_args(c10::DeviceType device_type, const at::Tensor& embeddings,
+                            const at::Tensor& labels, const c10::optional<at::Tensor>& ref_emb,
+                            const c10::optional<at::Tensor>& ref_labels,
+                            const c10::optional<at::Tensor>& query_ids,
+                            const c10::optional<at::Tensor>& ref_ids, int64_t pos_strategy,
+                            int64_t neg_strategy, int64_t distance,
+                            c10::optional<double> margin) {
+  const bool self_refs = !ref_emb.has_value();
+  FASTMINE_CHECK_ARG(ref_emb.has_value() == ref_labels.has_value(),
+                     "ref_emb and ref_labels must be given together");
+  if (self_refs) {
+    FASTMINE_CHECK_ARG(!ref_ids.has_value(),
+                       "ref_ids given without ref_emb: when the references are the batch their "
+                       "ids are query_ids");
+    check_mine_select_args(device_type, embeddings, labels, embeddings, labels, query_ids,
+                           query_ids, pos_strategy, neg_strategy, distance, margin);
+  } else {
+    check_mine_select_args(device_type, embeddings, labels, *ref_emb, *ref_labels, query_ids,
+                           ref_ids, pos_strategy, neg_strategy, distance, margin);
+  }
+  return self_refs;
+}
+
+inline void check_mine_backward_args(c10::DeviceType device_type, const at::Tensor& grad_pos_dist,
+                                     const at::Tensor& grad_neg_dist,
+                                     const at::Tensor& embeddings,
+                                     const c10::optional<at::Tensor>& ref_emb,
+                                     const at::Tensor& pos_idx, const at::Tensor& neg_idx,
+                                     int64_t distance) {
+  const int64_t n = embeddings.size(0);
+  FASTMINE_CHECK_ARG(embeddings.dim() == 2 && embeddings.device().type() == device_type,
+                     "mine_backward: embeddings must be a 2-D ", c10::DeviceTypeName(device_type),
+                     " tensor");
+  if (ref_emb.has_value()) {
+    FASTMINE_CHECK_ARG(ref_emb->dim() == 2 && ref_emb->size(1) == embeddings.size(1) &&
+                           ref_emb->device() == embeddings.device(),
+                       "mine_backward: ref_emb must be [M, ", embeddings.size(1), "] on ",
+                       embeddings.device());
+  }
+  for (const at::Tensor* t : {&grad_pos_dist, &grad_neg_dist, &pos_idx, &neg_idx}) {
+    FASTMINE_CHECK_ARG(t->dim() == 1 && t->size(0) == n && t->device() == embeddings.device(),
+                       "mine_backward: gradients and indices must be [", n, "] on ",
+                       embeddings.device());
+  }
+  FASTMINE_CHECK_ARG(pos_idx.scalar_type() == at::kLong && neg_idx.scalar_type() == at::kLong,
+                     "mine_backward: pos_idx and neg_idx must be int64");
+  FASTMINE_CHECK_ARG(distance >= 0 && distance <= 2, "unknown distance code ", distance);
 }
 
 }  // namespace fastmine

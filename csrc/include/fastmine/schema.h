@@ -1,10 +1,42 @@
-// The schema of fastmine::mine_select, the op every compiled backend implements
-// (defined in csrc/fastmine_ops.cpp; the CPU-emulated CUDA build of the tests
-// defines the same schema under its own namespace).
+// The op schemas of fastmine (defined in csrc/fastmine_ops.cpp).  One op per
+// job, one implementation per device; docs/ops.md describes the layering.
 //
-// Per anchor, the index (into ref_emb) of the selected positive and negative,
-// int64 [N], -1 where none exists.  Codes: see strategies.h.
+// fastmine::mine           per anchor, the selected positive and negative
+//                          (int64 [N], -1 where none exists) and the exact
+//                          distances of those pairs ([N], embeddings' dtype).
+//                          ref_emb/ref_labels None: the references are the
+//                          batch and self-pairs are excluded (unless
+//                          query_ids says which rows are the same sample).
+//                          `backend` names the implementation: "cpu" and
+//                          "cuda" are this library's kernels; any other name X
+//                          is the op fastmine::mine_X (same schema without
+//                          `backend`), e.g. the Triton kernels.
+// fastmine::mine_backward  dL/d(embeddings) [N, D] and dL/d(ref_emb) ([M, D],
+//                          or [0, D] when ref_emb is None -- both halves are
+//                          then in the first output -- or ref_emb_grad is false).
+// fastmine::mine_select    selection only (the CUDA launcher and the emulated
+//                          CUDA build of the tests implement it).
+// Codes: see strategies.h.
 #pragma once
+
+#define FASTMINE_MINE_ARGS                                                                 \
+  "Tensor embeddings, Tensor labels, Tensor? ref_emb, Tensor? ref_labels, "               \
+  "Tensor? query_ids, Tensor? ref_ids, int pos_strategy, int neg_strategy, int distance, " \
+  "float? margin"
+#define FASTMINE_MINE_RETURNS "(Tensor, Tensor, Tensor, Tensor)"
+#define FASTMINE_MINE_BACKWARD_ARGS                                                      \
+  "Tensor grad_pos_dist, Tensor grad_neg_dist, Tensor embeddings, Tensor? ref_emb, "    \
+  "Tensor pos_idx, Tensor neg_idx, int distance, bool ref_emb_grad"
+
+#define FASTMINE_MINE_SCHEMA \
+  "mine(" FASTMINE_MINE_ARGS ", str backend) -> " FASTMINE_MINE_RETURNS
+#define FASTMINE_MINE_BACKWARD_SCHEMA \
+  "mine_backward(" FASTMINE_MINE_BACKWARD_ARGS ", str backend) -> (Tensor, Tensor)"
+// An implementation X registers fastmine::mine_X (and optionally
+// fastmine::mine_backward_X) with these schemas.
+#define FASTMINE_MINE_IMPL_SCHEMA(X) "mine_" X "(" FASTMINE_MINE_ARGS ") -> " FASTMINE_MINE_RETURNS
+#define FASTMINE_MINE_BACKWARD_IMPL_SCHEMA(X) \
+  "mine_backward_" X "(" FASTMINE_MINE_BACKWARD_ARGS ") -> (Tensor, Tensor)"
 
 #define FASTMINE_MINE_SELECT_SCHEMA                                                      \
   "mine_select(Tensor embeddings, Tensor labels, Tensor ref_emb, Tensor ref_labels, "   \

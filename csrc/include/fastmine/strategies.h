@@ -3,6 +3,7 @@
 // schema `fastmine::mine_select` and must never change.
 #pragma once
 #include <cstdint>
+#include <limits>
 
 // Helpers below are usable from CUDA device code too (csrc/cuda); plain
 // inline functions for host compilers.
@@ -32,6 +33,32 @@ enum class Distance : int64_t {
   SquaredEuclidean = 1,  // ||a - b||_2^2
   Cosine = 2,            // 1 - cos(a, b)
 };
+
+// The value mining ranks, from a dot product a.b and per-row terms:
+//   squared Euclidean (also mined for Euclidean):  v = a_i + b_j - 2 a.b,
+//       a_i = |x_i|^2, b_j = |r_j|^2 (the Gram expansion);
+//   cosine:  v = 1 - a.b * a_i * b_j,  a_i = 1/|x_i|, b_j = 1/|r_j|.
+// Clamped at +0 (rounding can make it slightly negative).  This is the one
+// definition for the compiled kernels (fastmine/reference.py and
+// fastmine/_triton.py write the same formula in Python).
+template <typename acc_t>
+FASTMINE_HD inline acc_t mining_value(acc_t dot, acc_t ai, acc_t bj, bool cosine) {
+  const acc_t v = cosine ? acc_t(1) - dot * ai * bj : ai + bj - acc_t(2) * dot;
+  return v > acc_t(0) ? v : acc_t(0);
+}
+
+// Admissible squared row norms |x|^2 in the compute dtype (docs/contract.md,
+// "Admissible rows"; fastmine/_contract.py sqnorm_bounds is the Python form):
+// at most max/8 for every distance (no Gram term can overflow), at least
+// tiny/eps for cosine (the direction is defined).
+template <typename acc_t>
+FASTMINE_HD inline acc_t sqnorm_max() {
+  return std::numeric_limits<acc_t>::max() / acc_t(8);
+}
+template <typename acc_t>
+FASTMINE_HD inline acc_t cosine_sqnorm_min() {
+  return std::numeric_limits<acc_t>::min() / std::numeric_limits<acc_t>::epsilon();
+}
 
 // Selection as "argmin of a key": a nearest rule uses key = d, a farthest rule
 // key = -d.  Ties keep the smallest reference index.
