@@ -27,6 +27,7 @@ namespace fastmine {
 namespace {
 
 using MineOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using MineOutValid = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using MineSig = MineOut(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
                         const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
                         const c10::optional<at::Tensor>&, int64_t, int64_t, int64_t,
@@ -51,23 +52,28 @@ c10::optional<c10::OperatorHandle> implementation(const std::string& kind, c10::
   return op;
 }
 
-MineOut mine_device(const at::Tensor& embeddings, const at::Tensor& labels,
-                    const c10::optional<at::Tensor>& ref_emb,
-                    const c10::optional<at::Tensor>& ref_labels,
-                    const c10::optional<at::Tensor>& query_ids,
-                    const c10::optional<at::Tensor>& ref_ids, int64_t pos_strategy,
-                    int64_t neg_strategy, int64_t distance, c10::optional<double> margin,
-                    c10::string_view backend) {
+MineOutValid mine_device(const at::Tensor& embeddings, const at::Tensor& labels,
+                         const c10::optional<at::Tensor>& ref_emb,
+                         const c10::optional<at::Tensor>& ref_labels,
+                         const c10::optional<at::Tensor>& query_ids,
+                         const c10::optional<at::Tensor>& ref_ids, int64_t pos_strategy,
+                         int64_t neg_strategy, int64_t distance, c10::optional<double> margin,
+                         c10::string_view backend) {
+  MineOut out;
   if (embeddings.is_cpu() && backend == "cpu") {
-    return cpu::mine_cpu(embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids,
-                         pos_strategy, neg_strategy, distance, margin);
+    out = cpu::mine_cpu(embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids,
+                        pos_strategy, neg_strategy, distance, margin);
+  } else {
+    auto op = implementation("mine", backend);
+    TORCH_CHECK(op.has_value(), "fastmine::mine: backend '", backend,
+                "' has no implementation for ", embeddings.device().type(),
+                " tensors (no op fastmine::mine_", backend, " is registered)");
+    out = op->typed<MineSig>().call(embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids,
+                                    pos_strategy, neg_strategy, distance, margin);
   }
-  auto op = implementation("mine", backend);
-  TORCH_CHECK(op.has_value(), "fastmine::mine: backend '", backend, "' has no implementation for ",
-              embeddings.device().type(), " tensors (no op fastmine::mine_", backend,
-              " is registered)");
-  return op->typed<MineSig>().call(embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids,
-                                   pos_strategy, neg_strategy, distance, margin);
+  auto& [pos_idx, neg_idx, pos_dist, neg_dist] = out;
+  at::Tensor valid = pos_idx.ge(0).logical_and_(neg_idx.ge(0));
+  return {pos_idx, neg_idx, pos_dist, neg_dist, valid};
 }
 
 BackwardOut mine_backward_device(const at::Tensor& grad_pos_dist, const at::Tensor& grad_neg_dist,
@@ -101,21 +107,21 @@ class MineAutograd : public torch::autograd::Function<MineAutograd> {
     at::AutoDispatchBelowADInplaceOrView guard;
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("fastmine::mine", "")
-                         .typed<MineOut(const at::Tensor&, const at::Tensor&,
-                                        const c10::optional<at::Tensor>&,
-                                        const c10::optional<at::Tensor>&,
-                                        const c10::optional<at::Tensor>&,
-                                        const c10::optional<at::Tensor>&, int64_t, int64_t,
-                                        int64_t, c10::optional<double>, c10::string_view)>();
-    auto [pos_idx, neg_idx, pos_dist, neg_dist] =
+                         .typed<MineOutValid(const at::Tensor&, const at::Tensor&,
+                                             const c10::optional<at::Tensor>&,
+                                             const c10::optional<at::Tensor>&,
+                                             const c10::optional<at::Tensor>&,
+                                             const c10::optional<at::Tensor>&, int64_t, int64_t,
+                                             int64_t, c10::optional<double>, c10::string_view)>();
+    auto [pos_idx, neg_idx, pos_dist, neg_dist, valid] =
         op.call(embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids, pos_strategy,
                 neg_strategy, distance, margin, backend);
     ctx->save_for_backward({embeddings, ref_emb.has_value() ? *ref_emb : at::Tensor(), pos_idx,
                             neg_idx});
     ctx->saved_data["distance"] = distance;
     ctx->saved_data["backend"] = std::string(backend);
-    ctx->mark_non_differentiable({pos_idx, neg_idx});
-    return {pos_idx, neg_idx, pos_dist, neg_dist};
+    ctx->mark_non_differentiable({pos_idx, neg_idx, valid});
+    return {pos_idx, neg_idx, pos_dist, neg_dist, valid};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -147,7 +153,7 @@ class MineAutograd : public torch::autograd::Function<MineAutograd> {
   }
 };
 
-MineOut mine_autograd(const at::Tensor& embeddings, const at::Tensor& labels,
+MineOutValid mine_autograd(const at::Tensor& embeddings, const at::Tensor& labels,
                       const c10::optional<at::Tensor>& ref_emb,
                       const c10::optional<at::Tensor>& ref_labels,
                       const c10::optional<at::Tensor>& query_ids,
@@ -156,7 +162,7 @@ MineOut mine_autograd(const at::Tensor& embeddings, const at::Tensor& labels,
                       c10::string_view backend) {
   auto out = MineAutograd::apply(embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids,
                                  pos_strategy, neg_strategy, distance, margin, backend);
-  return {out[0], out[1], out[2], out[3]};
+  return {out[0], out[1], out[2], out[3], out[4]};
 }
 
 }  // namespace

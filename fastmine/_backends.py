@@ -148,10 +148,20 @@ def available(device: Optional[torch.device] = None) -> list:
     return [n for n, b in sorted(_REGISTRY.items()) if not b.unavailable(device)]
 
 
-def _register_reference() -> None:
+def _compiled_select(x, labels, r, ref_labels, query_ids, ref_ids, pos, neg, distance, margin):
+    """Selection by the compiled op fastmine::mine_select (the CUDA kernels)."""
+    return torch.ops.fastmine.mine_select(
+        x, labels, r, ref_labels, query_ids, ref_ids,
+        POS_STRATEGIES[pos], NEG_STRATEGIES[neg], DISTANCES[distance], margin)
+
+
+def _register_builtin() -> None:
     from . import _pairs, reference
 
     register_python("torch", reference.select, _pairs.pair_distance_backward, lambda device: "")
+    # The CUDA kernels' selection, with the pair distances and backward of
+    # fastmine._pairs (the CUDA backward kernels are not wired in yet).
+    register_python("cuda", _compiled_select, _pairs.pair_distance_backward, _cuda_unavailable)
 
 
-_register_reference()
+_register_builtin()

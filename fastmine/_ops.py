@@ -16,7 +16,8 @@ def _mine_fake(embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids, pos_
     n = embeddings.shape[0]
     return (embeddings.new_empty((n,), dtype=torch.int64),
             embeddings.new_empty((n,), dtype=torch.int64),
-            embeddings.new_empty((n,)), embeddings.new_empty((n,)))
+            embeddings.new_empty((n,)), embeddings.new_empty((n,)),
+            embeddings.new_empty((n,), dtype=torch.bool))
 
 
 def _mine_backward_fake(grad_pos_dist, grad_neg_dist, embeddings, ref_emb, pos_idx, neg_idx,

@@ -78,10 +78,11 @@ def _prepare(embeddings, labels, ref_emb, ref_labels, pos_strategy, neg_strategy
 
 
 def _mine_op(args):
-    """(pos_idx, neg_idx, pos_dist, neg_dist): the op fastmine::mine, or, when the
-    compiled extension is missing, the reference computed eagerly."""
+    """(pos_idx, neg_idx, pos_dist, neg_dist, valid): the op fastmine::mine, or,
+    when the compiled extension is missing, the reference computed eagerly."""
     if args[-1] == "torch" and not _extension.loaded():
-        return reference.mine_eager(*args[:-1])
+        pos_idx, neg_idx, pos_dist, neg_dist = reference.mine_eager(*args[:-1])
+        return pos_idx, neg_idx, pos_dist, neg_dist, (pos_idx >= 0) & (neg_idx >= 0)
     return torch.ops.fastmine.mine(*args)
 
 
@@ -112,10 +113,9 @@ def mine(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
         MiningResult(pos_idx, neg_idx, pos_dist, neg_dist, valid), each [N].
         Exact ties go to the smallest reference index.  See docs/contract.md.
     """
-    pos_idx, neg_idx, pos_dist, neg_dist = _mine_op(_prepare(
+    return MiningResult._make(_mine_op(_prepare(
         embeddings, labels, ref_emb, ref_labels, pos_strategy, neg_strategy, distance, margin,
-        query_ids, ref_ids, backend))
-    return MiningResult(pos_idx, neg_idx, pos_dist, neg_dist, (pos_idx >= 0) & (neg_idx >= 0))
+        query_ids, ref_ids, backend)))
 
 
 class MineFunction:
@@ -137,4 +137,4 @@ class MineFunction:
               neg_strategy="hard", distance="euclidean", margin=None, query_ids=None,
               ref_ids=None, backend="auto"):
         return _mine_op(_prepare(embeddings, labels, ref_emb, ref_labels, pos_strategy,
-                                 neg_strategy, distance, margin, query_ids, ref_ids, backend))
+                                 neg_strategy, distance, margin, query_ids, ref_ids, backend))[:4]

@@ -2,8 +2,9 @@
 // job, one implementation per device; docs/ops.md describes the layering.
 //
 // fastmine::mine           per anchor, the selected positive and negative
-//                          (int64 [N], -1 where none exists) and the exact
-//                          distances of those pairs ([N], embeddings' dtype).
+//                          (int64 [N], -1 where none exists), the exact
+//                          distances of those pairs ([N], embeddings' dtype)
+//                          and valid (bool [N], both exist).
 //                          ref_emb/ref_labels None: the references are the
 //                          batch and self-pairs are excluded (unless
 //                          query_ids says which rows are the same sample).
@@ -29,11 +30,11 @@
   "Tensor pos_idx, Tensor neg_idx, int distance, bool ref_emb_grad"
 
 #define FASTMINE_MINE_SCHEMA \
-  "mine(" FASTMINE_MINE_ARGS ", str backend) -> " FASTMINE_MINE_RETURNS
+  "mine(" FASTMINE_MINE_ARGS ", str backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 #define FASTMINE_MINE_BACKWARD_SCHEMA \
   "mine_backward(" FASTMINE_MINE_BACKWARD_ARGS ", str backend) -> (Tensor, Tensor)"
-// An implementation X registers fastmine::mine_X (and optionally
-// fastmine::mine_backward_X) with these schemas.
+// An implementation X registers fastmine::mine_X (the first four outputs of
+// fastmine::mine) and optionally fastmine::mine_backward_X, with these schemas.
 #define FASTMINE_MINE_IMPL_SCHEMA(X) "mine_" X "(" FASTMINE_MINE_ARGS ") -> " FASTMINE_MINE_RETURNS
 #define FASTMINE_MINE_BACKWARD_IMPL_SCHEMA(X) \
   "mine_backward_" X "(" FASTMINE_MINE_BACKWARD_ARGS ") -> (Tensor, Tensor)"
