@@ -55,10 +55,10 @@ def test_opcheck_mine(backend, pos, neg, dist, margin):
 @pytest.mark.parametrize("neg", ["hard", "semihard"])
 def test_opcheck_mine_select(neg):
     x, y, _, _ = _data(seed=2)
-    (x, y, r, ry, qid, rid, pos, neg, dist, margin, _backend) = _args(
-        x, y, None, None, "easy", neg, "euclidean", "cpu", 0.4 if neg == "semihard" else None)
+    ids = torch.arange(x.shape[0])
     # mine_select takes the strategies/distance as the integer codes of _contract
-    args = (x, y, r, ry, qid, rid, POS_STRATEGIES[pos], NEG_STRATEGIES[neg], DISTANCES[dist], margin)
+    args = (x, y, x, y, ids, ids, POS_STRATEGIES["easy"], NEG_STRATEGIES[neg],
+            DISTANCES["euclidean"], 0.4 if neg == "semihard" else None)
     torch.library.opcheck(torch.ops.fastmine.mine_select.default, args)
 
 
@@ -113,9 +113,10 @@ def test_compile_fullgraph_matches_eager(backend):
 
 
 # Fused backends whose backward runs kernels of their own on CPU tensors:
-# triton (under the interpreter).  cpu and cuda-emulated scatter with
-# fastmine._pairs (torch's index_put_ / index_add_), whose order the CPU never
-# varies: their run-to-run claim is the GPU test below.
+# triton (under the interpreter).  cuda-emulated scatters with fastmine._pairs
+# (torch's index_put_ / index_add_), whose order the CPU never varies: its
+# run-to-run claim is the GPU test below.  The cpu backend sums reference rows
+# in anchor order on one thread: test_cpu_backward_independent_of_threads.
 OWN_BACKWARD = [b for b in FUSED_BACKENDS if b == "triton"]
 
 
@@ -187,3 +188,30 @@ def test_gpu_deterministic_gradients_bit_identical(backend):
     assert grads[0][1].abs().sum() > 0
     for g in grads[1:]:
         assert torch.equal(g[0], grads[0][0]) and torch.equal(g[1], grads[0][1])
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="compiled extension not loaded")
+@pytest.mark.parametrize("refs", [False, True])
+def test_cpu_backward_independent_of_threads(refs):
+    """The CPU backward's reference-row sums run in anchor order on one thread:
+    gradients are bit-identical whatever the thread count (a parallel scatter
+    with a varying order would round differently on these many collisions)."""
+    g = torch.Generator().manual_seed(5)
+    n, m = 3000, (5 if refs else None)
+    x = torch.randn(n, 16, generator=g, requires_grad=True)
+    y = torch.randint(0, 2, (n,), generator=g)
+    r = torch.randn(m, 16, generator=g, requires_grad=True) if refs else None
+    ry = torch.randint(0, 2, (m,), generator=g) if refs else None
+    w = torch.rand(n, generator=g)
+    prev = torch.get_num_threads()
+    grads = []
+    try:
+        for threads in (1, max(2, prev)):
+            torch.set_num_threads(threads)
+            res = fastmine.mine(x, y, r, ry, backend="cpu")
+            inputs = (x, r) if refs else (x,)
+            grads.append(torch.autograd.grad((res.pos_dist * w - res.neg_dist).sum(), inputs))
+    finally:
+        torch.set_num_threads(prev)
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
