@@ -155,7 +155,34 @@ def sqnorm_bounds(dtype: torch.dtype, distance: str):
 
 
 def check_finite(name: str, emb: torch.Tensor, distance: str) -> None:
-    """Data-dependent checks, run eagerly inside the op (never traced).
+    """The contract's data checks on ``emb`` [N, D] ("Admissible rows"), inside the op.
+
+    CPU tensors: eager, a ValueError naming ``name`` and the first bad row.
+    Other devices: no host synchronisation -- the same conditions are reduced
+    on the device into one flag and asserted asynchronously
+    (``torch._assert_async``): a bad input fails the next synchronising call
+    with a device-side assertion whose message names ``name`` and the rule.
+    """
+    if emb.device.type == "cpu":
+        _check_finite_eager(name, emb, distance)
+    else:
+        check_finite_async(name, emb, distance)
+
+
+def check_finite_async(name: str, emb: torch.Tensor, distance: str) -> None:
+    """check_finite without a host sync (see there)."""
+    if emb.shape[0] == 0:
+        return
+    cdt = compute_dtype(emb.dtype)
+    sq_lo, sq_hi = sqnorm_bounds(emb.dtype, distance)
+    norm = torch.linalg.vector_norm(emb, dim=1, dtype=cdt)  # NaN/Inf propagate into it
+    ok = (norm <= math.sqrt(sq_hi)) & (norm >= math.sqrt(sq_lo))  # NaN fails both
+    torch._assert_async(ok.all(), f"fastmine: {name} contains NaN or Inf, or a row whose norm "
+                        "is outside the admissible range (docs/contract.md, 'Admissible rows')")
+
+
+def _check_finite_eager(name: str, emb: torch.Tensor, distance: str) -> None:
+    """Data-dependent checks, run eagerly (CPU tensors).
 
     1. No NaN or +-Inf.
     2. Every row's squared norm, in the compute dtype, lies within
