@@ -42,6 +42,21 @@ _COMPILING = {"build", "build_ext", "bdist", "bdist_wheel", "bdist_egg", "instal
 _commands = {a for a in sys.argv[1:] if not a.startswith("-")}
 _SDIST = "sdist" in _commands
 
+def _cuda_home_from_nvcc() -> None:
+    """torch guesses CUDA_HOME from `which nvcc`; when nvcc is a symlink (e.g.
+    /usr/local/bin/nvcc -> /usr/local/cuda/bin/nvcc) the guess (/usr/local) has
+    no libcudart and the link fails.  Follow the link once, before torch looks."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    import shutil
+
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        os.environ["CUDA_HOME"] = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+
+
+_cuda_home_from_nvcc()
+
 try:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension

@@ -334,3 +334,15 @@ def test_report_regenerates_committed_results(path):
     result = json.loads(path.read_text())
     report.add_derived(result["results"])
     assert report.markdown(result) == md.read_text()
+
+
+def test_call_overhead_benchmark_runs():
+    """benchmarks/call_overhead.py (the one-op-per-device targets): timing cells run
+    and report every figure (the memory cells are the same calls on a big bank)."""
+    from benchmarks import call_overhead
+
+    rows = call_overhead.timing_cells(repeats=3, warmup=1)
+    assert [(r["n"], r["d"]) for r in rows] == [(16, 64), (128, 64), (512, 128), (2048, 128)]
+    for r in rows:
+        assert all(r[k] > 0 for k in ("raw_op_us", "mine_us", "mine_fwd_bwd_us", "loss_fwd_bwd_us",
+                                      "pml_fwd_bwd_us"))

@@ -368,16 +368,19 @@ void select_impl(const SelectArgs& S, at::Tensor& pos_idx, at::Tensor& neg_idx) 
 //   cosine             d = |a^ - b^|^2 / 2, a^ = a/|a|, w = a^ - b^
 //                      dd/da = (w - (a^.w) a^)/|a|   dd/db = (-w + (b^.w) b^)/|b|
 template <typename acc_t, typename scalar_t>
+inline acc_t squared_difference(const scalar_t* a, const scalar_t* b, int64_t d) {
+  acc_t s = 0;
+  for (int64_t k = 0; k < d; ++k) {
+    const acc_t u = static_cast<acc_t>(a[k]) - static_cast<acc_t>(b[k]);
+    s += u * u;
+  }
+  return s;
+}
+
+template <typename acc_t, typename scalar_t>
 acc_t pair_value(const scalar_t* a, const scalar_t* b, int64_t d, Distance dist) {
   if (dist == Distance::Cosine) {
-    acc_t na = 0, nb = 0;
-    for (int64_t k = 0; k < d; ++k) {
-      const acc_t va = static_cast<acc_t>(a[k]), vb = static_cast<acc_t>(b[k]);
-      na += va * va;
-      nb += vb * vb;
-    }
-    na = std::sqrt(na);
-    nb = std::sqrt(nb);
+    const acc_t na = std::sqrt(squared_norm<acc_t>(a, d)), nb = std::sqrt(squared_norm<acc_t>(b, d));
     acc_t s = 0;
     for (int64_t k = 0; k < d; ++k) {
       const acc_t w = static_cast<acc_t>(a[k]) / na - static_cast<acc_t>(b[k]) / nb;
@@ -385,11 +388,7 @@ acc_t pair_value(const scalar_t* a, const scalar_t* b, int64_t d, Distance dist)
     }
     return acc_t(0.5) * s;
   }
-  acc_t s = 0;
-  for (int64_t k = 0; k < d; ++k) {
-    const acc_t u = static_cast<acc_t>(a[k]) - static_cast<acc_t>(b[k]);
-    s += u * u;
-  }
+  const acc_t s = squared_difference<acc_t>(a, b, d);
   return dist == Distance::Euclidean ? std::sqrt(s) : s;
 }
 
@@ -398,14 +397,7 @@ template <typename acc_t, typename scalar_t>
 void pair_grad(const scalar_t* a, const scalar_t* b, int64_t d, Distance dist, acc_t g, acc_t* ga,
                acc_t* gb) {
   if (dist == Distance::Cosine) {
-    acc_t na = 0, nb = 0;
-    for (int64_t k = 0; k < d; ++k) {
-      const acc_t va = static_cast<acc_t>(a[k]), vb = static_cast<acc_t>(b[k]);
-      na += va * va;
-      nb += vb * vb;
-    }
-    na = std::sqrt(na);
-    nb = std::sqrt(nb);
+    const acc_t na = std::sqrt(squared_norm<acc_t>(a, d)), nb = std::sqrt(squared_norm<acc_t>(b, d));
     acc_t aw = 0, bw = 0;
     for (int64_t k = 0; k < d; ++k) {
       const acc_t ah = static_cast<acc_t>(a[k]) / na, bh = static_cast<acc_t>(b[k]) / nb;
@@ -423,11 +415,7 @@ void pair_grad(const scalar_t* a, const scalar_t* b, int64_t d, Distance dist, a
   }
   acc_t scale = 2;
   if (dist == Distance::Euclidean) {
-    acc_t s = 0;
-    for (int64_t k = 0; k < d; ++k) {
-      const acc_t u = static_cast<acc_t>(a[k]) - static_cast<acc_t>(b[k]);
-      s += u * u;
-    }
+    const acc_t s = squared_difference<acc_t>(a, b, d);
     scale = s > 0 ? acc_t(1) / std::sqrt(s) : acc_t(0);  // subgradient 0 at u = 0
   }
   for (int64_t k = 0; k < d; ++k) {
