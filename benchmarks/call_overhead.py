@@ -1,7 +1,7 @@
 """Small-batch call overhead and memory-bank memory: the one-op-per-device targets.
 
     python -m benchmarks.call_overhead                 # CPU, ~1 minute
-    python -m benchmarks.call_overhead --out DIR       # also write results.json / results.md
+    python -m benchmarks.call_overhead --out DIR       # also write call_overhead.json / .md
 
 Timing (medians of --repeats calls after --warmup, time.perf_counter, one
 process, all cells on fresh random data, fp32, easy positive + hard negative):
@@ -110,7 +110,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=400)
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--out", default=None, help="write results.json and results.md here")
+    # not results.json: that name is benchmarks.mine's sweep, which benchmarks.report regenerates
+    ap.add_argument("--out", default=None, help="write call_overhead.json and call_overhead.md here")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -124,7 +125,7 @@ def main(argv=None) -> dict:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(result, indent=1, default=str))
+        (out / "call_overhead.json").write_text(json.dumps(result, indent=1, default=str))
         lines = [f"# Call overhead and memory-bank memory ({result['environment']['date_utc']})", "",
                  f"CPU: {result['environment']['cpu']}, {result['environment']['torch_threads']} "
                  f"torch threads, torch {result['environment']['torch']}, fastmine "
@@ -142,7 +143,7 @@ def main(argv=None) -> dict:
         for r in result["memory"]:
             lines.append(f"| {r['n']} | {r['m']} | {r['d']} | {r['dtype']} | {r['mode']} | "
                          f"{r['peak_extra_mib']:.1f} | {r['bank_mib']:.0f} |")
-        (out / "results.md").write_text("\n".join(lines) + "\n")
+        (out / "call_overhead.md").write_text("\n".join(lines) + "\n")
         print(f"written to {out.resolve()}")
     return result
 
