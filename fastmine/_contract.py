@@ -16,7 +16,6 @@ import torch
 POS_STRATEGIES = {"easy": 0, "hard": 1}
 NEG_STRATEGIES = {"hard": 0, "semihard": 1, "easy": 2}
 DISTANCES = {"euclidean": 0, "squared_euclidean": 1, "cosine": 2}
-BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
 
 # Label and id dtypes: uint16/uint32 are widened to int64 at the boundary
 # (``widen_index_vector``); uint64 and bool are rejected (values >= 2^63 have no
