@@ -136,6 +136,8 @@ def resolve(name: str, device: torch.device) -> str:
             if cand in _REGISTRY and not _REGISTRY[cand].unavailable(device):
                 return cand
         return "torch"
+    if name == "cuda" and device.type == "cuda" and _extension.jit_enabled():
+        _extension.has_cuda_kernels()  # FASTMINE_JIT=1: build once on an explicit request
     reason = get(name).unavailable(device)
     if reason:
         raise RuntimeError(f"backend {name!r} is not available: {reason}")

@@ -36,8 +36,6 @@ def check_choice(name: str, value, options) -> None:
         raise ValueError(f"{name} must be one of {sorted(options)}, got {value!r}")
 
 
-_choice = check_choice
-
 
 def check_real(name: str, value, *, minimum: Optional[float] = None,
                positive: bool = False) -> float:
@@ -84,9 +82,9 @@ def check_backend_name(backend, known) -> None:
 
 def check_strategy(pos_strategy: str, neg_strategy: str, distance: str,
                    margin: Optional[float]) -> None:
-    _choice("pos_strategy", pos_strategy, POS_STRATEGIES)
-    _choice("neg_strategy", neg_strategy, NEG_STRATEGIES)
-    _choice("distance", distance, DISTANCES)
+    check_choice("pos_strategy", pos_strategy, POS_STRATEGIES)
+    check_choice("neg_strategy", neg_strategy, NEG_STRATEGIES)
+    check_choice("distance", distance, DISTANCES)
     if margin is not None:
         if neg_strategy != "semihard":
             raise ValueError(

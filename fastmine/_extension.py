@@ -127,7 +127,3 @@ def build_info() -> str:
         info = "not loaded (torch ABI mismatch)" if _refused else "not built"
     return info + "; cuda=jit" if _jit.loaded() else info
 
-
-def select_op():
-    """torch.ops.fastmine.mine_select (CPU, and CUDA when built)."""
-    return torch.ops.fastmine.mine_select
