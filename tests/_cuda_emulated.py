@@ -25,6 +25,7 @@ from fastmine._contract import DISTANCES, NEG_STRATEGIES, POS_STRATEGIES
 NAME = "cuda-emulated"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
+EMULATION_DIR = os.path.join(ROOT, "tests", "csrc", "emulation")
 
 _op = None
 _error: Optional[str] = None
@@ -60,7 +61,7 @@ _TOOLCHAIN_PROBLEM = ("no CUDA toolkit headers (cuda_fp16.h) found" if CUDA_INCL
 
 def include_dirs() -> list:
     """Include directories of every emulated build (kernels, shared headers, toolkit)."""
-    return [os.path.join(CSRC, "include"), os.path.join(CSRC, "cuda"), CUDA_INCLUDE]
+    return [os.path.join(CSRC, "include"), os.path.join(CSRC, "cuda"), EMULATION_DIR, CUDA_INCLUDE]
 
 
 def emulation_cflags() -> list:
@@ -84,7 +85,7 @@ def load():
     if _error is not None:
         raise RuntimeError(_error)
     from torch.utils.cpp_extension import load as load_extension
-    emu = os.path.join(CSRC, "cuda", "emulation")
+    emu = EMULATION_DIR
     try:
         load_extension(
             name="fastmine_cuda_emulated",

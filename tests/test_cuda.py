@@ -190,11 +190,11 @@ def _torch_nvcc_flags():
 
 
 def _nvcc_compile(tmp_path, source, flags):
-    """nvcc -c csrc/cuda/<source> with torch's nvcc flags plus `flags`; must succeed."""
-    out = tmp_path / (source + ".o")
+    """nvcc -c <source> (a path) with torch's nvcc flags plus `flags`; must succeed."""
+    out = tmp_path / (os.path.basename(source) + ".o")
     cmd = [NVCC, *_torch_nvcc_flags(), *flags,
            "-I", os.path.join(ROOT, "csrc", "include"), "-I", os.path.join(ROOT, "csrc", "cuda"),
-           "-c", os.path.join(ROOT, "csrc", "cuda", source), "-o", str(out)]
+           "-c", source, "-o", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-6000:]
     assert out.stat().st_size > 0
@@ -206,7 +206,7 @@ def test_selftest_compiles_with_nvcc(tmp_path):
     """Every kernel template the extension instantiates (variants.cuh) compiles, for
     sm_90 (tensor-core paths) and sm_75 (no bf16/tf32 tensor cores: FFMA fallback),
     with the flags torch builds extensions with."""
-    _nvcc_compile(tmp_path, "selftest.cu", ["-std=c++17", "-gencode", "arch=compute_90,code=sm_90",
+    _nvcc_compile(tmp_path, os.path.join(ROOT, "tests", "csrc", "selftest.cu"), ["-std=c++17", "-gencode", "arch=compute_90,code=sm_90",
                                             "-gencode", "arch=compute_75,code=sm_75"])
 
 
@@ -228,7 +228,7 @@ def test_torch_launcher_compiles_with_nvcc(tmp_path):
     shim.mkdir(parents=True)
     (shim / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    _nvcc_compile(tmp_path, "mine_cuda.cu",
+    _nvcc_compile(tmp_path, os.path.join(ROOT, "csrc", "cuda", "mine_cuda.cu"),
                   ["-std=c++20", "-O3", "-lineinfo", "-gencode", "arch=compute_90,code=sm_90",
                    f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DTORCH_EXTENSION_NAME=_C",
                    "-DFASTMINE_WITH_CUDA", "-I", str(tmp_path / "shim"),

@@ -67,8 +67,8 @@ def _counts(stdout):
     return int(m.group(1)), int(m.group(2))
 
 
-SELFTEST_SOURCES = [os.path.join(CUDA_DIR, "emulation", "selftest_emulated.cpp"),  # selftest.cu
-                    os.path.join(CUDA_DIR, "emulation", "cuda_emulation.cpp")]
+SELFTEST_SOURCES = [os.path.join(_cuda_emulated.EMULATION_DIR, "selftest_emulated.cpp"),  # selftest.cu
+                    os.path.join(_cuda_emulated.EMULATION_DIR, "cuda_emulation.cpp")]
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +87,8 @@ def test_emulator_checks(tmp_path, sanitized):
     divergent barrier, an invalid launch and a misaligned WMMA load are reported
     (also under AddressSanitizer, which must accept the emulator's stack switching)."""
     binary = _build(tmp_path / "checks",
-                    [os.path.join(CUDA_DIR, "emulation", "emulation_checks.cpp"),
-                     os.path.join(CUDA_DIR, "emulation", "cuda_emulation.cpp")],
+                    [os.path.join(_cuda_emulated.EMULATION_DIR, "emulation_checks.cpp"),
+                     os.path.join(_cuda_emulated.EMULATION_DIR, "cuda_emulation.cpp")],
                     ASAN_FLAGS if sanitized else ["-O2"])
     # 12 checks; under ASan the 256-bit alignment check is off (cuda_emulation.h).
     expected = (11, 0) if sanitized else (12, 0)

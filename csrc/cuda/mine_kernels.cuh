@@ -32,15 +32,7 @@
 // Indexing is int64 throughout (row * D offsets can exceed 2^31).
 #pragma once
 
-#if defined(FASTMINE_CUDA_EMULATION)
-// Host build that executes these kernels on a CPU (tests; see the header).
-#include "emulation/cuda_emulation.h"
-#else
-#include <cuda_runtime.h>
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-#include <mma.h>
-#endif
+#include "cuda_runtime_shim.cuh"  // the toolkit's headers, or the tests' host emulation
 
 #include <cstdint>
 #include <cstddef>

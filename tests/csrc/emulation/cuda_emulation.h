@@ -5,7 +5,7 @@
 // this emulation runs the very same kernel source (mine_kernels.cuh) with CUDA's
 // execution model, so that indexing, masking, tiling, split merging, barriers
 // and warp collectives are tested on every CI run (tests/test_cuda_emulation.py
-// builds csrc/cuda/selftest.cu with -DFASTMINE_CUDA_EMULATION and runs it).
+// builds tests/csrc/selftest.cu with -DFASTMINE_CUDA_EMULATION and runs it).
 // It is not a performance model and not a substitute for a GPU run: it cannot
 // see memory-model effects between blocks, bank conflicts, or compiler bugs.
 //

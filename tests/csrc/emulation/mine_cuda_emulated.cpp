@@ -7,7 +7,7 @@
 #error "build with -DFASTMINE_CUDA_EMULATION (and link cuda_emulation.cpp)"
 #endif
 
-#include "../mine_cuda.cu"
+#include "mine_cuda.cu"  // csrc/cuda, on the include path
 #include "fastmine/schema.h"
 
 TORCH_LIBRARY(fastmine_cuda_emulated, m) { m.def(FASTMINE_MINE_SELECT_SCHEMA); }
