@@ -58,12 +58,12 @@ class BatchEasyHardMiner(nn.Module):
             raise ValueError(f"unsupported PML miner options {sorted(kwargs)}: fastmine's miners "
                              "support pos_strategy, neg_strategy, distance, "
                              "normalize_embeddings and backend")
-        if not isinstance(pos_strategy, str) or pos_strategy not in POS_STRATEGIES:
-            raise ValueError(f"pos_strategy={pos_strategy!r} is not supported: use 'easy' or "
-                             "'hard' (PML's 'semihard' and 'all' positives are not supported)")
-        if not isinstance(neg_strategy, str) or neg_strategy not in NEG_STRATEGIES:
-            raise ValueError(f"neg_strategy={neg_strategy!r} is not supported: use 'hard', "
-                             "'semihard' or 'easy' (PML's 'all' is not supported)")
+        for name, value, options in (("pos_strategy", pos_strategy, POS_STRATEGIES),
+                                     ("neg_strategy", neg_strategy, NEG_STRATEGIES)):
+            if not isinstance(value, str) or value not in options:
+                raise ValueError(f"{name}={value!r} is not supported: use one of "
+                                 f"{sorted(options)} (PML's 'all', and a 'semihard' positive, "
+                                 "are not supported)")
         if not isinstance(distance, str) or distance not in _PML_DISTANCES:
             raise ValueError(f"distance must be 'euclidean' (PML LpDistance) or 'cosine' "
                              f"(PML CosineSimilarity), got {distance!r}")
