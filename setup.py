@@ -2,7 +2,9 @@
 
     pip install --no-build-isolation -e .        # or a wheel: python -m build --wheel --no-isolation
 
-The CPU extension is always built.  CUDA sources (csrc/cuda/*.cu) are added
+What is compiled, with which flags, is read from the build manifest
+fastmine/_build_manifest.json (shared with the JIT build and CMakeLists.txt).
+The CPU extension is always built.  The manifest's CUDA sources are added
 only when torch has CUDA *and* a CUDA toolkit is found; FASTMINE_CUDA=0/1
 forces it off/on.  Installing never fails because CUDA is absent.  torch must
 already be installed (it is deliberately not a build requirement: pip would
@@ -20,6 +22,7 @@ Release builds carry no debug info (-g0; Python's own CFLAGS have -g);
 FASTMINE_DEBUG=1 keeps it.
 """
 import glob
+import json
 import os
 import re
 import sys
@@ -116,30 +119,49 @@ def _debug() -> bool:
     return os.environ.get("FASTMINE_DEBUG", "0").lower() in ("1", "on", "true")
 
 
+def _manifest() -> dict:
+    """The build manifest, fastmine/_build_manifest.json: source lists and flags,
+    shared with fastmine/_extension.py (JIT build) and CMakeLists.txt."""
+    with open(os.path.join(HERE, "fastmine", "_build_manifest.json")) as f:
+        return json.load(f)
+
+
+def _sources(patterns) -> list:
+    """The manifest's source globs, as paths relative to HERE; each must match."""
+    files = []
+    for pattern in patterns:
+        found = sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+        if not found:
+            raise SystemExit(f"fastmine: the build manifest names {pattern!r}, which matches no file")
+        files += found
+    return files
+
+
 def extensions():
     if torch is None or _SDIST:  # the sdist ships csrc/ through MANIFEST.in
         return []
-    rel = lambda pattern: sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
-    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
-    include_dirs = [os.path.join(HERE, "csrc", "include")]
+    m = _manifest()
+    sources = _sources(m["python_module"]["sources"] + m["ops"]["sources"])
+    include_dirs = [os.path.join(HERE, d) for d in m["include_dirs"]]
     # -g0 last: it overrides the -g of Python's CFLAGS (a 14 MB .so with it).
-    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-std=c++17", "-g" if _debug() else "-g0"]
+    cxx = [*m["cxx_flags"], *m["openmp_flags"], f"-std=c++{m['cxx_standard']}",
+           "-g" if _debug() else "-g0"]
     if _want_cuda():
         # Target GPUs: TORCH_CUDA_ARCH_LIST (e.g. "8.0;9.0"), read by BuildExtension;
         # unset, torch builds for the visible GPU (or its default list without one).
-        # No -std flag: torch's BuildExtension picks the C++ standard its headers need.
-        # selftest.cu is a stand-alone program (it has main()); the extension
-        # takes the launcher only, like fastmine/_jit.py's source list.
+        # No -std flag for nvcc: torch's BuildExtension picks the C++ standard its
+        # headers need, and adds the manifest's torch_nvcc_defines itself.
         # -lineinfo (source lines for profilers, no host debug info) stays in release builds.
-        sources += [p for p in rel("csrc/cuda/*.cu") if os.path.basename(p) != "selftest.cu"]
-        nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + (["-g"] if _debug() else [])
+        cuda = m["cuda"]
+        nvcc = cuda["nvcc_flags"] + (["-g"] if _debug() else [])
         return [CUDAExtension(
-            EXT_NAME, sources, include_dirs=include_dirs + [os.path.join(HERE, "csrc", "cuda")],
-            define_macros=[("FASTMINE_WITH_CUDA", None)],
+            EXT_NAME, sources + _sources(cuda["sources"]),
+            include_dirs=include_dirs + [os.path.join(HERE, d) for d in cuda["include_dirs"]],
+            define_macros=[(d, None) for d in cuda["defines"]],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-            extra_link_args=["-fopenmp"])]
+            extra_link_args=m["openmp_flags"])]
     return [CppExtension(EXT_NAME, sources, include_dirs=include_dirs,
-                         extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])]
+                         extra_compile_args={"cxx": cxx}, extra_link_args=m["openmp_flags"])]
 
 
 def _build_config_text() -> str:
@@ -177,7 +199,8 @@ else:
 
 class BuildPyWithSources(build_py):
     """Also ship csrc/ inside the package (fastmine/_csrc) for the JIT CUDA build
-    (fastmine/_jit.py) of a wheel install; editable installs use the checkout's csrc/."""
+    (fastmine/_extension.py) of a wheel install; editable installs use the checkout's csrc/.
+    Test-only C++ lives in tests/csrc/ and never ships in a wheel."""
 
     def run(self):
         super().run()

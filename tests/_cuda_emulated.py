@@ -1,6 +1,6 @@
 """Test-only backend "cuda-emulated": the CUDA backend's torch launcher and
 kernels (csrc/cuda/mine_cuda.cu + mine_kernels.cuh), built for the CPU over the
-host CUDA emulation (csrc/cuda/emulation) and registered so that every suite
+host CUDA emulation (tests/csrc/emulation) and registered so that every suite
 parametrized over ``fastmine.available_backends()`` -- the contract suite, the
 hand tables, the property tests, opcheck -- also runs the CUDA code on CI,
 which has no GPU.  The build (torch.utils.cpp_extension.load, about a minute,
@@ -15,17 +15,32 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from typing import Optional
 
 import torch
 
-from fastmine import _backends, _pairs
+from fastmine import _backends, _extension, _pairs
 from fastmine._contract import DISTANCES, NEG_STRATEGIES, POS_STRATEGIES
 
 NAME = "cuda-emulated"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CSRC = os.path.join(ROOT, "csrc")
-EMULATION_DIR = os.path.join(ROOT, "tests", "csrc", "emulation")
+# The build: fastmine/_build_manifest.json, part "cuda_emulation" (test-only
+# sources under tests/csrc/emulation, which the sdist does not ship) on top of
+# the CUDA kernels' part "cuda".
+MANIFEST = _extension.manifest()
+EMULATION = MANIFEST["cuda_emulation"]
+
+
+def _paths(rel) -> list:
+    return [os.path.join(ROOT, p) for p in rel]
+
+
+EMULATION_DIR = _paths(EMULATION["include_dirs"])[0]
+RUNTIME_SOURCES = _paths(EMULATION["runtime"])
+SELFTEST_SOURCES = _paths(EMULATION["selftest"]) + RUNTIME_SOURCES
+CHECKS_SOURCES = _paths(EMULATION["checks"]) + RUNTIME_SOURCES
+LAUNCHER_SOURCES = _paths(EMULATION["launcher"]) + RUNTIME_SOURCES
 
 _op = None
 _error: Optional[str] = None
@@ -44,37 +59,56 @@ def cuda_include() -> Optional[str]:
     return None
 
 
-def torch_nvcc_defines() -> list:
-    """The -D flags torch's BuildExtension gives nvcc (no implicit __half
-    conversions, ...), so that emulated builds see the kernels as the extension does."""
-    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
-    return [f for f in COMMON_NVCC_FLAGS if f.startswith("-D")]
-
-
 # Looked up once, at import: why_unavailable runs inside torch.compile'd code,
 # where file-system calls would break the graph.
 CUDA_INCLUDE = cuda_include()
 CXX = shutil.which(os.environ.get("CXX", "c++"))  # the compiler torch's cpp_extension uses
-_TOOLCHAIN_PROBLEM = ("no CUDA toolkit headers (cuda_fp16.h) found" if CUDA_INCLUDE is None
-                      else "no C++ compiler" if CXX is None else "")
+_TOOLCHAIN_PROBLEM = (
+    "the test-only C++ sources (tests/csrc) are absent (an unpacked sdist)"
+    if not all(os.path.isfile(p) for p in LAUNCHER_SOURCES + SELFTEST_SOURCES + CHECKS_SOURCES)
+    else "no CUDA toolkit headers (cuda_fp16.h) found" if CUDA_INCLUDE is None
+    else "no C++ compiler" if CXX is None else "")
 
 
 def include_dirs() -> list:
-    """Include directories of every emulated build (kernels, shared headers, toolkit)."""
-    return [os.path.join(CSRC, "include"), os.path.join(CSRC, "cuda"), EMULATION_DIR, CUDA_INCLUDE]
+    """Include directories of every emulated build (shared headers, kernels,
+    emulation, toolkit)."""
+    return _paths(MANIFEST["include_dirs"] + MANIFEST["cuda"]["include_dirs"]
+                  + EMULATION["include_dirs"]) + [CUDA_INCLUDE]
 
 
 def emulation_cflags() -> list:
     """Compiler flags of every emulated build: the emulation switch, torch's nvcc
-    defines, no FMA contraction (host references must match bit for bit)."""
-    return ["-ffp-contract=off", "-DFASTMINE_CUDA_EMULATION", *torch_nvcc_defines(),
-            "-Wno-attributes", "-Wno-unknown-pragmas"]
+    defines (no implicit __half conversions, ... as the extension sees the
+    kernels), no FMA contraction (host references must match bit for bit)."""
+    defines = EMULATION["defines"] + MANIFEST["cuda"]["torch_nvcc_defines"]
+    return [*EMULATION["cxx_flags"], *[f"-D{d}" for d in defines]]
 
 
 def why_unavailable(device: torch.device) -> str:
     if device.type != "cpu":
         return f"backend {NAME!r} runs on CPU tensors, got tensors on {device}"
     return _TOOLCHAIN_PROBLEM
+
+
+LIBRARY = "fastmine_cuda_emulated"
+# A build takes about a minute (a few on 2 busy cores); a lock this old is left
+# over from a build that was killed.
+STALE_LOCK_S = 900
+
+
+def _remove_stale_build_lock(name: str) -> None:
+    """torch's JIT build holds a lock file in the build directory while it
+    compiles and removes it when done.  A killed build (Ctrl-C, a test timeout)
+    leaves it behind, and every later load waits on it forever
+    (``file_baton.wait``): remove a lock older than any build takes."""
+    from torch.utils import cpp_extension
+    lock = os.path.join(cpp_extension._get_build_directory(name, verbose=False), "lock")
+    try:
+        if time.time() - os.path.getmtime(lock) > STALE_LOCK_S:
+            os.remove(lock)
+    except FileNotFoundError:
+        pass
 
 
 def load():
@@ -85,14 +119,13 @@ def load():
     if _error is not None:
         raise RuntimeError(_error)
     from torch.utils.cpp_extension import load as load_extension
-    emu = EMULATION_DIR
+    _remove_stale_build_lock(LIBRARY)
     try:
         load_extension(
-            name="fastmine_cuda_emulated",
-            sources=[os.path.join(emu, "mine_cuda_emulated.cpp"),
-                     os.path.join(emu, "cuda_emulation.cpp")],
+            name=LIBRARY,
+            sources=LAUNCHER_SOURCES,
             extra_include_paths=include_dirs(),
-            extra_cflags=["-O2", *emulation_cflags()],
+            extra_cflags=emulation_cflags(),
             is_python_module=False, verbose=False)
     except Exception as exc:  # report once, clearly, in every test that needs it
         _error = f"building the emulated CUDA launcher failed: {exc}"

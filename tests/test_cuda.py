@@ -13,11 +13,12 @@ import pytest
 import torch
 
 import fastmine
-from fastmine import _extension, _jit
+from fastmine import _extension
 
 from _oracle import assert_matches_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MANIFEST = _extension.manifest()
 HAS_GPU = torch.cuda.is_available()
 needs_cuda_backend = pytest.mark.skipif(
     not (HAS_GPU and _extension.has_cuda_kernels()),
@@ -146,20 +147,20 @@ def test_cuda_rejects_bad_arguments():
 
 @pytest.mark.skipif(torch.version.cuda is not None, reason="checks the CPU-only torch message")
 def test_jit_raises_clear_error_without_cuda_torch(monkeypatch):
-    monkeypatch.setattr(_jit, "_error", None)
-    monkeypatch.setattr(_jit, "_loaded", False)
-    with pytest.raises(_jit.JitBuildError, match="CPU-only build"):
-        _jit.load_cuda_extension()
+    monkeypatch.setattr(_extension, "_jit_error", None)
+    monkeypatch.setattr(_extension, "_jit_loaded", False)
+    with pytest.raises(_extension.JitBuildError, match="CPU-only build"):
+        _extension.load_cuda_extension()
     # The failure is remembered: a second call raises the same error at once.
-    with pytest.raises(_jit.JitBuildError, match="CPU-only build"):
-        _jit.load_cuda_extension()
+    with pytest.raises(_extension.JitBuildError, match="CPU-only build"):
+        _extension.load_cuda_extension()
 
 
 @pytest.mark.skipif(torch.version.cuda is not None, reason="checks the CPU-only torch message")
 def test_cuda_backend_reports_why(monkeypatch):
     monkeypatch.setenv("FASTMINE_JIT", "1")
-    monkeypatch.setattr(_jit, "_error", None)
-    monkeypatch.setattr(_jit, "_loaded", False)
+    monkeypatch.setattr(_extension, "_jit_error", None)
+    monkeypatch.setattr(_extension, "_jit_loaded", False)
     assert not _extension.has_cuda_kernels()
     assert "CPU-only build" in _extension.cuda_why_missing()
     monkeypatch.setenv("FASTMINE_JIT", "0")
@@ -169,12 +170,38 @@ def test_cuda_backend_reports_why(monkeypatch):
 
 
 def test_jit_sources_exist():
-    root = _jit._source_dir()
-    full = _jit._sources(root, with_schema=True)
+    csrc = _extension.source_dir()
+    full = _extension.jit_sources(csrc, with_ops=True)
     assert any(p.endswith("mine_cuda.cu") for p in full)
     assert any(p.endswith("fastmine_ops.cpp") for p in full)
-    assert not any(p.endswith("selftest.cu") for p in full)
-    assert all(p.endswith(".cu") for p in _jit._sources(root, with_schema=False))
+    assert not any(p.endswith("python_module.cpp") for p in full)  # a library, not a module
+    assert all(p.endswith(".cu") for p in _extension.jit_sources(csrc, with_ops=False))
+
+
+def test_availability_queries_never_build(monkeypatch):
+    """available_backends(), backend="auto" and the why-missing messages never
+    start the JIT build, even with FASTMINE_JIT=1 and a GPU (made to look
+    present): only an explicit backend="cuda" may."""
+    def build(*args, **kwargs):
+        raise AssertionError("an availability query started the JIT build")
+
+    monkeypatch.setenv("FASTMINE_JIT", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_extension, "load_cuda_extension", build)
+    monkeypatch.setattr(_extension, "_jit_error", None)
+    monkeypatch.setattr(_extension, "_jit_loaded", False)
+    monkeypatch.setattr(_extension, "check_toolchain", lambda: None)   # the build could run
+    fastmine.available_backends()
+    fastmine.available_backends("cuda")
+    assert fastmine.mine(torch.randn(8, 3), torch.randint(0, 2, (8,))).valid.any()  # auto
+    _extension.why_missing()
+    _extension.cuda_why_missing()
+    _extension.cuda_kernels_loaded()
+    _extension.build_info()
+    # The explicit request does reach the build (so the patch above can tell).
+    from fastmine import _backends
+    with pytest.raises(AssertionError, match="started the JIT build"):
+        _backends.resolve("cuda", torch.device("cuda"))
 
 
 NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc"
@@ -190,10 +217,11 @@ def _torch_nvcc_flags():
 
 
 def _nvcc_compile(tmp_path, source, flags):
-    """nvcc -c <source> (a path) with torch's nvcc flags plus `flags`; must succeed."""
+    """nvcc -c <source> (a path) with torch's nvcc flags, the manifest's include
+    directories, plus `flags`; must succeed."""
     out = tmp_path / (os.path.basename(source) + ".o")
-    cmd = [NVCC, *_torch_nvcc_flags(), *flags,
-           "-I", os.path.join(ROOT, "csrc", "include"), "-I", os.path.join(ROOT, "csrc", "cuda"),
+    includes = MANIFEST["include_dirs"] + MANIFEST["cuda"]["include_dirs"]
+    cmd = [NVCC, *_torch_nvcc_flags(), *flags, *[f"-I{os.path.join(ROOT, d)}" for d in includes],
            "-c", source, "-o", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-6000:]
@@ -206,8 +234,10 @@ def test_selftest_compiles_with_nvcc(tmp_path):
     """Every kernel template the extension instantiates (variants.cuh) compiles, for
     sm_90 (tensor-core paths) and sm_75 (no bf16/tf32 tensor cores: FFMA fallback),
     with the flags torch builds extensions with."""
-    _nvcc_compile(tmp_path, os.path.join(ROOT, "tests", "csrc", "selftest.cu"), ["-std=c++17", "-gencode", "arch=compute_90,code=sm_90",
-                                            "-gencode", "arch=compute_75,code=sm_75"])
+    selftest, = MANIFEST["cuda_selftest"]["sources"]
+    _nvcc_compile(tmp_path, os.path.join(ROOT, selftest),
+                  ["-std=c++17", "-gencode", "arch=compute_90,code=sm_90",
+                   "-gencode", "arch=compute_75,code=sm_75"])
 
 
 @pytest.mark.slow

@@ -5,7 +5,8 @@ and pins a built wheel's metadata to its X.Y; fastmine/_extension.py refuses
 to load an extension built against another torch X.Y, and backend="cpu" then
 reports why while the torch backend keeps working.  The sdist and the wheel
 themselves are built and installed into a fresh virtualenv by
-.ci/package_check.
+.ci/package_check.  The build manifest (fastmine/_build_manifest.json) names
+every production source, and test-only C++ stays out of csrc/.
 """
 import os
 import re
@@ -121,8 +122,63 @@ def test_setup_without_torch_writes_sdist_metadata_and_refuses_to_compile(tmp_pa
 
 def test_jit_library_is_cached_per_torch_major_minor():
     # torch's JIT cache is keyed by sources and flags only: the name carries torch X.Y.
-    from fastmine import _jit
-
     x, y = TORCH_XY
-    assert _jit.library_name(False) == f"fastmine_cuda_jit_torch{x}_{y}"
-    assert _jit.library_name(True) == f"fastmine_cuda_jit_full_torch{x}_{y}"
+    assert _extension.library_name(False) == f"fastmine_cuda_jit_torch{x}_{y}"
+    assert _extension.library_name(True) == f"fastmine_cuda_jit_full_torch{x}_{y}"
+
+
+# ------------------------------------------------------------- the build manifest
+MANIFEST = _extension.manifest()
+_PARTS = {name: part for name, part in MANIFEST.items() if isinstance(part, dict)}
+_TEST_ONLY = ("cuda_selftest", "cuda_emulation")
+
+
+def _sources_of(part: dict) -> list:
+    return [p for key, value in part.items() if key in ("sources", "runtime", "selftest", "checks",
+                                                          "launcher") for p in value]
+
+
+def test_manifest_names_every_production_source_and_only_existing_files():
+    """Every .cpp/.cu under csrc/ is compiled by some part of the manifest (a new
+    source cannot silently stay out of the builds), and every entry matches files."""
+    import glob
+
+    named = set()
+    for part in _PARTS.values():
+        for pattern in _sources_of(part):
+            found = glob.glob(os.path.join(ROOT, pattern))
+            assert found, f"manifest entry {pattern!r} matches no file"
+            named.update(os.path.relpath(p, ROOT) for p in found)
+    production = {os.path.relpath(p, ROOT) for ext in ("cpp", "cu")
+                  for p in glob.glob(os.path.join(ROOT, "csrc", "**", f"*.{ext}"), recursive=True)}
+    assert production <= named, f"not in the build manifest: {sorted(production - named)}"
+
+
+def test_test_only_cxx_lives_outside_csrc():
+    """Test-only C++ (the self-test, the CUDA emulation) is under tests/csrc, which
+    neither the sdist nor the wheel ships (.ci/package_check checks both), and
+    production sources include the emulation in one place only (the shim)."""
+    for name in _TEST_ONLY:
+        part = _PARTS[name]
+        for path in _sources_of(part) + part.get("include_dirs", []):
+            assert path.startswith("tests/csrc/"), (name, path)
+    for name, part in _PARTS.items():
+        if name not in _TEST_ONLY:
+            for path in _sources_of(part) + part.get("include_dirs", []):
+                assert path.startswith("csrc/"), (name, path)
+    naming = []
+    for dirpath, _, files in os.walk(os.path.join(ROOT, "csrc")):
+        for f in files:
+            with open(os.path.join(dirpath, f)) as fh:
+                if '#include "cuda_emulation.h"' in fh.read():
+                    naming.append(os.path.relpath(os.path.join(dirpath, f), ROOT))
+    assert naming == ["csrc/cuda/cuda_runtime_shim.cuh"], naming
+
+
+def test_manifest_torch_nvcc_defines_are_torchs():
+    """The builds without torch's BuildExtension (CMake, the emulation) take
+    torch's nvcc -D flags from the manifest: they must be torch's."""
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+
+    torch_defines = [f[2:] for f in COMMON_NVCC_FLAGS if f.startswith("-D")]
+    assert MANIFEST["cuda"]["torch_nvcc_defines"] == torch_defines
