@@ -478,7 +478,7 @@ if triton is not None:
     # Forward tile configs and the dot paths each is meant for:
     #   "tc16"  fp16/bf16 on tensor cores      "tf32"  fp32 at "high"/"medium" precision
     #   "fma32" fp32 at "highest" (ieee FFMA)   "fma64" fp64
-    # Chosen from a static survey (benchmarks/triton_static.py: sm_90 registers,
+    # Chosen from a static survey (tests/tools/triton_static.py: sm_90 registers,
     # spills and shared memory without a GPU): every config listed for a path
     # compiles for sm_90 without spills and within the shared-memory limit.
     # Timing among them is left to the autotuner.

@@ -376,9 +376,10 @@ def test_kernels_compile_for_gpus_without_spills():
     """Every Triton kernel compiles for sm_90 (H100) and sm_80 (A100) with
     triton's bundled ptxas, no GPU needed; every forward config listed for a
     dot path compiles for sm_90 without register spills, within shared memory,
-    and on tensor cores where meant to (benchmarks/triton_static.py)."""
+    and on tensor cores where meant to (tests/tools/triton_static.py)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "benchmarks.triton_static", "--arch", "90", "80",
+    out = subprocess.run([sys.executable, os.path.join("tests", "tools", "triton_static.py"),
+                          "--arch", "90", "80",
                           "--all-kernels", "--all-passes", "--check"],
                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]

@@ -1,7 +1,7 @@
 """Compile fastmine's Triton kernels for a GPU without a GPU, and report their resources.
 
-    python -m benchmarks.triton_static                 # every forward config x dot path, sm_90
-    python -m benchmarks.triton_static --arch 80 90 --all-kernels --check
+    python tests/tools/triton_static.py                # every forward config x dot path, sm_90
+    python tests/tools/triton_static.py --arch 80 90 --all-kernels --check
 
 Triton lowers a kernel to PTX and cubin for any target with its bundled
 ptxas; no device is needed.  For each variant this prints the registers per
@@ -9,8 +9,8 @@ thread, spill bytes and shared memory (from ``ptxas -v``) and whether the
 tensor-core instructions are used (wgmma on sm_90, mma on sm_80).  ``--check``
 exits non-zero if any variant fails to compile, or if a forward config listed
 for a dot path (fastmine/_triton.py: _FWD_CONFIG_PATHS) spills or exceeds the
-architecture's shared memory — the static half of tuning, which CI runs
-(tests/test_triton.py); the timing half needs a GPU (benchmarks/mine.py).
+architecture's shared memory — the static half of tuning: a CI gate, run by
+tests/test_triton.py; the timing half needs a GPU (benchmarks/mine.py).
 
 Run it without TRITON_INTERPRET (the kernels must be real JIT functions).
 Launch-time specialisation is mimicked: unit strides along D are constants
@@ -28,7 +28,7 @@ import tempfile
 from typing import Dict, List, Optional
 
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
-    sys.exit("benchmarks.triton_static: unset TRITON_INTERPRET (it compiles real kernels)")
+    sys.exit("triton_static: unset TRITON_INTERPRET (it compiles real kernels)")
 
 import torch  # noqa: E402
 import triton  # noqa: E402
