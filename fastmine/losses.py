@@ -72,16 +72,69 @@ def _check_common(reduction: str, distance: str, pos_strategy: str, neg_strategy
 
 
 class _MinedLoss(nn.Module):
-    """Shared plumbing: optional normalisation, then fastmine.mine."""
+    """Shared plumbing: optional normalisation, fastmine.mine, then the loss of the mined pairs.
 
-    def _mine(self, embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids, margin=None):
+    The loss formula has one definition, ``_anchor_terms(pos_dist, neg_dist,
+    labels)``, and the reduction one, ``_reduce(terms, valid, labels)``; both
+    ``forward``/``per_anchor`` and ``_loss_from_mined`` (the internal entry
+    point of ``CrossBatchMemory``, which mines against its ring buffer in
+    place and recomputes the selected distances itself) go through them.
+    """
+
+    _mining_margin = None  # the semi-hard window passed to mine (TripletMarginLoss)
+
+    def _mining_kwargs(self) -> dict:
+        """The keyword arguments this loss passes to ``fastmine.mine``."""
+        return dict(pos_strategy=self.pos_strategy, neg_strategy=self.neg_strategy,
+                    distance=self.distance, margin=self._mining_margin, backend=self.backend)
+
+    def _mine(self, embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids):
         if self.normalize_embeddings:
             embeddings = F.normalize(embeddings, dim=1)
             if ref_emb is not None:
                 ref_emb = F.normalize(ref_emb, dim=1)
-        return mine(embeddings, labels, ref_emb, ref_labels, pos_strategy=self.pos_strategy,
-                    neg_strategy=self.neg_strategy, distance=self.distance, margin=margin,
-                    query_ids=query_ids, ref_ids=ref_ids, backend=self.backend)
+        return mine(embeddings, labels, ref_emb, ref_labels, query_ids=query_ids,
+                    ref_ids=ref_ids, **self._mining_kwargs())
+
+    def _anchor_terms(self, pos_dist: Tensor, neg_dist: Tensor, labels: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _reduce(self, terms: Tensor, valid: Tensor, labels: Tensor) -> Tensor:
+        return reduce_terms(terms, valid, self.reduction, self.average_nonzero)
+
+    def _masked_terms(self, pos_dist: Tensor, neg_dist: Tensor, valid: Tensor,
+                      labels: Tensor) -> Tensor:
+        terms = self._anchor_terms(pos_dist, neg_dist, labels)
+        return torch.where(valid, terms, torch.zeros_like(terms))
+
+    def _loss_from_mined(self, pos_dist: Tensor, neg_dist: Tensor, valid: Tensor,
+                         labels: Tensor) -> Tensor:
+        """What ``forward`` returns, given the mined distances [N] and ``valid`` [N]."""
+        return self._reduce(self._masked_terms(pos_dist, neg_dist, valid, labels), valid, labels)
+
+    def per_anchor(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
+                   ref_labels: Optional[Tensor] = None, *, query_ids: Optional[Tensor] = None,
+                   ref_ids: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """(terms [N], valid [N] bool); terms are 0 for invalid anchors."""
+        res = self._mine(embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids)
+        return self._masked_terms(res.pos_dist, res.neg_dist, res.valid, labels), res.valid
+
+    def forward(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
+                ref_labels: Optional[Tensor] = None, *, query_ids: Optional[Tensor] = None,
+                ref_ids: Optional[Tensor] = None) -> Tensor:
+        terms, valid = self.per_anchor(embeddings, labels, ref_emb, ref_labels,
+                                       query_ids=query_ids, ref_ids=ref_ids)
+        return self._reduce(terms, valid, labels)
+
+
+def _mines_through_hooks(loss) -> bool:
+    """True when ``loss`` is a fastmine loss whose ``forward`` and ``per_anchor``
+    are the ones above, so that mining with ``_mining_kwargs`` and reducing
+    with ``_loss_from_mined`` computes exactly its forward (a subclass that
+    overrides ``forward``, ``per_anchor`` or ``_mine`` is called as it is)."""
+    cls = type(loss)
+    return (isinstance(loss, _MinedLoss) and cls.forward is _MinedLoss.forward
+            and cls.per_anchor is _MinedLoss.per_anchor and cls._mine is _MinedLoss._mine)
 
 
 class TripletMarginLoss(_MinedLoss):
@@ -123,21 +176,12 @@ class TripletMarginLoss(_MinedLoss):
         self.semihard_margin = semihard_margin
         self.backend = backend
 
-    def per_anchor(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
-                   ref_labels: Optional[Tensor] = None, *, query_ids: Optional[Tensor] = None,
-                   ref_ids: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-        """(terms [N], valid [N] bool); terms are 0 for invalid anchors."""
-        res = self._mine(embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids,
-                         self.semihard_margin)
-        terms = F.relu(res.pos_dist - res.neg_dist + self.margin)
-        return torch.where(res.valid, terms, torch.zeros_like(terms)), res.valid
+    @property
+    def _mining_margin(self):
+        return self.semihard_margin
 
-    def forward(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
-                ref_labels: Optional[Tensor] = None, *, query_ids: Optional[Tensor] = None,
-                ref_ids: Optional[Tensor] = None) -> Tensor:
-        terms, valid = self.per_anchor(embeddings, labels, ref_emb, ref_labels,
-                                       query_ids=query_ids, ref_ids=ref_ids)
-        return reduce_terms(terms, valid, self.reduction, self.average_nonzero)
+    def _anchor_terms(self, pos_dist: Tensor, neg_dist: Tensor, labels: Tensor) -> Tensor:
+        return F.relu(pos_dist - neg_dist + self.margin)
 
 
 class MarginLoss(_MinedLoss):
@@ -197,14 +241,9 @@ class MarginLoss(_MinedLoss):
             return beta[labels]
         return beta.expand(labels.shape[0])
 
-    def per_anchor(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
-                   ref_labels: Optional[Tensor] = None, *, query_ids: Optional[Tensor] = None,
-                   ref_ids: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-        """(terms [N], valid [N] bool); terms are 0 for invalid anchors."""
-        res = self._mine(embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids)
-        beta = self._beta_for(labels, res.pos_dist.dtype)
-        terms = F.relu(res.pos_dist - beta + self.margin) + F.relu(beta - res.neg_dist + self.margin)
-        return torch.where(res.valid, terms, torch.zeros_like(terms)), res.valid
+    def _anchor_terms(self, pos_dist: Tensor, neg_dist: Tensor, labels: Tensor) -> Tensor:
+        beta = self._beta_for(labels, pos_dist.dtype)
+        return F.relu(pos_dist - beta + self.margin) + F.relu(beta - neg_dist + self.margin)
 
     def regularizer(self, labels: Tensor, valid: Tensor) -> Tensor:
         """``nu * beta`` term (scalar); 0 unless learn_beta.
@@ -221,11 +260,7 @@ class MarginLoss(_MinedLoss):
         b = torch.where(valid, b, torch.zeros_like(b))
         return self.nu * b.sum() / valid.sum().clamp_min(1).to(b.dtype)
 
-    def forward(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
-                ref_labels: Optional[Tensor] = None, *, query_ids: Optional[Tensor] = None,
-                ref_ids: Optional[Tensor] = None) -> Tensor:
-        terms, valid = self.per_anchor(embeddings, labels, ref_emb, ref_labels,
-                                       query_ids=query_ids, ref_ids=ref_ids)
+    def _reduce(self, terms: Tensor, valid: Tensor, labels: Tensor) -> Tensor:
         out = reduce_terms(terms, valid, self.reduction, self.average_nonzero)
         if self.reduction == "none":
             return out

@@ -5,9 +5,13 @@ import inspect
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._contract import check_embeddings, check_index_vector, check_positive_int, widen_index_vector
+from ._pairs import pair_distance
+from .losses import _MinedLoss, _mines_through_hooks
+from .mine import mine
 
 # The two loss protocols CrossBatchMemory drives (told apart by the forward's parameters).
 _FASTMINE = "fastmine"  # forward(embeddings, labels, ref_emb, ref_labels, *, query_ids, ref_ids)
@@ -86,9 +90,11 @@ class CrossBatchMemory(nn.Module):
 
     ``forward(embeddings [N, D] float, labels [N] int, ids [N] int = None)``:
       1. references: with a fastmine loss, the current batch (with its
-         gradient) followed by the filled part of the memory (detached); with
-         a PML loss, as in PML, the batch is enqueued first and the references
-         are the filled memory in slot order (the batch rows detached);
+         gradient) followed by the filled part of the memory in slot order
+         (detached), so reference j < N is batch row j and reference N + k is
+         memory slot k (ties go to the smallest such index); with a PML loss,
+         as in PML, the batch is enqueued first and the references are the
+         filled memory in slot order (the batch rows detached);
       2. a pair (anchor i, reference j) is never used when ``ids[i] ==
          ref_ids[j]``.  Default ids are a running counter, so every enqueued
          batch has fresh ids and only the anchor's own row in the batch is
@@ -101,6 +107,27 @@ class CrossBatchMemory(nn.Module):
     ``embeddings``, ``labels`` and ``ids`` are validated as by
     ``fastmine.mine`` before anything is stored.  PML's ``indices_tuple`` and
     ``enqueue_mask`` arguments are not supported.
+
+    Cost of a step (fastmine's ``TripletMarginLoss`` / ``MarginLoss``, not
+    subclassed in ``forward``, ``per_anchor`` or ``_mine``): O(N * D) memory
+    beyond the bank, never a copy of it.  The three buffers are views into
+    storage with ``S`` spare rows in front (S = the largest batch so far);
+    the (detached) batch is written into the last N spare rows, so that the
+    references above are one contiguous view ``[batch; memory[:filled]]``,
+    mined in place without gradient.  The selected distances are then
+    recomputed from the N gathered rows (``fastmine._pairs.pair_distance``),
+    taking the live batch rows for references j < N, so the batch gets its
+    gradient both as anchor and as reference; the loss is
+    ``loss._loss_from_mined`` (the formula its ``forward`` uses).  The spare
+    rows are (re)allocated, with one copy of the bank, at the first step, for
+    a batch larger than any before, and after the buffers were replaced
+    (``module.to(...)``, a checkpoint of another dtype).  When the loss
+    normalises (``normalize_embeddings=True``) the memory stores the
+    normalised rows, so that they need no normalising at each step.  Any
+    other fastmine-protocol loss, or a non-empty memory whose dtype/device
+    differs from the batch's, gets ``torch.cat([batch, memory])`` (a copy of
+    the bank per step) and its own ``forward``.  No step synchronises the
+    host with a CUDA device (beyond what the loss and ``fastmine.mine`` do).
 
     State (all in ``state_dict``, so a checkpoint restores the memory exactly):
     buffers ``embedding_memory`` [memory_size, D] (float32 at construction; an
@@ -130,6 +157,7 @@ class CrossBatchMemory(nn.Module):
         self.queue_idx = 0
         self.filled = 0
         self._next_id = 0  # running counter for default ids
+        self._fused = _NO_STORE  # the spare-row storage behind the buffers (fastmine losses)
 
     # --- state -----------------------------------------------------------------------
     def get_extra_state(self) -> dict:
@@ -148,6 +176,26 @@ class CrossBatchMemory(nn.Module):
             # adopt the checkpoint's dtype (a bf16 memory stays bf16, bit for bit)
             self.embedding_memory = self.embedding_memory.to(saved.dtype)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._drop_stale_store()
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._drop_stale_store()  # .to() / .cuda() / .half() may have replaced the buffers
+        return out
+
+    # --- storage with spare rows in front of the buffers (fastmine losses) -------------
+    def _drop_stale_store(self) -> None:
+        """Forget the spare-row storage when the buffers are no longer views into it."""
+        st = self.__dict__.get("_fused", _NO_STORE)
+        if st is not _NO_STORE and not st.backs(self):
+            self._fused = _NO_STORE
+
+    def _store_for(self, n: int) -> "_Store":
+        """The spare-row storage behind the buffers, with at least n spare rows."""
+        st = self._fused
+        if st is _NO_STORE or not st.backs(self) or st.slack < n:
+            st = self._fused = _Store.build(self, max(n, st.slack if st.backs(self) else 0))
+        return st
 
     def reset_queue(self) -> None:
         """Empty the memory (ids of the default counter keep increasing)."""
@@ -182,7 +230,12 @@ class CrossBatchMemory(nn.Module):
         if self.filled == 0 and (self.embedding_memory.dtype != embeddings.dtype
                                  or self.embedding_memory.device != embeddings.device):
             # an empty memory adopts the embeddings' dtype/device (no precision loss)
+            self._fused = _NO_STORE  # nothing to keep: an empty memory is rebuilt without a copy
             self.embedding_memory = self.embedding_memory.to(embeddings.device, embeddings.dtype)
+        if self._protocol == _FASTMINE and _mines_through_hooks(self.loss) and (
+                self.embedding_memory.dtype == embeddings.dtype
+                and self.embedding_memory.device == embeddings.device):
+            return self._forward_in_place(embeddings, labels, ids)
         if self._protocol == _PML:
             # PML's order: enqueue first, then the references are the memory
             # (which now holds the batch, detached), in slot order.
@@ -192,13 +245,52 @@ class CrossBatchMemory(nn.Module):
             ref_labels, ref_ids = self.label_memory[:m].to(dev), self.id_memory[:m].to(dev)
             indices_tuple = self._pml_indices(embeddings, labels, ids, ref_emb, ref_labels, ref_ids)
             return self.loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        # any other fastmine-protocol loss (or a memory of another dtype/device):
+        # the references concatenated, a copy of the bank per step
         dev, m = embeddings.device, self.filled
         ref_emb = torch.cat([embeddings, self.embedding_memory[:m].to(dev, embeddings.dtype)])
         ref_labels = torch.cat([labels, self.label_memory[:m].to(dev)])
         ref_ids = torch.cat([ids, self.id_memory[:m].to(dev)])
         out = self.loss(embeddings, labels, ref_emb, ref_labels, query_ids=ids, ref_ids=ref_ids)
-        self._enqueue(embeddings.detach(), labels, ids)
+        stored = embeddings
+        if isinstance(self.loss, _MinedLoss) and self.loss.normalize_embeddings:
+            stored = F.normalize(embeddings, dim=1)  # as the in-place path stores them
+        self._enqueue(stored.detach(), labels, ids)
         return out
+
+    def _forward_in_place(self, embeddings: Tensor, labels: Tensor, ids: Tensor) -> Tensor:
+        """The fastmine-loss step without copying the bank (see the class docstring)."""
+        loss = self.loss
+        n, m = embeddings.shape[0], self.filled
+        x = F.normalize(embeddings, dim=1) if loss.normalize_embeddings else embeddings
+        st = self._store_for(n)
+        lo, hi = st.slack - n, st.slack + m
+        with torch.no_grad():
+            st.emb[lo:st.slack].copy_(x)
+            st.labels[lo:st.slack].copy_(labels)
+            st.ids[lo:st.slack].copy_(ids)
+            kw = loss._mining_kwargs()
+            # references [batch; memory[:filled]]: one view, mined without gradient
+            res = mine(x, labels, st.emb[lo:hi], st.labels[lo:hi], query_ids=ids,
+                       ref_ids=st.ids[lo:hi], **kw)
+        pos_dist = self._selected_distance(x, st.emb[lo:hi], res.pos_idx, kw["distance"])
+        neg_dist = self._selected_distance(x, st.emb[lo:hi], res.neg_idx, kw["distance"])
+        out = loss._loss_from_mined(pos_dist, neg_dist, res.valid, labels)
+        self._enqueue(x.detach(), labels, ids)
+        return out
+
+    @staticmethod
+    def _selected_distance(x: Tensor, refs: Tensor, idx: Tensor, distance: str) -> Tensor:
+        """d(x[i], ref idx[i]) [N], 0 where idx[i] = -1; references idx < N are the
+        live rows of x (gradient flows to them), the others rows of ``refs``
+        (no gradient).  Gathers N rows: O(N * D), and the gathered rows are a
+        copy, so later writes into the ring cannot touch this step's backward."""
+        n = x.shape[0]
+        live = (idx >= 0) & (idx < n)
+        b = torch.where(live[:, None], x.index_select(0, torch.where(live, idx, 0)),
+                        refs.index_select(0, idx.clamp_min(0)))
+        rows = torch.where(idx >= 0, torch.arange(n, device=idx.device), -1)
+        return pair_distance(x, b, rows, distance)
 
     def _pml_indices(self, embeddings, labels, ids, ref_emb, ref_labels, ref_ids):
         from .miners import BatchEasyHardMiner  # fastmine's own miners take ids
@@ -211,11 +303,52 @@ class CrossBatchMemory(nn.Module):
 
     @torch.no_grad()
     def _enqueue(self, embeddings: Tensor, labels: Tensor, ids: Tensor) -> None:
-        n = embeddings.shape[0]
-        slots = (self.queue_idx + torch.arange(n)) % self.memory_size
-        slots = slots.to(self.embedding_memory.device)
-        self.embedding_memory[slots] = embeddings.to(self.embedding_memory)
-        self.label_memory[slots] = labels.to(self.label_memory.device)
-        self.id_memory[slots] = ids.to(self.id_memory.device)
-        self.queue_idx = (self.queue_idx + n) % self.memory_size
+        # slots queue_idx, queue_idx + 1, ... (mod memory_size): at most two slice
+        # copies, positions known on the host (no index tensor, no sync)
+        n, q = embeddings.shape[0], self.queue_idx
+        k = min(n, self.memory_size - q)
+        for buf, src in ((self.embedding_memory, embeddings), (self.label_memory, labels),
+                         (self.id_memory, ids)):
+            buf[q:q + k].copy_(src[:k])
+            buf[:n - k].copy_(src[k:])
+        self.queue_idx = (q + n) % self.memory_size
         self.filled = min(self.filled + n, self.memory_size)
+
+
+class _Store:
+    """Storage [slack + memory_size] behind the three buffers of a CrossBatchMemory,
+    which are its rows slack... (views): the batch goes into the spare rows just
+    before them, so that [batch; memory[:filled]] is one contiguous view."""
+
+    def __init__(self, emb: Tensor, labels: Tensor, ids: Tensor, slack: int, views=()):
+        self.emb, self.labels, self.ids, self.slack, self.views = emb, labels, ids, slack, views
+
+    def backs(self, xbm: "CrossBatchMemory") -> bool:
+        """True while xbm's buffers are still the views into this storage."""
+        return (len(self.views) == 3 and self.views[0] is xbm.embedding_memory
+                and self.views[1] is xbm.label_memory and self.views[2] is xbm.id_memory)
+
+    @classmethod
+    def build(cls, xbm: "CrossBatchMemory", slack: int) -> "_Store":
+        """New storage with ``slack`` spare rows; the buffers' contents are copied
+        into it (once; nothing to copy for an empty memory) and the buffers
+        become views of it, on the embedding memory's device."""
+        em = xbm.embedding_memory
+        size = slack + xbm.memory_size
+        keep = xbm.filled > 0
+        make = torch.empty if keep else torch.zeros
+        st = cls(make(size, em.shape[1], dtype=em.dtype, device=em.device),
+                 make(size, dtype=torch.long, device=em.device),
+                 make(size, dtype=torch.long, device=em.device), slack)
+        if keep:
+            st.emb[slack:].copy_(em)
+            st.labels[slack:].copy_(xbm.label_memory)
+            st.ids[slack:].copy_(xbm.id_memory)
+        xbm.embedding_memory = st.emb[slack:]
+        xbm.label_memory = st.labels[slack:]
+        xbm.id_memory = st.ids[slack:]
+        st.views = (xbm.embedding_memory, xbm.label_memory, xbm.id_memory)
+        return st
+
+
+_NO_STORE = _Store(None, None, None, 0)

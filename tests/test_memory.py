@@ -225,3 +225,238 @@ def test_pml_loss_with_a_pml_miner_drops_same_sample_pairs():
         out = xbm(x, y, ids=torch.arange(8))  # the same 8 samples every step
         out.backward()
         assert torch.isfinite(out) and torch.isfinite(x.grad).all()
+
+
+# --- the in-place step: equal to the torch.cat formulation, without copying the bank --
+
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+CPU_BACKENDS = [b for b in ("torch", "cpu") if b in fastmine.available_backends()]
+
+
+class _CatXBM:
+    """The straightforward formulation the in-place step must equal: references
+    torch.cat([batch, memory[:filled]]) (batch with gradient, memory detached),
+    the loss's own forward, then the batch enqueued (normalised when the loss
+    normalises, as the memory stores it)."""
+
+    def __init__(self, loss, d, size, dtype=torch.float64):
+        self.loss, self.size = loss, size
+        self.emb = torch.zeros(size, d, dtype=dtype)
+        self.lab = torch.zeros(size, dtype=torch.long)
+        self.ids = torch.zeros(size, dtype=torch.long)
+        self.q = self.filled = self.next_id = 0
+
+    def __call__(self, x, y, ids=None):
+        n = x.shape[0]
+        if ids is None:
+            ids = -1 - torch.arange(self.next_id, self.next_id + n)
+            self.next_id += n
+        m = self.filled
+        out = self.loss(x, y, torch.cat([x, self.emb[:m]]), torch.cat([y, self.lab[:m]]),
+                        query_ids=ids, ref_ids=torch.cat([ids, self.ids[:m]]))
+        stored = F.normalize(x, dim=1) if self.loss.normalize_embeddings else x
+        slots = (self.q + torch.arange(n)) % self.size
+        self.emb[slots], self.lab[slots], self.ids[slots] = stored.detach(), y, ids.long()
+        self.q, self.filled = (self.q + n) % self.size, min(m + n, self.size)
+        return out
+
+
+def _make_loss(kind, distance, backend, normalize=False):
+    if kind == "triplet":
+        return losses.TripletMarginLoss(margin=0.3, distance=distance, neg_strategy="semihard",
+                                        semihard_margin=0.5, normalize_embeddings=normalize,
+                                        backend=backend)
+    return losses.MarginLoss(margin=0.1, beta=0.8, learn_beta=True, nu=0.01, num_classes=3,
+                             distance=distance, pos_strategy="hard", neg_strategy="hard",
+                             normalize_embeddings=normalize, backend=backend)
+
+
+def _steps(dataset_ids, d=5, seed=0, repeat=True):
+    """Batches of varying size (the spare rows grow once), with repeated dataset
+    samples, and one batch repeated exactly (ties between a batch row and its
+    stored copy: the batch row, index j < N, must win as in the cat formulation)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(14, d, generator=g, dtype=torch.float64)
+    lab = torch.randint(0, 3, (14,), generator=g)
+    out = []
+    for step, n in enumerate((5, 8, 8, 3, 8, 7, 8, 6)):
+        idx = torch.randperm(14, generator=g)[:n]
+        x = base[idx] + 1e-3 * torch.randn(n, d, generator=g, dtype=torch.float64)
+        if step == 2 and repeat:
+            x, idx = out[-1][0].clone(), out[-1][2].clone()
+        out.append((x, lab[idx], idx))
+    return [(x, y, idx if dataset_ids else None) for x, y, idx in out]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", ["triplet", "margin"])
+@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
+@pytest.mark.parametrize("dataset_ids", [False, True])
+def test_in_place_step_equals_the_cat_formulation(backend, kind, distance, dataset_ids):
+    ours_loss, ref_loss = _make_loss(kind, distance, backend), _make_loss(kind, distance, backend)
+    ours = CrossBatchMemory(ours_loss, embedding_size=5, memory_size=20)
+    ref = _CatXBM(ref_loss, 5, 20)
+    with_grad = 0
+    for x, y, ids in _steps(dataset_ids):  # 53 rows through a ring of 20: wraps twice
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        la, lb = ours(xa, y, ids), ref(xb, y, ids)
+        la.backward()
+        lb.backward()
+        torch.testing.assert_close(la, lb, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-10, atol=1e-13)
+        with_grad += bool(xa.grad.abs().sum() > 0)
+        assert ours.filled == ref.filled and ours.queue_idx == ref.q
+        assert torch.equal(ours.embedding_memory, ref.emb)
+        assert torch.equal(ours.label_memory, ref.lab) and torch.equal(ours.id_memory, ref.ids)
+    assert with_grad >= 4
+    assert ours._fused.slack == 8  # the in-place path ran (spare rows for the largest batch)
+    if kind == "margin":
+        torch.testing.assert_close(ours_loss.beta.grad, ref_loss.beta.grad, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_in_place_step_with_normalisation_and_reduction_none(backend):
+    ours_loss = losses.TripletMarginLoss(margin=0.2, normalize_embeddings=True,
+                                         neg_strategy="hard", reduction="none", backend=backend)
+    ref_loss = losses.TripletMarginLoss(margin=0.2, normalize_embeddings=True,
+                                        neg_strategy="hard", reduction="none", backend=backend)
+    ours, ref = CrossBatchMemory(ours_loss, 5, 16), _CatXBM(ref_loss, 5, 16)
+    # no repeated batch: a stored row is normalised once here, twice in the cat
+    # formulation, so a batch row and its stored copy tie here and differ by an ulp there
+    for x, y, ids in _steps(True, seed=1, repeat=False):
+        x = 3 * x
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        la, lb = ours(xa, y, ids), ref(xb, y, ids)
+        w = torch.linspace(0.5, 1.5, x.shape[0], dtype=x.dtype)
+        (la * w).sum().backward()
+        (lb * w).sum().backward()
+        torch.testing.assert_close(la, lb, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-8, atol=1e-11)
+        torch.testing.assert_close(ours.embedding_memory, ref.emb, rtol=1e-15, atol=1e-15)
+    assert torch.allclose(ours.embedding_memory.norm(dim=1), torch.ones(16, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_in_place_step_survives_buffer_replacement(backend):
+    """.to(), a smaller then larger batch and a checkpoint load rebuild the spare
+    rows (one copy) without changing any result; two steps may share a backward."""
+    ours = CrossBatchMemory(losses.TripletMarginLoss(neg_strategy="hard", backend=backend), 5, 20)
+    ref = _CatXBM(losses.TripletMarginLoss(neg_strategy="hard", backend=backend), 5, 20)
+    steps = _steps(True, seed=2)
+    for i, (x, y, ids) in enumerate(steps):
+        if i == 3:
+            ours._apply(lambda t: t.clone())  # replaces the buffers, as .to() does
+        if i == 5:  # a new module (float32 memory) adopts the float64 checkpoint
+            fresh = CrossBatchMemory(losses.TripletMarginLoss(neg_strategy="hard", backend=backend),
+                                     5, 20)
+            fresh.load_state_dict(ours.state_dict())
+            ours = fresh
+            assert ours.embedding_memory.dtype == torch.float64 and ours._fused.slack == 0
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        if i == 6:  # two steps, one backward (the ring is written between them)
+            x2, y2, ids2 = steps[7]
+            x2a, x2b = x2.clone().requires_grad_(), x2.clone().requires_grad_()
+            (ours(xa, y, ids) + ours(x2a, y2, ids2)).backward()
+            (ref(xb, y, ids) + ref(x2b, y2, ids2)).backward()
+            torch.testing.assert_close(x2a.grad, x2b.grad, rtol=1e-10, atol=1e-13)
+        elif i == 7:
+            break
+        else:
+            ours(xa, y, ids).backward()
+            ref(xb, y, ids).backward()
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-10, atol=1e-13)
+        assert torch.equal(ours.embedding_memory, ref.emb)
+        assert ours._fused.backs(ours)  # the in-place path ran
+
+
+def test_a_subclass_that_overrides_the_loss_is_called_as_it_is():
+    spy = _Spy(neg_strategy="hard", backend=CPU_BACKENDS[-1])
+    xbm = CrossBatchMemory(spy, embedding_size=4, memory_size=8)
+    xbm(torch.randn(4, 4), torch.tensor([0, 0, 1, 1]))
+    assert spy.seen[2].shape[0] == 4 and xbm._fused.slack == 0  # the cat formulation ran
+
+
+class _NewStorage(TorchDispatchMode):
+    """Records the size (elements) of every tensor an op allocates (outputs that
+    do not share storage with an input: views and in-place results excluded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        inputs = {t.untyped_storage().data_ptr() for t in leaves if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.sizes.append((t.untyped_storage().nbytes() // t.element_size(), str(func)))
+        return out
+
+
+def _full_memory(loss, m, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xbm = CrossBatchMemory(loss, embedding_size=d, memory_size=m)
+    xbm.load_state_dict({"embedding_memory": torch.randn(m, d, generator=g).to(dtype),
+                         "label_memory": torch.randint(0, 40, (m,), generator=g),
+                         "id_memory": torch.arange(m),
+                         "_extra_state": {"queue_idx": 0, "filled": m, "next_id": 0}},
+                        strict=False)
+    return xbm, g
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("make_loss", [
+    lambda b: losses.TripletMarginLoss(margin=0.1, backend=b),
+    lambda b: losses.MarginLoss(learn_beta=True, nu=0.1, neg_strategy="hard", backend=b)])
+def test_a_step_never_copies_the_bank(backend, dtype, make_loss):
+    """Forward + backward of a step allocate nothing with as many elements as the
+    bank has rows (so no copy of the bank, nor of its labels or ids): checked on
+    every op the step dispatches from Python (the mining op counts as one)."""
+    m, d, n = 4096, 16, 24
+    xbm, g = _full_memory(make_loss(backend), m, d, dtype)
+    for step in range(3):  # the first step builds the spare rows (one copy)
+        x = torch.randn(n, d, generator=g).to(dtype).requires_grad_()
+        y = torch.randint(0, 40, (n,), generator=g)
+        rec = _NewStorage()
+        with rec:
+            xbm(x, y, ids=torch.randint(0, m, (n,), generator=g)).backward()
+        if step:
+            assert max(rec.sizes) < (m, ""), sorted(rec.sizes)[-3:]
+        assert torch.isfinite(x.grad.float()).all() and x.grad.abs().sum() > 0
+
+
+def test_the_copy_check_sees_the_cat_formulation():
+    """The recorder does catch a copy of the bank (the test above could fail)."""
+    m, d, n = 4096, 16, 24
+    xbm, g = _full_memory(_Spy(backend=CPU_BACKENDS[-1]), m, d, torch.float32)
+    rec = _NewStorage()
+    with rec:
+        xbm(torch.randn(n, d, generator=g, requires_grad=True),
+            torch.randint(0, 40, (n,), generator=g)).backward()
+    assert max(rec.sizes)[0] >= m * d
+
+
+def test_a_step_never_syncs_the_host(monkeypatch):
+    """No Tensor.item / bool(tensor) / nonzero / ... inside a step (what a CUDA step
+    must not do); the data checks in the form CUDA tensors get."""
+    from fastmine import _contract
+    backend = CPU_BACKENDS[-1]
+    xbm, g = _full_memory(losses.TripletMarginLoss(margin=0.1, backend=backend), 256, 8,
+                          torch.float32)
+    xbm(torch.randn(16, 8, generator=g), torch.randint(0, 40, (16,), generator=g))  # builds the spare rows
+    for name in ["item", "__bool__", "tolist", "nonzero", "__int__", "__float__", "numpy",
+                 "argwhere"]:
+        def refuse(*args, _name=name, **kwargs):
+            raise AssertionError(f"host sync: Tensor.{_name} called inside a step")
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    if hasattr(_contract, "_check_finite_eager") and hasattr(_contract, "check_finite_async"):
+        monkeypatch.setattr(_contract, "_check_finite_eager", _contract.check_finite_async)
+    for ids in (None, torch.randint(0, 256, (16,), generator=g)):
+        x = torch.randn(16, 8, generator=g, requires_grad=True)
+        xbm(x, torch.randint(0, 40, (16,), generator=g), ids).backward()
+    monkeypatch.undo()
+    assert torch.isfinite(x.grad).all()
