@@ -5,7 +5,8 @@ its autograd and its fake implementation are registered once, and its CPU /
 CUDA kernel runs the implementation named by ``backend``:
 
 * ``cpu``: the compiled CPU kernels (csrc/cpu), run directly;
-* ``cuda``: the compiled CUDA kernels, the op ``fastmine::mine_cuda``;
+* ``cuda``: the compiled CUDA kernels, the C++ ops ``fastmine::mine_cuda`` and
+  ``fastmine::mine_backward_cuda`` (csrc/cuda/mine_cuda.cu);
 * any other name X: the op ``fastmine::mine_X`` -- the Python backends
   (``torch``, the readable reference; ``triton``) register theirs here with
   :func:`register_python`, from a selection, a backward and a pair-distance
@@ -150,20 +151,13 @@ def available(device: Optional[torch.device] = None) -> list:
     return [n for n, b in sorted(_REGISTRY.items()) if not b.unavailable(device)]
 
 
-def _compiled_select(x, labels, r, ref_labels, query_ids, ref_ids, pos, neg, distance, margin):
-    """Selection by the compiled op fastmine::mine_select (the CUDA kernels)."""
-    return torch.ops.fastmine.mine_select(
-        x, labels, r, ref_labels, query_ids, ref_ids,
-        POS_STRATEGIES[pos], NEG_STRATEGIES[neg], DISTANCES[distance], margin)
-
-
 def _register_builtin() -> None:
     from . import _pairs, reference
 
     register_python("torch", reference.select, _pairs.pair_distance_backward, lambda device: "")
-    # The CUDA kernels' selection, with the pair distances and backward of
-    # fastmine._pairs (the CUDA backward kernels are not wired in yet).
-    register_python("cuda", _compiled_select, _pairs.pair_distance_backward, _cuda_unavailable)
+    # "cuda" needs no Python: csrc/cuda/mine_cuda.cu registers the C++ ops
+    # fastmine::mine_cuda and fastmine::mine_backward_cuda (forward, exact
+    # distances, data checks and backward on the device, without host syncs).
 
 
 _register_builtin()

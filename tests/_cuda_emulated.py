@@ -7,9 +7,12 @@ which has no GPU.  The build (torch.utils.cpp_extension.load, about a minute,
 cached by torch under TORCH_EXTENSIONS_DIR) happens on first use.
 
 It is not a user-facing backend: conftest.py registers it for the tests only.
-Selection runs the emulated kernels; the backward is fastmine._pairs', as for
-the real "cuda" backend (the CUDA backward kernels are covered by the
-self-test, tests/test_cuda_emulation.py).
+The emulated build registers the C++ implementation of backend "cuda" --
+mine_cuda.cu's forward (selection, exact pair distances, data checks) and
+backward (atomic, or sorted fixed-order under deterministic algorithms) -- as
+the ops fastmine::mine_cuda_emulated and fastmine::mine_backward_cuda_emulated
+for CPU tensors, which fastmine::mine runs for backend="cuda-emulated" exactly
+as it runs fastmine::mine_cuda for backend="cuda".
 """
 from __future__ import annotations
 
@@ -20,8 +23,7 @@ from typing import Optional
 
 import torch
 
-from fastmine import _backends, _extension, _pairs
-from fastmine._contract import DISTANCES, NEG_STRATEGIES, POS_STRATEGIES
+from fastmine import _backends, _extension
 
 NAME = "cuda-emulated"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,14 +132,21 @@ def load():
     except Exception as exc:  # report once, clearly, in every test that needs it
         _error = f"building the emulated CUDA launcher failed: {exc}"
         raise
-    _op = torch.ops.fastmine_cuda_emulated.mine_select
+    _op = torch.ops.fastmine.mine_cuda_emulated
     return _op
 
 
-def select(x, labels, r, ref_labels, query_ids, ref_ids, pos, neg, distance, margin):
-    return load()(x, labels, r, ref_labels, query_ids, ref_ids,
-                  POS_STRATEGIES[pos], NEG_STRATEGIES[neg], DISTANCES[distance], margin)
+def _unavailable_or_load(device: torch.device) -> str:
+    """The backend's availability check; on a usable device it also loads the
+    emulated ops (building them on first use, then a no-op), since fastmine::mine
+    finds its implementation by name.  A failed build raises (the tests that
+    need the backend then fail, instead of silently skipping it)."""
+    why = why_unavailable(device)
+    if why:
+        return why
+    load()
+    return ""
 
 
 def register() -> None:
-    _backends.register_python(NAME, select, _pairs.pair_distance_backward, why_unavailable)
+    _backends.register(_backends.Backend(NAME, _unavailable_or_load))

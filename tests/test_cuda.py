@@ -142,6 +142,190 @@ def test_cuda_rejects_bad_arguments():
         torch.ops.fastmine.mine_select(x, y, x.cpu(), y, None, None, 0, 0, 0, None)
 
 
+def _grads(backend, x, y, r=None, ry=None, **kw):
+    """(indices, distances, dL/dx, dL/dr) of a mining call and a fixed loss."""
+    x = x.detach().clone().requires_grad_()
+    r = None if r is None else r.detach().clone().requires_grad_()
+    res = fastmine.mine(x, y, r, ry, backend=backend, **kw)
+    w = torch.linspace(0.5, 1.5, x.shape[0], device=x.device, dtype=x.dtype)
+    ((w * res.pos_dist).sum() - (w.flip(0) * res.neg_dist).sum()).backward()
+    return res, x.grad, (None if r is None else r.grad)
+
+
+@needs_cuda_backend
+@pytest.mark.gpu
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("refs", [False, True])
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_backward_matches_torch_backend(distance, refs, deterministic, dtype):
+    """The C++ CUDA backward (pair_backward_kernel; atomic, or the sorted
+    fixed-order segment sum) equals the reference backend's gradients, for the
+    batch as references (both halves into dL/dx) and for a reference set; few
+    classes, so that many anchors share a reference row."""
+    torch.set_float32_matmul_precision("highest")
+    x, y, r, ry = _data(300, 40, 3, dtype, m=120 if refs else None)
+    kw = dict(pos_strategy="hard", neg_strategy="hard", distance=distance)
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        res, gx, gr = _grads("cuda", x, y, r, ry, **kw)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    want, wx, wr = _grads("torch", x, y, r, ry, **kw)
+    assert torch.equal(res.pos_idx, want.pos_idx) and torch.equal(res.neg_idx, want.neg_idx)
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(res.pos_dist, want.pos_dist, **tol)
+    torch.testing.assert_close(gx, wx, **tol)
+    if refs:
+        torch.testing.assert_close(gr, wr, **tol)
+
+
+@needs_cuda_backend
+@pytest.mark.gpu
+def test_deterministic_backward_is_bitwise_reproducible():
+    """Under torch.use_deterministic_algorithms(True) the reference rows are
+    summed in a fixed order (pairs sorted by row): identical bits on every run,
+    also when thousands of anchors pick the same few reference rows."""
+    x, y, r, ry = _data(4000, 64, 2, torch.float32, m=8)
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [_grads("cuda", x, y, r, ry, pos_strategy="hard")[1:] for _ in range(3)]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for gx, gr in runs[1:]:
+        assert torch.equal(gx, runs[0][0]) and torch.equal(gr, runs[0][1])
+
+
+@needs_cuda_backend
+@pytest.mark.gpu
+def test_memory_bank_without_grad_costs_no_bank_sized_memory():
+    """A bank that needs no gradient: forward + backward allocate O(N * D) and
+    O(M) (the row terms), never a copy or a gradient of the [M, D] bank."""
+    bank = torch.randn(200_000, 64, device="cuda")          # 51 MiB, no grad
+    bank_y = torch.randint(0, 100, (200_000,), device="cuda")
+    x = torch.randn(64, 64, device="cuda", requires_grad=True)
+    y = torch.randint(0, 100, (64,), device="cuda")
+    fastmine.mine(x, y, bank, bank_y, backend="cuda").pos_dist.sum().backward()  # warm-up
+    torch.cuda.synchronize()
+    x.grad = None
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    res = fastmine.mine(x, y, bank, bank_y, backend="cuda")
+    (res.pos_dist - res.neg_dist).sum().backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < 4 * 2**20, f"{extra / 2**20:.1f} MiB beyond the inputs (bank: 51 MiB)"
+    assert bank.grad is None and x.grad is not None
+
+
+@needs_cuda_backend
+@pytest.mark.gpu
+def test_opcheck_mine_cuda():
+    """fastmine::mine with backend "cuda": schema, fake, autograd registration and
+    the backward through fastmine::mine_backward_cuda."""
+    x, y, r, ry = _data(50, 8, 4, torch.float32, m=30)
+    x.requires_grad_()
+    r.requires_grad_()
+    ids = torch.arange(50, device="cuda"), torch.arange(30, device="cuda") % 7
+    for args in [(x, y, None, None, None, None, 0, 0, 0, None, "cuda"),
+                 (x, y, r, ry, ids[0], ids[1], 1, 1, 2, 0.2, "cuda")]:
+        torch.library.opcheck(torch.ops.fastmine.mine.default, args)
+
+
+@needs_cuda_backend
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("refs", [False, True])
+def test_cuda_mine_and_backward_never_sync(deterministic, refs):
+    """No host synchronisation in a backend="cuda" forward + backward: the data
+    checks are device flags asserted asynchronously, labels/ids are read as
+    int64 (no compaction), the batch as references is a flag (no arange), the
+    SM count is cached, and the deterministic backward sorts on the device."""
+    x, y, r, ry = _data(256, 32, 8, torch.float32, m=500 if refs else None)
+    x.requires_grad_()
+    if refs:
+        r.requires_grad_()
+    kw = dict(neg_strategy="semihard", distance="cosine", margin=0.3)
+    if refs:
+        kw.update(query_ids=torch.randint(0, 50, (256,), device="cuda", dtype=torch.int32),
+                  ref_ids=torch.randint(0, 50, (500,), device="cuda", dtype=torch.int32))
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        fastmine.mine(x, y, r, ry, backend="cuda", **kw).pos_dist.sum().backward()  # warm-up
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            res = fastmine.mine(x, y, r, ry, backend="cuda", **kw)
+            (res.pos_dist - res.neg_dist).sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    finally:
+        torch.use_deterministic_algorithms(False)
+    torch.cuda.synchronize()
+
+
+@needs_cuda_backend
+@pytest.mark.gpu
+def test_bad_rows_fail_asynchronously_on_cuda():
+    """A NaN row is caught by the row-terms kernel's flag and reported by a
+    device-side assertion at the next synchronisation (no sync in the call).
+    Run in a subprocess: a device-side assertion poisons the CUDA context."""
+    code = ("import torch, fastmine\n"
+            "x = torch.randn(16, 4, device='cuda'); x[3, 1] = float('nan')\n"
+            "y = torch.arange(16, device='cuda') % 2\n"
+            "res = fastmine.mine(x, y, backend='cuda')\n"
+            "torch.cuda.synchronize()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert proc.returncode != 0
+    assert "embeddings contains NaN or Inf" in proc.stderr, proc.stderr[-3000:]
+
+
+def _graph_backends():
+    out = ["cuda"] if (HAS_GPU and _extension.has_cuda_kernels()) else []
+    if HAS_GPU and "triton" in fastmine.available_backends("cuda"):
+        out.append("triton")
+    return out or ["cuda"]  # (skipped below without a GPU)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", _graph_backends())
+def test_cuda_graph_captures_a_triplet_loss_step(backend):
+    """A losses.TripletMarginLoss forward + backward step is captured in a CUDA
+    graph (possible only without host syncs) and replays correctly on new data."""
+    if backend not in fastmine.available_backends("cuda"):
+        pytest.skip(f"backend {backend!r} is not available")
+    loss_fn = fastmine.losses.TripletMarginLoss(margin=0.2, backend=backend)
+    x = torch.randn(128, 32, device="cuda", requires_grad=True)
+    y = torch.randint(0, 8, (128,), device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (Triton autotuning, allocator) off the capture
+        for _ in range(3):
+            x.grad = None
+            loss_fn(x, y).backward()
+    torch.cuda.current_stream().wait_stream(side)
+    x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = loss_fn(x, y)
+        static_loss.backward()
+    static_grad = x.grad
+    for seed in (1, 2):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        with torch.no_grad():
+            x.copy_(torch.randn(x.shape, device="cuda", generator=g))
+            y.copy_(torch.randint(0, 8, y.shape, device="cuda", generator=g))
+        graph.replay()
+        torch.cuda.synchronize()
+        x_ref = x.detach().clone().requires_grad_()
+        want = fastmine.losses.TripletMarginLoss(margin=0.2, backend="torch")(x_ref, y)
+        want.backward()
+        torch.testing.assert_close(static_loss, want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(static_grad, x_ref.grad, rtol=1e-4, atol=1e-5)
+
+
 # ------------------------------------------------------------------ CPU-runnable
 
 

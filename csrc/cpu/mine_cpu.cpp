@@ -62,14 +62,9 @@ constexpr int64_t kBlockRows = 64;      // anchors per task (BM)
 constexpr int64_t kBufferBytes = 1 << 20;  // BM x BN dot buffer per thread (fits L2)
 constexpr int64_t kSub = 64;            // width of one min-reduction sub-chunk
 
-enum class Pass { Fused, PosOnly, NegWindow };
-
-// How same-sample pairs are recognised.
-enum class Ids {
-  None,      // no exclusion (ref_emb given without ids)
-  Explicit,  // query_ids[i] == ref_ids[j]
-  Self,      // the references are the batch: i == j
-};
+// Pass (the sweeps), Ids (same-sample rule), the mining value, the admissible
+// row norms and the semi-hard window are the shared definitions of
+// fastmine/strategies.h (the CUDA kernels use the same ones).
 
 template <typename acc_t>
 struct Best {
@@ -91,11 +86,12 @@ struct RowKeys {
   acc_t lo, hi;         // semi-hard window on v (NegWindow only)
 };
 
+// strategies.h same_sample, with the rule fixed at compile time (so that the
+// vectorised loop carries no branch on it).  For Self, qi is the anchor's row.
 template <typename acc_t, Ids IDS>
 inline bool same_sample(const RowKeys<acc_t>& k, int64_t j) {
-  if constexpr (IDS == Ids::Explicit) return k.rid[j] == k.qi;
-  if constexpr (IDS == Ids::Self) return k.j0 + j == k.qi;
-  return false;
+  if constexpr (IDS == Ids::None) return false;
+  return fastmine::same_sample(IDS, k.qi, k.j0 + j, k.qi, IDS == Ids::Explicit ? k.rid[j] : 0);
 }
 
 template <typename acc_t, bool COS, Ids IDS>
@@ -111,7 +107,7 @@ inline acc_t neg_key(const RowKeys<acc_t>& k, int64_t j) {
   const acc_t inf = std::numeric_limits<acc_t>::infinity();
   const acc_t v = mining_value<acc_t>(k.dot[j], k.ai, k.b[j], COS);
   bool ok = (k.rl[j] != k.li) & !same_sample<acc_t, IDS>(k, j);
-  if (WINDOW) ok = ok & (v > k.lo) & (v < k.hi);
+  if (WINDOW) ok = ok & in_semihard_window(v, k.lo, k.hi);
   return ok ? k.ns * v : inf;
 }
 
@@ -228,45 +224,16 @@ at::Tensor row_terms(const at::Tensor& rows, bool cosine, const char* name) {
     at::parallel_for(0, n, 256, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const acc_t s = squared_norm<acc_t>(p + i * stride, d);
-        const bool ok = s <= sqnorm_max<acc_t>() && (!cosine || s >= cosine_sqnorm_min<acc_t>());
-        if (!ok) {  // NaN fails both comparisons
+        if (!row_admissible(s, cosine)) {  // NaN fails every comparison
           int64_t cur = first_bad.load();
           while (i < cur && !first_bad.compare_exchange_weak(cur, i)) {}
         }
-        o[i] = cosine ? acc_t(1) / std::sqrt(s) : s;
+        o[i] = row_term(s, cosine);
       }
     });
     const int64_t i = first_bad.load();
     if (i == n) return;
-    const scalar_t* row = p + i * stride;
-    acc_t s = 0;
-    bool finite = true;
-    for (int64_t k = 0; k < d; ++k) {
-      const acc_t v = static_cast<acc_t>(row[k]);
-      finite = finite && std::isfinite(v);
-      s += v * v;
-    }
-    char msg[320];
-    if (!finite) {
-      std::snprintf(msg, sizeof msg, "%s contains NaN or Inf", name);
-    } else if (!(s <= sqnorm_max<acc_t>())) {
-      std::snprintf(msg, sizeof msg,
-                    "%s row %lld has norm %.3g, above the largest norm that %s mining can rank "
-                    "(%.3g: squared distances would overflow); scale the embeddings down (e.g. "
-                    "L2-normalise them)",
-                    name, static_cast<long long>(i), static_cast<double>(std::sqrt(s)),
-                    sizeof(acc_t) == 8 ? "torch.float64" : "torch.float32",
-                    std::sqrt(static_cast<double>(sqnorm_max<acc_t>())));
-    } else {
-      std::snprintf(msg, sizeof msg,
-                    "cosine distance needs rows with a direction: %s row %lld has norm %.3g "
-                    "(zero, D = 0, or a squared norm below %.3g, where %s products lose their "
-                    "precision)",
-                    name, static_cast<long long>(i), static_cast<double>(std::sqrt(s)),
-                    static_cast<double>(cosine_sqnorm_min<acc_t>()),
-                    sizeof(acc_t) == 8 ? "torch.float64" : "torch.float32");
-    }
-    TORCH_CHECK_VALUE(false, msg);
+    raise_row_error<acc_t>(p + i * stride, d, i, cosine, name);
   });
   return out;
 }
@@ -294,8 +261,8 @@ void select_impl(const SelectArgs& S, at::Tensor& pos_idx, at::Tensor& neg_idx) 
   const int64_t chunk = std::min(m, bn_cap);
   const int64_t nblocks = (n + kBlockRows - 1) / kBlockRows;
   const acc_t inf = std::numeric_limits<acc_t>::infinity();
-  const acc_t ps = pos_is_nearest(S.pos) ? acc_t(1) : acc_t(-1);
-  const acc_t ns = neg_is_nearest(S.neg) ? acc_t(1) : acc_t(-1);
+  const acc_t ps = pos_sign<acc_t>(S.pos);
+  const acc_t ns = neg_sign<acc_t>(S.neg);
   const bool semihard = S.neg == NegStrategy::SemiHard;
   const bool cosine = S.dist == Distance::Cosine;
 
@@ -345,10 +312,8 @@ void select_impl(const SelectArgs& S, at::Tensor& pos_idx, at::Tensor& neg_idx) 
       } else {
         sweep(Pass::PosOnly, false);
         for (int64_t i = 0; i < bm; ++i) {
-          if (bp[i].idx < 0) { lo[i] = inf; hi[i] = inf; continue; }
-          const acc_t v_ap = ps * bp[i].key;  // key = ps * v
-          lo[i] = v_ap;
-          hi[i] = semihard_upper<acc_t>(v_ap, S.margin, S.dist, inf);
+          semihard_window<acc_t>(bp[i].idx >= 0, bp[i].key, ps, S.margin, S.dist, inf, lo[i],
+                                 hi[i]);
         }
         sweep(Pass::NegWindow, /*reuse_buffer=*/chunk == m);
       }

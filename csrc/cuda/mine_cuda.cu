@@ -1,6 +1,20 @@
-// CUDA implementation of fastmine::mine_select: argument checks, dtype/path
-// dispatch and workspace allocation around the torch-free kernels of
-// mine_kernels.cuh.  Semantics are those of csrc/cpu/mine_cpu.cpp.
+// CUDA implementation of fastmine::mine and fastmine::mine_backward (the ops
+// fastmine::mine_cuda and fastmine::mine_backward_cuda, which the CUDA kernel
+// of fastmine::mine runs for backend "cuda"; csrc/fastmine_ops.cpp), and of the
+// selection-only fastmine::mine_select: argument checks, dtype/path dispatch
+// and workspace around the torch-free kernels of mine_kernels.cuh.  Semantics
+// are those of csrc/cpu/mine_cpu.cpp (and docs/contract.md).
+//
+// A call never synchronises with the host:
+//   * labels and ids are read as int64 by the kernels (a dtype cast on the
+//     device at most), and ref_emb = None is the flag Ids::Self, no arange;
+//   * the data checks (NaN/Inf, admissible norms) are computed by the row-terms
+//     kernel into a device flag, and asserted with at::_assert_async: a bad
+//     input fails the next synchronising call with a device-side assertion
+//     (docs/contract.md, "Errors");
+//   * the SM count (for the split heuristic) is read once per device.
+// Everything else is stream-ordered kernels, async memsets and caching-allocator
+// allocations, so a call can also be captured in a CUDA graph.
 //
 // Dot-product path per input dtype (variants.cuh lists the instantiated ones):
 //   float16, bfloat16  tensor cores (WMMA), fp32 accumulate
@@ -10,34 +24,65 @@
 // Only c10/cuda headers are used (no ATen/cuda/CUDAContext.h, which pulls in
 // cuSPARSE/cuBLAS headers), so the file also compiles with a bare toolkit.
 //
-// FASTMINE_CUDA_EMULATION builds this same launcher for the CPU over the host
-// CUDA emulation (emulation/mine_cuda_emulated.cpp): it then takes CPU tensors,
-// has no device guard or stream, and registers as the CPU implementation of the
-// test-only op fastmine_cuda_emulated::mine_select, so that the Python contract
-// suite can run the CUDA launcher and kernels without a GPU (tests/conftest.py).
+// FASTMINE_CUDA_EMULATION (the tests' host emulation of CUDA, see
+// cuda_runtime_shim.cuh) builds this same launcher for CPU tensors: the ops are
+// then fastmine::mine_cuda_emulated / mine_backward_cuda_emulated (backend
+// "cuda-emulated", tests only) and fastmine_cuda_emulated::mine_select, and the
+// data checks are eager (a ValueError naming the row, as on every CPU path).
+// The two builds differ only in the block below and in the registrations at
+// the end.
 #include <ATen/ATen.h>
-#if !defined(FASTMINE_CUDA_EMULATION)
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
 #include <torch/library.h>
 
-#include <limits>
+#include <algorithm>
+#include <mutex>
+#include <vector>
 
-#include "fastmine/compact.h"
 #include "fastmine/op_checks.h"
+#include "fastmine/schema.h"
 #include "variants.cuh"
 
 #if defined(FASTMINE_CUDA_EMULATION)
-#define FASTMINE_CUDA_CHECK(expr)                                                  \
+#define FASTMINE_CUDA_CHECK(...)                                                   \
   do {                                                                             \
-    const cudaError_t err_ = (expr);                                               \
-    TORCH_CHECK(err_ == cudaSuccess, "fastmine::mine_select (emulated CUDA): ",    \
+    const cudaError_t err_ = (__VA_ARGS__);                                        \
+    TORCH_CHECK(err_ == cudaSuccess, "fastmine (emulated CUDA): ",                 \
                 cudaGetErrorString(err_));                                         \
   } while (0)
+#define FASTMINE_CUDA_IMPL "cuda_emulated"
+#define FASTMINE_CUDA_KEY CPU
+namespace fastmine {
+namespace cuda {
+namespace {
+constexpr auto kDeviceType = c10::DeviceType::CPU;
+constexpr bool kEagerChecks = true;
+cudaStream_t current_stream() { return nullptr; }
+struct DeviceGuard {
+  explicit DeviceGuard(const at::Device&) {}
+};
+// As the emulated cudaMalloc: reads of never-written workspace stand out.
+void poison(at::Tensor& workspace) { workspace.fill_(0x7f); }
+}  // namespace
+}  // namespace cuda
+}  // namespace fastmine
 #else
-#define FASTMINE_CUDA_CHECK(expr) C10_CUDA_CHECK(expr)
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#define FASTMINE_CUDA_CHECK(...) C10_CUDA_CHECK((__VA_ARGS__))
+#define FASTMINE_CUDA_IMPL "cuda"
+#define FASTMINE_CUDA_KEY CUDA
+namespace fastmine {
+namespace cuda {
+namespace {
+constexpr auto kDeviceType = c10::DeviceType::CUDA;
+constexpr bool kEagerChecks = false;
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+using DeviceGuard = c10::cuda::CUDAGuard;
+void poison(at::Tensor&) {}
+}  // namespace
+}  // namespace cuda
+}  // namespace fastmine
 #endif
 
 namespace fastmine {
@@ -50,37 +95,264 @@ template <> struct ScalarTypeOf<__nv_bfloat16> { static constexpr auto value = a
 template <> struct ScalarTypeOf<float> { static constexpr auto value = at::kFloat; };
 template <> struct ScalarTypeOf<double> { static constexpr auto value = at::kDouble; };
 
-#if defined(FASTMINE_CUDA_EMULATION)
-constexpr auto kDeviceType = c10::DeviceType::CPU;
-cudaStream_t current_stream() { return nullptr; }
-#else
-constexpr auto kDeviceType = c10::DeviceType::CUDA;
-cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-#endif
+template <typename T> const T* ptr(const at::Tensor& t) {
+  return reinterpret_cast<const T*>(t.data_ptr());
+}
+template <typename T> T* mutable_ptr(at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
+
+// f(T{}) for the kernels' storage type T of `st`.
+template <typename F>
+void dispatch_type(at::ScalarType st, F&& f) {
+  switch (st) {
+    case at::kHalf: f(__half{}); return;
+    case at::kBFloat16: f(__nv_bfloat16{}); return;
+    case at::kFloat: f(float{}); return;
+    case at::kDouble: f(double{}); return;
+    default:
+      FASTMINE_CHECK_ARG(false, "embeddings dtype ", st,
+                         " is not supported (float16, bfloat16, float32, float64)");
+  }
+}
+
+// The SM count of `dev`, read once per device (the split heuristic needs it;
+// querying it on every call would cost a driver call each time).
+int sm_count(const at::Device& dev) {
+  static std::mutex mu;
+  static std::vector<int> cache;
+  const int index = std::max<int>(dev.index(), 0);
+  std::lock_guard<std::mutex> lock(mu);
+  if (index >= int(cache.size())) cache.resize(index + 1, 0);
+  if (cache[index] == 0) {
+    int sms = 1;
+    FASTMINE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, index));
+    cache[index] = sms > 0 ? sms : 1;
+  }
+  return cache[index];
+}
+
+// The selection inputs after the checks: rows contiguous, labels/ids int64.
+struct Inputs {
+  at::Tensor x, r;      // r is x when the references are the batch
+  at::Tensor ql, rl;
+  at::Tensor qid, rid;  // Ids::Explicit only
+  Ids ids;
+};
+
+at::Tensor as_int64(const at::Tensor& t) { return t.to(at::kLong).contiguous(); }
+
+Inputs prepare(const at::Tensor& embeddings, const at::Tensor& labels, const at::Tensor* ref_emb,
+               const at::Tensor* ref_labels, const c10::optional<at::Tensor>& query_ids,
+               const c10::optional<at::Tensor>& ref_ids) {
+  Inputs in;
+  in.x = embeddings.detach().contiguous();
+  in.r = ref_emb == nullptr ? in.x : ref_emb->detach().contiguous();
+  in.ql = as_int64(labels);
+  in.rl = ref_emb == nullptr ? in.ql : as_int64(*ref_labels);
+  if (query_ids.has_value()) {
+    in.ids = Ids::Explicit;
+    in.qid = as_int64(*query_ids);
+    in.rid = ref_emb == nullptr ? in.qid : as_int64(*ref_ids);
+  } else {
+    in.ids = ref_emb == nullptr ? Ids::Self : Ids::None;
+  }
+  return in;
+}
+
+// The kernels' dot-product path for the dtype and the matmul precision.
+DotPath dot_path(at::ScalarType st) {
+  if (st == at::kHalf || st == at::kBFloat16) return DotPath::Wmma;
+  if (st == at::kFloat &&
+      at::globalContext().float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST) {
+    return DotPath::Tf32;
+  }
+  return DotPath::Ffma;
+}
 
 template <typename T, DotPath P>
-void run_variant(const SelectParams& sp, const at::Tensor& x, const at::Tensor& r,
-                 const at::Tensor& ql, const at::Tensor& rl, const at::Tensor& qid,
-                 const at::Tensor& rid, at::Tensor& pos_idx, at::Tensor& neg_idx) {
+void select_variant(const SelectParams& sp, const Inputs& in, at::Tensor& pos_idx,
+                    at::Tensor& neg_idx, at::Tensor& bad) {
   using acc_t = typename AccOf<T>::type;
   at::Tensor ws = at::empty({int64_t(workspace_bytes<acc_t>(sp.n, sp.m, sp.splits))},
-                            x.options().dtype(at::kByte));
-#if defined(FASTMINE_CUDA_EMULATION)
-  ws.fill_(0x7f);  // as the emulated cudaMalloc: reads of unwritten workspace stand out
-#endif
-  const T* xp = reinterpret_cast<const T*>(x.data_ptr());
-  const T* rp = r.is_same(x) ? xp : reinterpret_cast<const T*>(r.data_ptr());
-  cudaError_t err = mine_select_launch<T, P>(
-      sp, xp, rp, ql.data_ptr<int32_t>(), rl.data_ptr<int32_t>(),
-      qid.defined() ? qid.data_ptr<int32_t>() : nullptr,
-      rid.defined() ? rid.data_ptr<int32_t>() : nullptr, pos_idx.data_ptr<int64_t>(),
-      neg_idx.data_ptr<int64_t>(), ws.data_ptr(), current_stream());
-  FASTMINE_CUDA_CHECK(err);
-  FASTMINE_CUDA_CHECK(cudaGetLastError());
+                            in.x.options().dtype(at::kByte));
+  poison(ws);
+  const T* xp = ptr<T>(in.x);
+  const T* rp = in.r.is_same(in.x) ? xp : ptr<T>(in.r);
+  const bool explicit_ids = in.ids == Ids::Explicit;
+  FASTMINE_CUDA_CHECK(mine_select_launch<T, P>(
+      sp, xp, rp, in.ql.data_ptr<int64_t>(), in.rl.data_ptr<int64_t>(),
+      explicit_ids ? in.qid.data_ptr<int64_t>() : nullptr,
+      explicit_ids ? in.rid.data_ptr<int64_t>() : nullptr, pos_idx.data_ptr<int64_t>(),
+      neg_idx.data_ptr<int64_t>(), ws.data_ptr(), bad.data_ptr<int32_t>(), current_stream()));
 }
+
+// Selection into pos_idx/neg_idx (int64 [n]); the data checks' flags into
+// bad (int32 [2], zeroed): [0] embeddings, [1] ref_emb.
+void select(const Inputs& in, int64_t pos_strategy, int64_t neg_strategy, int64_t distance,
+            c10::optional<double> margin, at::Tensor& pos_idx, at::Tensor& neg_idx,
+            at::Tensor& bad) {
+  const int64_t n = in.x.size(0), m = in.r.size(0);
+  SelectParams sp{n, m, in.x.size(1), static_cast<PosStrategy>(pos_strategy),
+                  static_cast<NegStrategy>(neg_strategy), static_cast<Distance>(distance),
+                  margin.has_value() ? *margin : -1.0,
+                  choose_splits(n, m, sm_count(in.x.device())), in.ids};
+  const auto st = in.x.scalar_type();
+  const DotPath path = dot_path(st);
+  bool done = false;
+#define FASTMINE_DISPATCH(T, P, NAME)                                \
+  if (!done && st == ScalarTypeOf<T>::value && path == DotPath::P) { \
+    select_variant<T, DotPath::P>(sp, in, pos_idx, neg_idx, bad);    \
+    done = true;                                                     \
+  }
+  FASTMINE_CUDA_VARIANTS(FASTMINE_DISPATCH)
+#undef FASTMINE_DISPATCH
+  FASTMINE_CHECK_ARG(done, "embeddings dtype ", st,
+                     " is not supported (float16, bfloat16, float32, float64)");
+}
+
+// Raise on the data checks' flags (see the file comment): eager ValueError in
+// the emulated (CPU) build, an asynchronous device-side assertion on CUDA.
+void check_rows(const at::Tensor& bad, const Inputs& in, bool cosine) {
+  const bool self_refs = in.r.is_same(in.x);
+  if (kEagerChecks) {
+    const int32_t* flag = bad.data_ptr<int32_t>();
+    if (flag[0]) check_rows_eager(in.x, cosine, "embeddings");
+    if (!self_refs && flag[1]) check_rows_eager(in.r, cosine, "ref_emb");
+    // A row flagged by the kernel's sum order but not by the sequential one
+    // (a norm within rounding of a bound) still fails:
+    FASTMINE_CHECK_ARG(!flag[0] && (self_refs || !flag[1]),
+                       flag[0] ? "embeddings" : "ref_emb",
+                       " contains NaN or Inf, or a row whose norm is outside the admissible "
+                       "range (docs/contract.md, 'Admissible rows')");
+    return;
+  }
+  at::_assert_async(bad.select(0, 0).eq(0),
+                    "fastmine: embeddings contains NaN or Inf, or a row whose norm is outside "
+                    "the admissible range (docs/contract.md, 'Admissible rows')");
+  if (!self_refs) {
+    at::_assert_async(bad.select(0, 1).eq(0),
+                      "fastmine: ref_emb contains NaN or Inf, or a row whose norm is outside "
+                      "the admissible range (docs/contract.md, 'Admissible rows')");
+  }
+}
+
+using MineOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 }  // namespace
 
+// fastmine::mine_cuda: the selection and the exact distances of the selected
+// pairs (pair_distance_kernel: gather, then upcast; O(N * D)).
+MineOut mine_cuda(const at::Tensor& embeddings, const at::Tensor& labels,
+                  const c10::optional<at::Tensor>& ref_emb,
+                  const c10::optional<at::Tensor>& ref_labels,
+                  const c10::optional<at::Tensor>& query_ids,
+                  const c10::optional<at::Tensor>& ref_ids, int64_t pos_strategy,
+                  int64_t neg_strategy, int64_t distance, c10::optional<double> margin) {
+  const bool self_refs = check_mine_args(kDeviceType, embeddings, labels, ref_emb, ref_labels,
+                                         query_ids, ref_ids, pos_strategy, neg_strategy, distance,
+                                         margin);
+  at::NoGradGuard no_grad;  // the autograd kernel of fastmine::mine sits above this one
+  const DeviceGuard guard(embeddings.device());
+  const int64_t n = embeddings.size(0);
+  auto lopts = embeddings.options().dtype(at::kLong);
+  at::Tensor pos_idx = at::empty({n}, lopts), neg_idx = at::empty({n}, lopts);
+  at::Tensor pos_dist = at::empty({n}, embeddings.options());
+  at::Tensor neg_dist = at::empty({n}, embeddings.options());
+  if (n == 0) return {pos_idx, neg_idx, pos_dist, neg_dist};
+  const Inputs in = prepare(embeddings, labels, self_refs ? nullptr : &*ref_emb,
+                            self_refs ? nullptr : &*ref_labels, query_ids, ref_ids);
+  at::Tensor bad = at::zeros({2}, embeddings.options().dtype(at::kInt));
+  select(in, pos_strategy, neg_strategy, distance, margin, pos_idx, neg_idx, bad);
+  check_rows(bad, in, static_cast<Distance>(distance) == Distance::Cosine);
+  dispatch_type(in.x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = ptr<T>(in.x);
+    FASTMINE_CUDA_CHECK(pair_distance_launch<T>(
+        static_cast<Distance>(distance), xp, in.r.is_same(in.x) ? xp : ptr<T>(in.r), n,
+        in.x.size(1), pos_idx.data_ptr<int64_t>(), neg_idx.data_ptr<int64_t>(),
+        mutable_ptr<T>(pos_dist), mutable_ptr<T>(neg_dist), current_stream()));
+  });
+  return {pos_idx, neg_idx, pos_dist, neg_dist};
+}
+
+// fastmine::mine_backward_cuda: dL/d(embeddings) [N, D] and dL/d(ref_emb)
+// ([M, D], or [0, D] when ref_emb is None -- both halves are then in the first
+// output -- or when ref_emb_grad is false: then nothing of size M is formed).
+// The reference rows are summed with atomics, or, under
+// torch.use_deterministic_algorithms(True), in a fixed order over the pairs
+// sorted by reference row (segment_ref_grad_kernel): bitwise reproducible.
+std::tuple<at::Tensor, at::Tensor> mine_backward_cuda(
+    const at::Tensor& grad_pos_dist, const at::Tensor& grad_neg_dist,
+    const at::Tensor& embeddings, const c10::optional<at::Tensor>& ref_emb,
+    const at::Tensor& pos_idx, const at::Tensor& neg_idx, int64_t distance, bool ref_emb_grad) {
+  check_mine_backward_args(kDeviceType, grad_pos_dist, grad_neg_dist, embeddings, ref_emb,
+                           pos_idx, neg_idx, distance);
+  at::NoGradGuard no_grad;
+  const DeviceGuard guard(embeddings.device());
+  const bool self_refs = !ref_emb.has_value();
+  const at::Tensor x = embeddings.detach().contiguous();
+  const at::Tensor r = self_refs ? x : ref_emb->detach().contiguous();
+  const int64_t n = x.size(0), m = r.size(0), d = x.size(1);
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto aopts = x.options().dtype(acc);
+  const bool want_r = !self_refs && ref_emb_grad;
+  const bool ref_side = want_r || self_refs;  // dd/db is needed somewhere
+  const bool deterministic = at::globalContext().deterministicAlgorithms();
+  const at::Tensor gp = grad_pos_dist.to(acc).contiguous();
+  const at::Tensor gn = grad_neg_dist.to(acc).contiguous();
+  const at::Tensor pi = pos_idx.contiguous(), ni = neg_idx.contiguous();
+  at::Tensor gx = at::empty({n, d}, aopts);
+  // Where the reference side lands: a zeroed [M, D] for ref_emb; for the batch
+  // as references, grad_x itself (deterministic: added after the anchor side)
+  // or a zeroed [N, D] added to it (atomic: the anchor side is written without
+  // atomics by the block that owns the row, so the two must not share memory).
+  at::Tensor gr = want_r ? at::zeros({m, d}, aopts) : at::Tensor();
+  at::Tensor scratch;  // RefGrad::Contrib rows [2N, D], or the atomic [N, D] of self refs
+  RefGrad mode = RefGrad::None;
+  if (ref_side && n > 0 && d > 0) {
+    if (deterministic) {
+      mode = RefGrad::Contrib;
+      scratch = at::empty({2 * n, d}, aopts);
+    } else {
+      mode = RefGrad::Atomic;
+      if (self_refs) scratch = at::zeros({n, d}, aopts);
+    }
+  }
+  if (n > 0 && d > 0) {
+    dispatch_type(x.scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      using acc_t = typename AccOf<T>::type;
+      const T* xp = ptr<T>(x);
+      acc_t* out_r = mode == RefGrad::None     ? nullptr
+                     : mode == RefGrad::Contrib ? scratch.data_ptr<acc_t>()
+                     : self_refs                ? scratch.data_ptr<acc_t>()
+                                                : gr.data_ptr<acc_t>();
+      FASTMINE_CUDA_CHECK(pair_backward_launch<T>(
+          static_cast<Distance>(distance), mode, xp, self_refs ? xp : ptr<T>(r), n, d,
+          pi.data_ptr<int64_t>(), ni.data_ptr<int64_t>(), gp.data_ptr<acc_t>(),
+          gn.data_ptr<acc_t>(), gx.data_ptr<acc_t>(), out_r, current_stream()));
+      if (mode == RefGrad::Contrib) {
+        // Pair p < N is anchor p's positive, p >= N anchor p - N's negative; a
+        // stable sort keeps pair order within a reference row (-1 rows first,
+        // skipped by the kernel).
+        auto [sorted_rows, order] =
+            at::sort(at::cat({pi, ni}), /*stable=*/true, /*dim=*/0, /*descending=*/false);
+        FASTMINE_CUDA_CHECK(segment_ref_grad_launch<acc_t>(
+            2 * n, d, sorted_rows.data_ptr<int64_t>(), order.data_ptr<int64_t>(),
+            scratch.data_ptr<acc_t>(), self_refs ? gx.data_ptr<acc_t>() : gr.data_ptr<acc_t>(),
+            /*accumulate=*/self_refs, current_stream()));
+      }
+    });
+    if (mode == RefGrad::Atomic && self_refs) gx.add_(scratch);
+  } else {
+    gx.zero_();
+  }
+  at::Tensor grad_x = gx.to(embeddings.scalar_type());
+  at::Tensor grad_r = want_r ? gr.to(ref_emb->scalar_type())
+                             : at::empty({0, d}, embeddings.options());
+  return {grad_x, grad_r};
+}
+
+// fastmine::mine_select (selection only, explicit reference set; ids optional).
 std::tuple<at::Tensor, at::Tensor> mine_select_cuda(
     const at::Tensor& embeddings, const at::Tensor& labels, const at::Tensor& ref_emb,
     const at::Tensor& ref_labels, const c10::optional<at::Tensor>& query_ids,
@@ -88,53 +360,36 @@ std::tuple<at::Tensor, at::Tensor> mine_select_cuda(
     int64_t distance, c10::optional<double> margin) {
   check_mine_select_args(kDeviceType, embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids,
                          pos_strategy, neg_strategy, distance, margin);
-  const at::Device dev = embeddings.device();
-  const int64_t n = embeddings.size(0), m = ref_emb.size(0);
-  const auto neg = static_cast<NegStrategy>(neg_strategy);
-
-#if !defined(FASTMINE_CUDA_EMULATION)
-  const c10::cuda::CUDAGuard device_guard(dev);
-#endif
-  auto opts = at::TensorOptions().dtype(at::kLong).device(dev);
-  at::Tensor pos_idx = at::full({n}, -1, opts), neg_idx = at::full({n}, -1, opts);
-  if (n == 0 || m == 0) return {pos_idx, neg_idx};
-
-  at::Tensor x = embeddings.contiguous();
-  at::Tensor r = ref_emb.is_same(embeddings) ? x : ref_emb.contiguous();
-  auto [ql, rl] = compact_int32(labels, ref_labels);
-  at::Tensor qid, rid;
-  if (query_ids.has_value()) std::tie(qid, rid) = compact_int32(*query_ids, *ref_ids);
-
-  int sms = 1;
-  FASTMINE_CUDA_CHECK(
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, std::max<int>(dev.index(), 0)));
-  SelectParams sp{n, m, embeddings.size(1), static_cast<PosStrategy>(pos_strategy), neg,
-                  static_cast<Distance>(distance), margin.has_value() ? *margin : -1.0,
-                  choose_splits(n, m, sms)};
-  const auto st = x.scalar_type();
-  DotPath path = DotPath::Ffma;
-  if (st == at::kHalf || st == at::kBFloat16) path = DotPath::Wmma;
-  if (st == at::kFloat &&
-      at::globalContext().float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST) {
-    path = DotPath::Tf32;
-  }
-  bool done = false;
-#define FASTMINE_DISPATCH(T, P, NAME)                                          \
-  if (!done && st == ScalarTypeOf<T>::value && path == DotPath::P) {           \
-    run_variant<T, DotPath::P>(sp, x, r, ql, rl, qid, rid, pos_idx, neg_idx);  \
-    done = true;                                                               \
-  }
-  FASTMINE_CUDA_VARIANTS(FASTMINE_DISPATCH)
-#undef FASTMINE_DISPATCH
-  FASTMINE_CHECK_ARG(done, "embeddings dtype ", st,
-                     " is not supported (float16, bfloat16, float32, float64)");
+  at::NoGradGuard no_grad;
+  const DeviceGuard guard(embeddings.device());
+  const int64_t n = embeddings.size(0);
+  auto lopts = embeddings.options().dtype(at::kLong);
+  at::Tensor pos_idx = at::empty({n}, lopts), neg_idx = at::empty({n}, lopts);
+  if (n == 0) return {pos_idx, neg_idx};
+  const Inputs in = prepare(embeddings, labels, &ref_emb, &ref_labels, query_ids, ref_ids);
+  at::Tensor bad = at::zeros({2}, embeddings.options().dtype(at::kInt));
+  select(in, pos_strategy, neg_strategy, distance, margin, pos_idx, neg_idx, bad);
+  check_rows(bad, in, static_cast<Distance>(distance) == Distance::Cosine);
   return {pos_idx, neg_idx};
+}
+
+// The implementation ops of backend "cuda" (schema.h; "cuda_emulated" in the
+// tests' emulated build), found by fastmine::mine's device kernel by name.
+TORCH_LIBRARY_FRAGMENT(fastmine, m) {
+  m.def(FASTMINE_MINE_IMPL_SCHEMA(FASTMINE_CUDA_IMPL));
+  m.def(FASTMINE_MINE_BACKWARD_IMPL_SCHEMA(FASTMINE_CUDA_IMPL));
+}
+
+TORCH_LIBRARY_IMPL(fastmine, FASTMINE_CUDA_KEY, m) {
+  m.impl("mine_" FASTMINE_CUDA_IMPL, &mine_cuda);
+  m.impl("mine_backward_" FASTMINE_CUDA_IMPL, &mine_backward_cuda);
+#if !defined(FASTMINE_CUDA_EMULATION)
+  m.impl("mine_select", &mine_select_cuda);
+#endif
 }
 
 #if defined(FASTMINE_CUDA_EMULATION)
 TORCH_LIBRARY_IMPL(fastmine_cuda_emulated, CPU, m) { m.impl("mine_select", &mine_select_cuda); }
-#else
-TORCH_LIBRARY_IMPL(fastmine, CUDA, m) { m.impl("mine_select", &mine_select_cuda); }
 #endif
 
 }  // namespace cuda

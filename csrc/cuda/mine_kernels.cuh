@@ -1,19 +1,24 @@
-// CUDA kernels of fastmine::mine_select (torch-free: raw pointers and a stream).
+// CUDA kernels of fastmine::mine (selection, exact pair distances) and
+// fastmine::mine_backward; torch-free: raw pointers and a stream.  The torch
+// launcher is csrc/cuda/mine_cuda.cu.  The rules (mining value, passes,
+// same-sample rule, admissible rows, semi-hard window, splits) are the shared
+// definitions of fastmine/strategies.h, which the CPU kernels use too.
 //
 // Forward, per anchor row i and reference j, without ever holding the N x M matrix:
 //   dot(i, j)   tiled BM x BN block tile, K-loop over the embedding dimension in
 //               BK slices staged through shared memory; the tile product runs on
 //               tensor cores (WMMA: fp16/bf16 inputs, or tf32 for fp32 when the
 //               matmul precision allows it) or on FFMA (exact fp32, fp64).
-//   v(i, j)     squared Euclidean  a_i + b_j - 2 dot   (a, b = squared norms)
-//               cosine             1 - dot * a_i * b_j  (a, b = inverse norms)
+//   v(i, j)     mining_value: squared Euclidean a_i + b_j - 2 dot (a, b = squared
+//               norms), cosine 1 - dot * a_i * b_j (a, b = inverse norms),
 //               clamped at +0; Euclidean is mined on its square (same order).
 //   key         nearest rule: v, farthest rule: -v, +inf when inadmissible
-//               (label mask, same-sample mask query_ids[i] == ref_ids[j],
-//               semi-hard window lo < v < hi).
+//               (label mask, same-sample rule, semi-hard window lo < v < hi).
 //   selection   argmin of the key, ties -> smallest reference index.  Every
 //               (key, index) comparison is lexicographic, so the result does not
 //               depend on the order in which tiles, threads or splits are merged.
+// Labels and ids are read as int64 (no compaction); with the batch as the
+// references the same-sample rule is the flag Ids::Self (j == i), not an arange.
 // Each block owns BM anchor rows and a contiguous range of reference tiles (a
 // "split" of the reference axis, gridDim.y splits so that small N still fills the
 // GPU).  Thread t owns row t / TPR of the tile and the columns congruent to
@@ -21,13 +26,22 @@
 // across all reference tiles of the block.  The TPR lanes of a row are merged
 // with warp shuffles, the splits by merge_kernel.  Semi-hard runs two sweeps:
 // positives (PosOnly) then negatives inside the window (NegWindow) whose bounds
-// merge_kernel derives from the positive's key with semihard_upper().
+// merge_kernel derives from the positive's key (semihard_window).
 //
-// Backward: pair_backward_kernel evaluates the exact pair gradients of
-// fastmine/_pairs.py (see there for the formulas) for each anchor's positive and
-// negative, writes dL/dx densely and scatters dL/dr with atomicAdd; the
-// deterministic variant writes per-pair contributions and gathers them per
-// reference row in pair order (gather_ref_grad_kernel), O(M * 2N) index reads.
+// Data checks: row_terms_kernel computes |x|^2 for the row terms anyway and
+// raises a device-side flag for a row that is not admissible (NaN/Inf, norm out
+// of range); the launcher asserts on the flag without a host sync.
+//
+// Pair distances (pair_distance_kernel): d(x_i, r_idx[i]) by direct difference
+// from the selected rows, one warp per pair, gathered then upcast: O(N * D).
+//
+// Backward (pair_backward_kernel): the exact pair gradients of
+// fastmine/_pairs.py (see there for the formulas), one block per anchor; dL/dx
+// is written densely (the block owns row i).  dL/dr is scattered with atomicAdd
+// (RefGrad::Atomic), or written per pair (RefGrad::Contrib) and summed per
+// reference row in a fixed order by segment_ref_grad_kernel over the pairs
+// sorted (stably) by reference row: bitwise reproducible, O(N * D).  With
+// RefGrad::None nothing is formed for the references (a bank without grad).
 //
 // Indexing is int64 throughout (row * D offsets can exceed 2^31).
 #pragma once
@@ -49,8 +63,6 @@ enum class DotPath : int {
   Wmma = 1,  // tensor cores, fp16/bf16 inputs, fp32 accumulate (sm_70 fp16 / sm_80 bf16)
   Tf32 = 2,  // tensor cores, fp32 inputs rounded to tf32, fp32 accumulate (sm_80)
 };
-
-enum class Pass : int { Fused = 0, PosOnly = 1, NegWindow = 2 };
 
 constexpr int64_t kNoIndex = INT64_MAX;  // "no candidate" sentinel while merging
 
@@ -82,33 +94,18 @@ template <typename acc_t> FASTMINE_HD inline acc_t acc_inf();
 template <> FASTMINE_HD inline float acc_inf<float>() { return __builtin_huge_valf(); }
 template <> FASTMINE_HD inline double acc_inf<double>() { return __builtin_huge_val(); }
 
-// Round-to-nearest arithmetic that the compiler may not contract into FMA, so
-// that host references (and the CPU kernel, built with -ffp-contract=off)
-// reproduce the device's mining values bit for bit.
-#if defined(__CUDA_ARCH__)
-__device__ inline float mul_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ inline float add_rn(float a, float b) { return __fadd_rn(a, b); }
-__device__ inline float sub_rn(float a, float b) { return __fsub_rn(a, b); }
-__device__ inline double mul_rn(double a, double b) { return __dmul_rn(a, b); }
-__device__ inline double add_rn(double a, double b) { return __dadd_rn(a, b); }
-__device__ inline double sub_rn(double a, double b) { return __dsub_rn(a, b); }
-#else
-template <typename A> inline A mul_rn(A a, A b) { return a * b; }
-template <typename A> inline A add_rn(A a, A b) { return a + b; }
-template <typename A> inline A sub_rn(A a, A b) { return a - b; }
-#endif
+// acc_t -> storage type, round to nearest (outputs in the embeddings' dtype).
+template <typename T> __device__ inline T from_acc(typename AccOf<T>::type v) { return T(v); }
+template <> __device__ inline __half from_acc<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ inline __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
 
-// Mining value from a dot product (see the file comment); mirrors
-// csrc/cpu/mine_cpu.cpp::mining_value, including the evaluation order.
-template <typename acc_t, Distance DIST>
-FASTMINE_HD inline acc_t mining_value(acc_t dot, acc_t ai, acc_t bj) {
-  acc_t v;
-  if constexpr (DIST == Distance::Cosine) {
-    v = sub_rn(acc_t(1), mul_rn(mul_rn(dot, ai), bj));
-  } else {
-    v = sub_rn(add_rn(ai, bj), mul_rn(acc_t(2), dot));
-  }
-  return v > acc_t(0) ? v : acc_t(0);
+// Sum over the 32 lanes of a warp (every lane gets it); fixed butterfly order.
+template <typename acc_t>
+__device__ inline acc_t warp_sum(acc_t v) {
+  for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
 }
 
 // Lexicographic (key, index) order: smaller key, then smaller index.
@@ -142,10 +139,11 @@ struct ForwardArgs {
   const T* r;              // [m, d] references
   const acc_t* a;          // [n] anchor terms (|x|^2 or 1/|x|)
   const acc_t* b;          // [m] reference terms
-  const int32_t* ql;       // [n] anchor labels (int32 codes)
-  const int32_t* rl;       // [m] reference labels
-  const int32_t* qid;      // [n] or nullptr (no same-sample exclusion)
-  const int32_t* rid;      // [m] or nullptr
+  const int64_t* ql;       // [n] anchor labels
+  const int64_t* rl;       // [m] reference labels
+  Ids ids;                 // same-sample rule (strategies.h)
+  const int64_t* qid;      // [n] (Ids::Explicit only)
+  const int64_t* rid;      // [m] (Ids::Explicit only)
   const acc_t* lo;         // [n] semi-hard window (NegWindow only)
   const acc_t* hi;         // [n]
   int64_t n, m, d;
@@ -300,9 +298,9 @@ __global__ void __launch_bounds__(TileConfig<T, P>::NT)
   const int64_t i = i0 + row;
   const bool row_ok = i < A.n;
   const acc_t ai = row_ok ? A.a[i] : acc_t(0);
-  const int32_t li = row_ok ? A.ql[i] : 0;
-  const bool has_ids = A.qid != nullptr;
-  const int32_t qi = (row_ok && has_ids) ? A.qid[i] : 0;
+  const int64_t li = row_ok ? A.ql[i] : 0;
+  const bool explicit_ids = A.ids == Ids::Explicit;
+  const int64_t qi = (row_ok && explicit_ids) ? A.qid[i] : 0;
   acc_t lo = inf, hi = inf;
   if (WINDOW && row_ok) { lo = A.lo[i]; hi = A.hi[i]; }
   // A semi-hard row without a positive has lo = +inf: nothing is admissible.
@@ -322,16 +320,17 @@ __global__ void __launch_bounds__(TileConfig<T, P>::NT)
       for (int c = lane_col; c < C::BN; c += C::TPR) {
         const int64_t j = j0 + c;
         if (j >= A.m) break;
-        const acc_t v = mining_value<acc_t, DIST>(Cs[row * C::LDC + c], ai, A.b[j]);
-        const bool same = has_ids && A.rid[j] == qi;
-        const int32_t lj = A.rl[j];
+        const acc_t v = mining_value<acc_t>(Cs[row * C::LDC + c], ai, A.b[j],
+                                            DIST == Distance::Cosine);
+        const bool same = same_sample(A.ids, i, j, qi, explicit_ids ? A.rid[j] : 0);
+        const int64_t lj = A.rl[j];
         if (DO_POS) {
           const acc_t k = (lj == li && !same) ? A.ps * v : inf;
           if (k < bpk) { bpk = k; bpi = j; }
         }
         if (DO_NEG) {
           bool ok = lj != li && !same;
-          if (WINDOW) ok = ok && v > lo && v < hi;
+          if (WINDOW) ok = ok && in_semihard_window(v, lo, hi);
           const acc_t k = ok ? A.ns * v : inf;
           if (k < bnk) { bnk = k; bni = j; }
         }
@@ -387,12 +386,7 @@ __global__ void merge_kernel(int64_t n, int64_t splits, const acc_t* part_pkey,
     best_of_splits(part_pkey, part_pidx, n, splits, i, k, idx);
     pos_idx[i] = idx == kNoIndex ? -1 : idx;
     if (PASS == Pass::PosOnly) {
-      if (idx == kNoIndex) { lo[i] = inf; hi[i] = inf; }
-      else {
-        const acc_t v_ap = ps * k;
-        lo[i] = v_ap;
-        hi[i] = semihard_upper<acc_t>(v_ap, margin, dist, inf);
-      }
+      semihard_window<acc_t>(idx != kNoIndex, k, ps, margin, dist, inf, lo[i], hi[i]);
     }
   }
   if (PASS != Pass::PosOnly) {
@@ -403,22 +397,29 @@ __global__ void merge_kernel(int64_t n, int64_t splits, const acc_t* part_pkey,
   }
 }
 
-// Per-row terms: |x|^2 (Euclidean family) or 1/|x| (cosine), in acc_t.
-// One warp per row; the sum is a fixed-order tree, so results are reproducible.
+// Per-row terms (strategies.h row_term): |x|^2 (Euclidean family) or 1/|x|
+// (cosine), in acc_t, one warp per row (fixed-order tree sum: reproducible).
+// The contract's data check comes with it: a row whose |x|^2 is not admissible
+// (row_admissible: NaN/Inf elements, or a norm outside the bounds) sets *bad
+// to 1 (every writer writes the same value, so plain stores suffice); `bad`
+// may be nullptr (no check).
 template <typename T>
-__global__ void row_terms_kernel(const T* x, int64_t n, int64_t d, bool inverse_norm,
-                                 typename AccOf<T>::type* out) {
+__global__ void row_terms_kernel(const T* x, int64_t n, int64_t d, bool cosine,
+                                 typename AccOf<T>::type* out, int32_t* bad) {
   using acc_t = typename AccOf<T>::type;
   const int64_t row = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  if (row >= n) return;
+  if (row >= n) return;  // uniform per warp
   acc_t s = 0;
   for (int64_t k = lane; k < d; k += 32) {
     const acc_t v = load_acc(x[row * d + k]);
     s += v * v;
   }
-  for (int off = 16; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
-  if (lane == 0) out[row] = inverse_norm ? acc_t(1) / sqrt(s) : s;
+  s = warp_sum(s);
+  if (lane == 0) {
+    out[row] = row_term(s, cosine);
+    if (bad != nullptr && !row_admissible(s, cosine)) *bad = 1;
+  }
 }
 
 // ------------------------------------------------------------------- host side
@@ -431,42 +432,31 @@ inline size_t workspace_bytes(int64_t n, int64_t m, int64_t splits) {
          up(2 * sizeof(int64_t) * splits * n);
 }
 
-// Splits of the reference axis: enough blocks to fill the GPU (~2 waves of
-// `sm_count` SMs) when N is small, at most one split per reference tile.
-inline int64_t choose_splits(int64_t n, int64_t m, int sm_count, int bm = 64, int bn = 64) {
-  const int64_t row_blocks = (n + bm - 1) / bm, tiles = (m + bn - 1) / bn;
-  int64_t s = (2 * int64_t(sm_count) + row_blocks - 1) / row_blocks;
-  if (s > tiles) s = tiles;
-  if (s > 256) s = 256;
-  return s < 1 ? 1 : s;
-}
-
 struct SelectParams {
   int64_t n, m, d;
   PosStrategy pos;
   NegStrategy neg;
   Distance dist;
   double margin;  // < 0: none
-  int64_t splits; // >= 1 (choose_splits)
+  int64_t splits; // >= 1 (choose_splits, strategies.h)
+  Ids ids;        // same-sample rule; Explicit reads qid/rid
 };
 
-// The whole forward for one (T, P): terms, one or two sweeps, merges.
-// x [n, d], r [m, d] (may alias x), labels/ids int32 (ids may be nullptr),
-// outputs pos_idx/neg_idx int64 [n] (-1 = none).  `workspace` holds
-// workspace_bytes<acc_t>(n, m, splits) bytes.  Returns the first launch error.
+// The whole selection for one (T, P): row terms (with the data checks), one or
+// two sweeps, merges.  x [n, d], r [m, d] (r == x: the batch is the reference
+// set, its terms are copied), labels and ids int64 (ids read only for
+// Ids::Explicit), outputs pos_idx/neg_idx int64 [n] (-1 = none).  `workspace`
+// holds workspace_bytes<acc_t>(n, m, splits) bytes.  bad: nullptr, or int32 [2]
+// (zeroed by the caller) that row_terms_kernel sets for embeddings ([0]) and
+// ref_emb ([1]).  Never synchronises.  Returns the first launch error.
 template <typename T, DotPath P>
-cudaError_t mine_select_launch(const SelectParams& p, const T* x, const T* r, const int32_t* ql,
-                               const int32_t* rl, const int32_t* qid, const int32_t* rid,
-                               int64_t* pos_idx, int64_t* neg_idx, void* workspace,
+cudaError_t mine_select_launch(const SelectParams& p, const T* x, const T* r, const int64_t* ql,
+                               const int64_t* rl, const int64_t* qid, const int64_t* rid,
+                               int64_t* pos_idx, int64_t* neg_idx, void* workspace, int32_t* bad,
                                cudaStream_t stream) {
   using C = TileConfig<T, P>;
   using acc_t = typename C::acc_t;
   if (p.n == 0) return cudaSuccess;
-  if (p.m == 0) {  // no references: nothing is selected
-    cudaMemsetAsync(pos_idx, 0xff, sizeof(int64_t) * p.n, stream);  // all bytes 0xff == -1
-    cudaMemsetAsync(neg_idx, 0xff, sizeof(int64_t) * p.n, stream);
-    return cudaGetLastError();
-  }
   auto up = [](size_t b) { return (b + 255) / 256 * 256; };
   unsigned char* w = static_cast<unsigned char*>(workspace);
   acc_t* a = reinterpret_cast<acc_t*>(w);
@@ -480,22 +470,29 @@ cudaError_t mine_select_launch(const SelectParams& p, const T* x, const T* r, co
   int64_t* pidx = reinterpret_cast<int64_t*>(w);
   int64_t* nidx = pidx + p.splits * p.n;
 
+  // Row terms first: they carry the data checks, which hold even when m == 0.
   const bool cosine = p.dist == Distance::Cosine;
+  const bool self_refs = r == x && p.m == p.n;
   launch_kernel(row_terms_kernel<T>, dim3(unsigned((p.n + 7) / 8)), dim3(256), stream,
-                "row_terms_kernel", x, p.n, p.d, cosine, a);
-  if (r == x && p.m == p.n) {
+                "row_terms_kernel", x, p.n, p.d, cosine, a, bad);
+  if (p.m == 0) {  // no references: nothing is selected
+    cudaMemsetAsync(pos_idx, 0xff, sizeof(int64_t) * p.n, stream);  // all bytes 0xff == -1
+    cudaMemsetAsync(neg_idx, 0xff, sizeof(int64_t) * p.n, stream);
+    return cudaGetLastError();
+  }
+  if (self_refs) {
     cudaMemcpyAsync(b, a, sizeof(acc_t) * p.n, cudaMemcpyDeviceToDevice, stream);
   } else {
     launch_kernel(row_terms_kernel<T>, dim3(unsigned((p.m + 7) / 8)), dim3(256), stream,
-                  "row_terms_kernel", r, p.m, p.d, cosine, b);
+                  "row_terms_kernel", r, p.m, p.d, cosine, b, bad == nullptr ? bad : bad + 1);
   }
 
-  const acc_t ps = pos_is_nearest(p.pos) ? acc_t(1) : acc_t(-1);
-  const acc_t ns = neg_is_nearest(p.neg) ? acc_t(1) : acc_t(-1);
+  const acc_t ps = pos_sign<acc_t>(p.pos);
+  const acc_t ns = neg_sign<acc_t>(p.neg);
   const int64_t tiles = (p.m + C::BN - 1) / C::BN;
   const int64_t per = (tiles + p.splits - 1) / p.splits;
   const int64_t splits = (tiles + per - 1) / per;  // drop empty splits
-  ForwardArgs<T> A{x, r, a, b, ql, rl, qid, rid, lo, hi, p.n, p.m, p.d, ps, ns, per,
+  ForwardArgs<T> A{x, r, a, b, ql, rl, p.ids, qid, rid, lo, hi, p.n, p.m, p.d, ps, ns, per,
                    pkey, pidx, nkey, nidx};
   const dim3 grid(unsigned((p.n + C::BM - 1) / C::BM), unsigned(splits));
   const unsigned mgrid = unsigned((p.n + 255) / 256);
@@ -516,11 +513,84 @@ cudaError_t mine_select_launch(const SelectParams& p, const T* x, const T* r, co
   return cudaGetLastError();
 }
 
+// ---------------------------------------------------------------- pair distances
+// d(x[i], r[idx[i]]) for the positive (warps w < n) and the negative (w >= n)
+// of every anchor, 0 where idx == -1; one warp per pair, the rows read in
+// their dtype and upcast element by element (gather, then upcast).  The
+// formulas of fastmine/_pairs.py, by direct difference (no cancellation for
+// near pairs):
+//   squared_euclidean |a - b|^2;  euclidean |a - b|;
+//   cosine |a/|a| - b/|b||^2 / 2 (= 1 - cos for the unit vectors).
+template <typename T, Distance DIST>
+__global__ void pair_distance_kernel(const T* x, const T* r, int64_t n, int64_t d,
+                                     const int64_t* pos_idx, const int64_t* neg_idx, T* pos_out,
+                                     T* neg_out) {
+  using acc_t = typename AccOf<T>::type;
+  const int64_t w = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (w >= 2 * n) return;  // uniform per warp
+  const bool pos = w < n;
+  const int64_t i = pos ? w : w - n;
+  const int64_t j = (pos ? pos_idx : neg_idx)[i];
+  T* out = pos ? pos_out : neg_out;
+  acc_t v = 0;
+  if (j >= 0) {  // uniform per warp
+    const T* a = x + i * d;
+    const T* b = r + j * d;
+    if (DIST == Distance::Cosine) {
+      acc_t saa = 0, sbb = 0;
+      for (int64_t k = lane; k < d; k += 32) {
+        const acc_t av = load_acc(a[k]), bv = load_acc(b[k]);
+        saa += av * av;
+        sbb += bv * bv;
+      }
+      const acc_t na = sqrt_rn(warp_sum(saa)), nb = sqrt_rn(warp_sum(sbb));
+      acc_t sww = 0;
+      for (int64_t k = lane; k < d; k += 32) {
+        const acc_t wk = load_acc(a[k]) / na - load_acc(b[k]) / nb;
+        sww += wk * wk;
+      }
+      v = acc_t(0.5) * warp_sum(sww);
+    } else {
+      acc_t suu = 0;
+      for (int64_t k = lane; k < d; k += 32) {
+        const acc_t u = load_acc(a[k]) - load_acc(b[k]);
+        suu += u * u;
+      }
+      suu = warp_sum(suu);
+      v = DIST == Distance::Euclidean ? sqrt_rn(suu) : suu;
+    }
+  }
+  if (lane == 0) out[i] = from_acc<T>(v);
+}
+
+// Distances of the selected pairs: pos_out, neg_out [n] in T.
+template <typename T>
+cudaError_t pair_distance_launch(Distance dist, const T* x, const T* r, int64_t n, int64_t d,
+                                 const int64_t* pos_idx, const int64_t* neg_idx, T* pos_out,
+                                 T* neg_out, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  const dim3 grid(unsigned((2 * n + 7) / 8)), block(256);
+  auto go = [&](auto dist_tag) {
+    constexpr Distance D = decltype(dist_tag)::value;
+    launch_kernel(pair_distance_kernel<T, D>, grid, block, stream, "pair_distance_kernel", x, r,
+                  n, d, pos_idx, neg_idx, pos_out, neg_out);
+  };
+  switch (dist) {
+    case Distance::Euclidean: go(std::integral_constant<Distance, Distance::Euclidean>{}); break;
+    case Distance::SquaredEuclidean:
+      go(std::integral_constant<Distance, Distance::SquaredEuclidean>{});
+      break;
+    case Distance::Cosine: go(std::integral_constant<Distance, Distance::Cosine>{}); break;
+  }
+  return cudaGetLastError();
+}
+
 // --------------------------------------------------------------------- backward
 // Block-wide sum (blockDim.x a multiple of 32, <= 1024); fixed order.
 template <typename acc_t>
 __device__ inline acc_t block_sum(acc_t v, acc_t* scratch) {
-  for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+  v = warp_sum(v);
   const int warp = threadIdx.x / 32, nw = blockDim.x / 32;
   __syncthreads();
   if (threadIdx.x % 32 == 0) scratch[warp] = v;
@@ -530,12 +600,19 @@ __device__ inline acc_t block_sum(acc_t v, acc_t* scratch) {
   return s;
 }
 
-// Pair gradients of fastmine/_pairs.py::_pair_grads, one block per anchor.
-// grad_x [n, d] (acc_t) is written densely (both pairs of anchor i);
-// ATOMIC: grad_r [m, d] += g * dd/db via atomicAdd;
-// else:   contrib [2n, d] receives g * dd/db of pair (i, pos) at row i and of
-//         (i, neg) at row n + i (zero for idx == -1), for gather_ref_grad_kernel.
-template <typename T, Distance DIST, bool ATOMIC>
+// What the backward forms for the reference rows.
+enum class RefGrad : int {
+  None = 0,     // nothing (the references need no gradient)
+  Atomic = 1,   // out_r [m, d] (zeroed by the caller) += g * dd/db, atomicAdd
+  Contrib = 2,  // out_r [2n, d]: row p = g * dd/db of pair p (p < n: the positive
+                // of anchor p, else the negative of anchor p - n); rows of pairs
+                // with idx == -1 are not written.  segment_ref_grad_kernel sums them.
+};
+
+// Pair gradients of fastmine/_pairs.py::_pair_grads, one block per anchor:
+// grad_x [n, d] (acc_t) row i = sum over its two pairs of g * dd/da, written
+// (not accumulated) by the block that owns row i; the reference side per MODE.
+template <typename T, Distance DIST, RefGrad MODE>
 __global__ void pair_backward_kernel(const T* x, const T* r, int64_t n, int64_t d,
                                      const int64_t* pos_idx, const int64_t* neg_idx,
                                      const typename AccOf<T>::type* grad_pos,
@@ -551,10 +628,7 @@ __global__ void pair_backward_kernel(const T* x, const T* r, int64_t n, int64_t 
   for (int which = 0; which < 2; ++which) {
     const int64_t j = (which == 0 ? pos_idx : neg_idx)[i];
     const acc_t g = (which == 0 ? grad_pos : grad_neg)[i];
-    if (j < 0) {
-      if (!ATOMIC) for (int64_t k = threadIdx.x; k < d; k += blockDim.x) out_r[(which * n + i) * d + k] = acc_t(0);
-      continue;
-    }
+    if (j < 0) continue;  // uniform per block: no barrier is skipped by part of it
     const T* xb = r + j * d;
     // Reductions needed by the formulas.
     acc_t s_uu = 0, s_aa = 0, s_bb = 0;
@@ -566,11 +640,11 @@ __global__ void pair_backward_kernel(const T* x, const T* r, int64_t n, int64_t 
     }
     acc_t na = 0, nb = 0, scale_u = 0, aw = 0, bw = 0;
     if (DIST == Distance::Euclidean) {
-      const acc_t nu = sqrt(block_sum(s_uu, scratch));
+      const acc_t nu = sqrt_rn(block_sum(s_uu, scratch));
       scale_u = nu > acc_t(0) ? acc_t(1) / nu : acc_t(0);  // subgradient 0 at u = 0
     } else if (DIST == Distance::Cosine) {
-      na = sqrt(block_sum(s_aa, scratch));
-      nb = sqrt(block_sum(s_bb, scratch));
+      na = sqrt_rn(block_sum(s_aa, scratch));
+      nb = sqrt_rn(block_sum(s_bb, scratch));
       // a^.w and b^.w with w = a^ - b^
       acc_t s_aw = 0, s_bw = 0;
       for (int64_t k = threadIdx.x; k < d; k += blockDim.x) {
@@ -594,61 +668,55 @@ __global__ void pair_backward_kernel(const T* x, const T* r, int64_t n, int64_t 
         gb = (-w + bw * bh) / nb;
       }
       grad_x[i * d + k] += g * ga;
-      if (ATOMIC) atomicAdd(out_r + j * d + k, g * gb);
-      else out_r[(which * n + i) * d + k] = g * gb;
+      if (MODE == RefGrad::Atomic) atomicAdd(out_r + j * d + k, g * gb);
+      if (MODE == RefGrad::Contrib) out_r[(which * n + i) * d + k] = g * gb;
     }
   }
 }
 
-// Deterministic reference-gradient gather: grad_r[j] = sum over pairs p in
-// increasing order (positives 0..n-1, then negatives) with idx[p] == j of
-// contrib[p].  One block per reference row; threads own embedding columns and
-// the index list is streamed through shared memory.
+// Deterministic reference gradient: the pairs sorted stably by reference row
+// (sorted_rows[s] = row of the pair order[s], -1 for pairs without one; equal
+// rows keep pair order) form one segment per selected row; the block that
+// finds a segment's first position sums its contributions in sorted order and
+// writes grad_r[row] (accumulate: adds to what is there, the anchor gradient
+// when the references are the batch).  Each row is written by exactly one
+// block, in a fixed order: bitwise reproducible, O(pairs * d) reads, and rows
+// that no pair selected are never touched.  Grid-stride over the positions.
 template <typename acc_t>
-__global__ void gather_ref_grad_kernel(int64_t n, int64_t m, int64_t d, const int64_t* pos_idx,
-                                       const int64_t* neg_idx, const acc_t* contrib,
-                                       acc_t* grad_r) {
-  constexpr int kChunk = 1024;
-  __shared__ int64_t idx_s[kChunk];
-  const int64_t j = blockIdx.x;
-  for (int64_t k0 = 0; k0 < d; k0 += blockDim.x) {
-    const int64_t k = k0 + threadIdx.x;
-    acc_t s = 0;
-    for (int64_t p0 = 0; p0 < 2 * n; p0 += kChunk) {
-      __syncthreads();
-      for (int t = threadIdx.x; t < kChunk && p0 + t < 2 * n; t += blockDim.x) {
-        const int64_t p = p0 + t;
-        idx_s[t] = p < n ? pos_idx[p] : neg_idx[p - n];
-      }
-      __syncthreads();
-      const int64_t cnt = (2 * n - p0) < kChunk ? (2 * n - p0) : kChunk;
-      if (k < d) {
-        for (int64_t t = 0; t < cnt; ++t) {
-          if (idx_s[t] == j) s += contrib[(p0 + t) * d + k];
-        }
-      }
+__global__ void segment_ref_grad_kernel(int64_t pairs, int64_t d, const int64_t* sorted_rows,
+                                        const int64_t* order, const acc_t* contrib,
+                                        acc_t* grad_r, bool accumulate) {
+  for (int64_t s = blockIdx.x; s < pairs; s += gridDim.x) {
+    const int64_t j = sorted_rows[s];
+    if (j < 0 || (s > 0 && sorted_rows[s - 1] == j)) continue;  // uniform per block
+    int64_t e = s + 1;
+    while (e < pairs && sorted_rows[e] == j) ++e;
+    for (int64_t k = threadIdx.x; k < d; k += blockDim.x) {
+      acc_t sum = 0;
+      for (int64_t t = s; t < e; ++t) sum += contrib[order[t] * d + k];
+      grad_r[j * d + k] = accumulate ? grad_r[j * d + k] + sum : sum;
     }
-    if (k < d) grad_r[j * d + k] = s;
   }
 }
 
-// Backward scatter for one T: grad_x [n, d], grad_r [m, d] in acc_t (zeroed
-// here).  deterministic: needs `contrib` with 2 * n * d acc_t, else unused.
+// Backward of the pair distances for one T: grad_x [n, d] (acc_t, written),
+// the reference side per `mode` into out_r (see RefGrad).  grad_pos/grad_neg
+// [n] in acc_t.  Never synchronises.
 template <typename T>
-cudaError_t pair_backward_launch(Distance dist, bool deterministic, const T* x, const T* r,
-                                 int64_t n, int64_t m, int64_t d, const int64_t* pos_idx,
-                                 const int64_t* neg_idx, const typename AccOf<T>::type* grad_pos,
+cudaError_t pair_backward_launch(Distance dist, RefGrad mode, const T* x, const T* r, int64_t n,
+                                 int64_t d, const int64_t* pos_idx, const int64_t* neg_idx,
+                                 const typename AccOf<T>::type* grad_pos,
                                  const typename AccOf<T>::type* grad_neg,
-                                 typename AccOf<T>::type* grad_x, typename AccOf<T>::type* grad_r,
-                                 typename AccOf<T>::type* contrib, cudaStream_t stream) {
-  using acc_t = typename AccOf<T>::type;
-  if (m > 0) cudaMemsetAsync(grad_r, 0, sizeof(acc_t) * m * d, stream);
-  if (n == 0 || d == 0) return cudaGetLastError();
+                                 typename AccOf<T>::type* grad_x, typename AccOf<T>::type* out_r,
+                                 cudaStream_t stream) {
+  if (n == 0 || d == 0) return cudaSuccess;
   auto pairs = [&](auto dist_tag) {
     constexpr Distance D = decltype(dist_tag)::value;
-    launch_kernel(deterministic ? pair_backward_kernel<T, D, false> : pair_backward_kernel<T, D, true>,
-                  dim3(unsigned(n)), dim3(128), stream, "pair_backward_kernel", x, r, n, d, pos_idx,
-                  neg_idx, grad_pos, grad_neg, grad_x, deterministic ? contrib : grad_r);
+    auto kernel = mode == RefGrad::Atomic    ? pair_backward_kernel<T, D, RefGrad::Atomic>
+                  : mode == RefGrad::Contrib ? pair_backward_kernel<T, D, RefGrad::Contrib>
+                                             : pair_backward_kernel<T, D, RefGrad::None>;
+    launch_kernel(kernel, dim3(unsigned(n)), dim3(128), stream, "pair_backward_kernel", x, r, n,
+                  d, pos_idx, neg_idx, grad_pos, grad_neg, grad_x, out_r);
   };
   switch (dist) {
     case Distance::Euclidean: pairs(std::integral_constant<Distance, Distance::Euclidean>{}); break;
@@ -657,10 +725,20 @@ cudaError_t pair_backward_launch(Distance dist, bool deterministic, const T* x, 
       break;
     case Distance::Cosine: pairs(std::integral_constant<Distance, Distance::Cosine>{}); break;
   }
-  if (deterministic && m > 0) {
-    launch_kernel(gather_ref_grad_kernel<acc_t>, dim3(unsigned(m)), dim3(128), stream,
-                  "gather_ref_grad_kernel", n, m, d, pos_idx, neg_idx, contrib, grad_r);
-  }
+  return cudaGetLastError();
+}
+
+// The fixed-order sum of RefGrad::Contrib rows into grad_r (see
+// segment_ref_grad_kernel).  sorted_rows/order: [pairs], pairs = 2n.
+template <typename acc_t>
+cudaError_t segment_ref_grad_launch(int64_t pairs, int64_t d, const int64_t* sorted_rows,
+                                    const int64_t* order, const acc_t* contrib, acc_t* grad_r,
+                                    bool accumulate, cudaStream_t stream) {
+  if (pairs == 0 || d == 0) return cudaSuccess;
+  const int64_t blocks = pairs < (int64_t(1) << 20) ? pairs : (int64_t(1) << 20);
+  launch_kernel(segment_ref_grad_kernel<acc_t>, dim3(unsigned(blocks)), dim3(128), stream,
+                "segment_ref_grad_kernel", pairs, d, sorted_rows, order, contrib, grad_r,
+                accumulate);
   return cudaGetLastError();
 }
 

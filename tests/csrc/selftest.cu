@@ -3,7 +3,8 @@
 // same list the extension instantiates) x distance x pos x neg (x margin, x
 // reference mode, x split count) it mines a small random problem on the GPU and
 // compares with a plain host reference; then it checks the backward scatter
-// (atomic and deterministic) against a host evaluation of the pair gradients.
+// (atomic, and the deterministic sorted segment sum) against a host evaluation
+// of the pair gradients, and that the row-terms kernel flags inadmissible rows.
 //
 // The inputs are small integers, so every dot product is exact in fp16, bf16,
 // tf32, fp32 and fp64, and the mining values are computed with the same
@@ -11,6 +12,7 @@
 // then agree exactly, ties -> smallest index included.
 //
 //   ./fastmine_cuda_selftest         prints "N passed, M failed"; exit 1 on failure
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -56,14 +58,16 @@ template <> __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bf
 struct Problem {
   int64_t n, m, d;
   std::vector<float> x, r;          // integer-valued
-  std::vector<int32_t> ql, rl, qid, rid;
-  bool self;                        // refs are the batch, ids = arange
-  bool with_ids;
+  std::vector<int64_t> ql, rl, qid, rid;
+  bool self;                        // refs are the batch: Ids::Self (i == j excluded)
+  bool with_ids;                    // explicit ids (Ids::Explicit), else no exclusion
 };
 
 Problem make_problem(std::mt19937& g, int64_t n, int64_t m, int64_t d, bool self, int classes) {
-  Problem p{n, self ? n : m, d, {}, {}, {}, {}, {}, {}, self, self};
-  std::uniform_int_distribution<int> val(-2, 2), lab(0, classes - 1);
+  // Explicit ids only with a separate reference set; a few values, so that
+  // some pairs are same-sample.
+  Problem p{n, self ? n : m, d, {}, {}, {}, {}, {}, {}, self, !self};
+  std::uniform_int_distribution<int> val(-2, 2), lab(0, classes - 1), id(0, 9);
   auto fill = [&](std::vector<float>& v, int64_t rows) {
     v.resize(rows * d);
     for (auto& e : v) e = float(val(g));
@@ -71,17 +75,18 @@ Problem make_problem(std::mt19937& g, int64_t n, int64_t m, int64_t d, bool self
   };
   fill(p.x, n);
   p.ql.resize(n);
-  for (auto& l : p.ql) l = lab(g);
+  for (auto& l : p.ql) l = (int64_t(lab(g)) << 33) + 1;  // beyond int32
   if (self) { p.r = p.x; p.rl = p.ql; }
   else {
     fill(p.r, p.m);
     p.rl.resize(p.m);
-    for (auto& l : p.rl) l = lab(g);
+    for (auto& l : p.rl) l = (int64_t(lab(g)) << 33) + 1;
   }
   if (p.with_ids) {
     p.qid.resize(n); p.rid.resize(p.m);
-    for (int64_t i = 0; i < n; ++i) p.qid[i] = int32_t(i);
-    for (int64_t j = 0; j < p.m; ++j) p.rid[j] = int32_t(j);
+    // large values: the kernels compare int64 ids (no int32 compaction)
+    for (int64_t i = 0; i < n; ++i) p.qid[i] = (int64_t(id(g)) << 40) - 3;
+    for (int64_t j = 0; j < p.m; ++j) p.rid[j] = (int64_t(id(g)) << 40) - 3;
   }
   return p;
 }
@@ -111,7 +116,9 @@ void host_select(const Problem& p, PosStrategy pos, NegStrategy neg, Distance di
       const acc_t raw = DIST == Distance::Cosine ? acc_t(1) - dot * ai * bj : (ai + bj) - acc_t(2) * dot;
       v[j] = raw > acc_t(0) ? raw : acc_t(0);
     }
-    auto excluded = [&](int64_t j) { return p.with_ids && p.qid[i] == p.rid[j]; };
+    auto excluded = [&](int64_t j) {
+      return p.self ? i == j : (p.with_ids && p.qid[i] == p.rid[j]);
+    };
     acc_t bk = inf;
     for (int64_t j = 0; j < p.m; ++j) {
       if (p.rl[j] != p.ql[i] || excluded(j)) continue;
@@ -141,7 +148,7 @@ void host_select(const Problem& p, PosStrategy pos, NegStrategy neg, Distance di
 template <typename T>
 struct DeviceProblem {
   T *x = nullptr, *r = nullptr;
-  int32_t *ql = nullptr, *rl = nullptr, *qid = nullptr, *rid = nullptr;
+  int64_t *ql = nullptr, *rl = nullptr, *qid = nullptr, *rid = nullptr;
   explicit DeviceProblem(const Problem& p) {
     std::vector<T> hx(p.x.size()), hr(p.r.size());
     for (size_t k = 0; k < hx.size(); ++k) hx[k] = from_float<T>(p.x[k]);
@@ -153,9 +160,9 @@ struct DeviceProblem {
       CK(cudaMalloc(&r, sizeof(T) * hr.size()));
       CK(cudaMemcpy(r, hr.data(), sizeof(T) * hr.size(), cudaMemcpyHostToDevice));
     }
-    auto up = [](int32_t*& dst, const std::vector<int32_t>& src) {
-      CK(cudaMalloc(&dst, sizeof(int32_t) * src.size()));
-      CK(cudaMemcpy(dst, src.data(), sizeof(int32_t) * src.size(), cudaMemcpyHostToDevice));
+    auto up = [](int64_t*& dst, const std::vector<int64_t>& src) {
+      CK(cudaMalloc(&dst, sizeof(int64_t) * src.size()));
+      CK(cudaMemcpy(dst, src.data(), sizeof(int64_t) * src.size(), cudaMemcpyHostToDevice));
     };
     up(ql, p.ql); up(rl, p.rl);
     if (p.with_ids) { up(qid, p.qid); up(rid, p.rid); }
@@ -183,15 +190,21 @@ void test_forward(const char* name, const Problem& prob, int64_t splits_req) {
   const int64_t splits = splits_req > 0 ? splits_req : choose_splits(prob.n, prob.m, sms);
   void* ws;
   CK(cudaMalloc(&ws, workspace_bytes<acc_t>(prob.n, prob.m, splits)));
+  int32_t* bad;  // data-check flags: the inputs are admissible, they must stay 0
+  CK(cudaMalloc(&bad, 2 * sizeof(int32_t)));
+  CK(cudaMemset(bad, 0, 2 * sizeof(int32_t)));
+  const Ids ids = prob.self ? Ids::Self : prob.with_ids ? Ids::Explicit : Ids::None;
   for (Distance dist : {Distance::Euclidean, Distance::SquaredEuclidean, Distance::Cosine})
     for (PosStrategy pos : {PosStrategy::Easy, PosStrategy::Hard})
       for (NegStrategy neg : {NegStrategy::Hard, NegStrategy::SemiHard, NegStrategy::Easy})
         for (double margin : {-1.0, 1.0}) {  // integer data: hi = v_ap + 1 is hit exactly
           if (margin >= 0 && neg != NegStrategy::SemiHard) continue;
-          SelectParams sp{prob.n, prob.m, prob.d, pos, neg, dist, margin, splits};
+          SelectParams sp{prob.n, prob.m, prob.d, pos, neg, dist, margin, splits, ids};
           CK(mine_select_launch<T, P>(sp, dp.x, dp.r, dp.ql, dp.rl, dp.qid, dp.rid, dpi, dni, ws,
-                                      0));
+                                      bad, 0));
           CK(cudaDeviceSynchronize());
+          int32_t flags[2];
+          CK(cudaMemcpy(flags, bad, sizeof flags, cudaMemcpyDeviceToHost));
           std::vector<int64_t> gpi(prob.n), gni(prob.n), hpi, hni;
           CK(cudaMemcpy(gpi.data(), dpi, sizeof(int64_t) * prob.n, cudaMemcpyDeviceToHost));
           CK(cudaMemcpy(gni.data(), dni, sizeof(int64_t) * prob.n, cudaMemcpyDeviceToHost));
@@ -199,19 +212,19 @@ void test_forward(const char* name, const Problem& prob, int64_t splits_req) {
             host_select<acc_t, Distance::Cosine>(prob, pos, neg, dist, margin, hpi, hni);
           else
             host_select<acc_t, Distance::SquaredEuclidean>(prob, pos, neg, dist, margin, hpi, hni);
-          int64_t bad = 0, first = -1;
+          int64_t wrong = 0, first = -1;
           for (int64_t i = 0; i < prob.n; ++i)
-            if (gpi[i] != hpi[i] || gni[i] != hni[i]) { if (first < 0) first = i; ++bad; }
+            if (gpi[i] != hpi[i] || gni[i] != hni[i]) { if (first < 0) first = i; ++wrong; }
           char what[256];
           std::snprintf(what, sizeof what,
                         "forward %s %s pos=%d neg=%d margin=%g n=%lld m=%lld d=%lld self=%d "
-                        "splits=%lld: %lld rows differ (first %lld)",
+                        "splits=%lld: %lld rows differ (first %lld), check flags %d %d",
                         name, dist_name(dist), int(pos), int(neg), margin, (long long)prob.n,
                         (long long)prob.m, (long long)prob.d, int(prob.self), (long long)splits,
-                        (long long)bad, (long long)first);
-          report(bad == 0, what);
+                        (long long)wrong, (long long)first, flags[0], flags[1]);
+          report(wrong == 0 && flags[0] == 0 && flags[1] == 0, what);
         }
-  cudaFree(ws); cudaFree(dpi); cudaFree(dni);
+  cudaFree(ws); cudaFree(bad); cudaFree(dpi); cudaFree(dni);
 }
 
 // Host pair gradients in double (fastmine/_pairs.py::_pair_grads).
@@ -254,6 +267,7 @@ void test_backward(const char* name, const Problem& prob, std::mt19937& g) {
   DeviceProblem<T> dp(prob);
   int64_t *dpi, *dni;
   acc_t *dgp, *dgn, *gx, *gr, *gr2, *contrib;
+  int64_t *dsorted, *dorder;
   CK(cudaMalloc(&dpi, 8 * n)); CK(cudaMalloc(&dni, 8 * n));
   CK(cudaMalloc(&dgp, sizeof(acc_t) * n)); CK(cudaMalloc(&dgn, sizeof(acc_t) * n));
   CK(cudaMalloc(&gx, sizeof(acc_t) * n * d)); CK(cudaMalloc(&gr, sizeof(acc_t) * m * d));
@@ -262,6 +276,29 @@ void test_backward(const char* name, const Problem& prob, std::mt19937& g) {
   CK(cudaMemcpy(dni, ni.data(), 8 * n, cudaMemcpyHostToDevice));
   CK(cudaMemcpy(dgp, gp.data(), sizeof(acc_t) * n, cudaMemcpyHostToDevice));
   CK(cudaMemcpy(dgn, gn.data(), sizeof(acc_t) * n, cudaMemcpyHostToDevice));
+  // The deterministic path's order: pairs p (p < n: positive of anchor p, else
+  // negative of anchor p - n) sorted stably by reference row.
+  std::vector<int64_t> order(2 * n), sorted(2 * n);
+  for (int64_t p = 0; p < 2 * n; ++p) order[p] = p;
+  auto row_of = [&](int64_t p) { return p < n ? pi[p] : ni[p - n]; };
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return row_of(a) < row_of(b); });
+  for (int64_t s = 0; s < 2 * n; ++s) sorted[s] = row_of(order[s]);
+  CK(cudaMalloc(&dsorted, 8 * 2 * n)); CK(cudaMalloc(&dorder, 8 * 2 * n));
+  CK(cudaMemcpy(dsorted, sorted.data(), 8 * 2 * n, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(dorder, order.data(), 8 * 2 * n, cudaMemcpyHostToDevice));
+  // det == 1: per-pair rows, then the fixed-order segment sum into `out`.
+  auto backward = [&](Distance dist, int det, acc_t* out) {
+    CK(cudaMemset(out, 0, sizeof(acc_t) * m * d));
+    if (det) {
+      CK(pair_backward_launch<T>(dist, RefGrad::Contrib, dp.x, dp.r, n, d, dpi, dni, dgp, dgn, gx,
+                                 contrib, 0));
+      CK(segment_ref_grad_launch<acc_t>(2 * n, d, dsorted, dorder, contrib, out, false, 0));
+    } else {
+      CK(pair_backward_launch<T>(dist, RefGrad::Atomic, dp.x, dp.r, n, d, dpi, dni, dgp, dgn, gx,
+                                 out, 0));
+    }
+  };
   const double tol = sizeof(acc_t) == 8 ? 1e-10 : 2e-4;
   for (Distance dist : {Distance::Euclidean, Distance::SquaredEuclidean, Distance::Cosine}) {
     // host reference
@@ -275,8 +312,7 @@ void test_backward(const char* name, const Problem& prob, std::mt19937& g) {
         for (int64_t k = 0; k < d; ++k) { hx[i * d + k] += gg * ga[k]; hr[j * d + k] += gg * gb[k]; }
       }
     for (int det = 0; det < 2; ++det) {
-      CK(pair_backward_launch<T>(dist, det == 1, dp.x, dp.r, n, m, d, dpi, dni, dgp, dgn, gx, gr,
-                                 contrib, 0));
+      backward(dist, det, gr);
       CK(cudaDeviceSynchronize());
       std::vector<acc_t> cx(n * d), cr(m * d);
       CK(cudaMemcpy(cx.data(), gx, sizeof(acc_t) * n * d, cudaMemcpyDeviceToHost));
@@ -289,8 +325,7 @@ void test_backward(const char* name, const Problem& prob, std::mt19937& g) {
                     dist_name(dist), det ? "deterministic" : "atomic", err, scale);
       report(err <= tol * scale, what);
       if (det) {  // bitwise reproducible
-        CK(pair_backward_launch<T>(dist, true, dp.x, dp.r, n, m, d, dpi, dni, dgp, dgn, gx, gr2,
-                                   contrib, 0));
+        backward(dist, 1, gr2);
         CK(cudaDeviceSynchronize());
         std::vector<acc_t> cr2(m * d);
         CK(cudaMemcpy(cr2.data(), gr2, sizeof(acc_t) * m * d, cudaMemcpyDeviceToHost));
@@ -300,7 +335,7 @@ void test_backward(const char* name, const Problem& prob, std::mt19937& g) {
     }
   }
   cudaFree(dpi); cudaFree(dni); cudaFree(dgp); cudaFree(dgn); cudaFree(gx); cudaFree(gr);
-  cudaFree(gr2); cudaFree(contrib);
+  cudaFree(gr2); cudaFree(contrib); cudaFree(dsorted); cudaFree(dorder);
 }
 
 template <typename T, DotPath P>
@@ -322,8 +357,12 @@ void test_variant(const char* name) {
       int64_t* dpi; int64_t* dni;
       CK(cudaMalloc(&dpi, 8 * prob.n)); CK(cudaMalloc(&dni, 8 * prob.n));
       SelectParams sp{prob.n, 0, prob.d, PosStrategy::Easy, NegStrategy::Hard,
-                      Distance::Euclidean, -1.0, 1};
-      CK(mine_select_launch<T, P>(sp, dp.x, dp.r, dp.ql, dp.rl, nullptr, nullptr, dpi, dni, nullptr, 0));
+                      Distance::Euclidean, -1.0, 1, Ids::None};
+      void* ws;  // the row terms (and their checks) run even without references
+      CK(cudaMalloc(&ws, workspace_bytes<typename AccOf<T>::type>(prob.n, 0, 1)));
+      CK(mine_select_launch<T, P>(sp, dp.x, dp.r, dp.ql, dp.rl, nullptr, nullptr, dpi, dni, ws,
+                                  nullptr, 0));
+      CK(cudaFree(ws));
       std::vector<int64_t> a(prob.n), b(prob.n);
       CK(cudaMemcpy(a.data(), dpi, 8 * prob.n, cudaMemcpyDeviceToHost));
       CK(cudaMemcpy(b.data(), dni, 8 * prob.n, cudaMemcpyDeviceToHost));
@@ -350,11 +389,42 @@ void test_variant(const char* name) {
     prob.rl = prob.ql;
     test_forward<T, P>(name, prob, 0);
   }
+  {
+    // The data checks of the row-terms kernel: a NaN in a reference row sets
+    // the ref_emb flag only; for cosine a zero anchor row (no direction) sets
+    // the embeddings flag too.  (Admissible inputs leave both at 0: test_forward.)
+    Problem prob = make_problem(g, 20, 30, 5, false, 3);
+    prob.r[3 * prob.d + 1] = NAN;
+    for (int64_t k = 0; k < prob.d; ++k) prob.x[7 * prob.d + k] = 0.f;
+    DeviceProblem<T> dp(prob);
+    int64_t *dpi, *dni;
+    int32_t* bad;
+    void* ws;
+    CK(cudaMalloc(&dpi, 8 * prob.n)); CK(cudaMalloc(&dni, 8 * prob.n));
+    CK(cudaMalloc(&bad, 2 * sizeof(int32_t)));
+    CK(cudaMalloc(&ws, workspace_bytes<typename AccOf<T>::type>(prob.n, prob.m, 1)));
+    int32_t flags[2][2];
+    const Distance dists[2] = {Distance::Euclidean, Distance::Cosine};
+    for (int c = 0; c < 2; ++c) {
+      CK(cudaMemset(bad, 0, 2 * sizeof(int32_t)));
+      SelectParams sp{prob.n, prob.m, prob.d, PosStrategy::Easy, NegStrategy::Hard, dists[c],
+                      -1.0, 1, Ids::Explicit};
+      CK(mine_select_launch<T, P>(sp, dp.x, dp.r, dp.ql, dp.rl, dp.qid, dp.rid, dpi, dni, ws, bad,
+                                  0));
+      CK(cudaMemcpy(flags[c], bad, sizeof flags[c], cudaMemcpyDeviceToHost));
+    }
+    char what[160];
+    std::snprintf(what, sizeof what,
+                  "row checks %s: euclidean flags %d %d (want 0 1), cosine %d %d (want 1 1)", name,
+                  flags[0][0], flags[0][1], flags[1][0], flags[1][1]);
+    report(flags[0][0] == 0 && flags[0][1] == 1 && flags[1][0] == 1 && flags[1][1] == 1, what);
+    cudaFree(dpi); cudaFree(dni); cudaFree(bad); cudaFree(ws);
+  }
   if (P == DotPath::Ffma || std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value) {
     Problem prob = make_problem(g, 90, 40, 33, false, 3);
     test_backward<T>(name, prob, g);
-    // 2n > 1024 pairs (several index chunks in gather_ref_grad_kernel) and
-    // d > 128 (several column passes per block).
+    // 2n = 1200 pairs over 50 reference rows (long segments in
+    // segment_ref_grad_kernel) and d > 128 (several column passes per block).
     Problem wide = make_problem(g, 600, 50, 150, false, 3);
     test_backward<T>(name, wide, g);
   }

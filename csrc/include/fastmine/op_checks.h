@@ -1,10 +1,17 @@
-// Argument checks of fastmine::mine_select, shared by its implementations
+// Argument checks of the fastmine ops, shared by their implementations
 // (csrc/cpu/mine_cpu.cpp, csrc/cuda/mine_cuda.cu): one TORCH_CHECK per
-// requirement, each message naming the argument.  Needs ATen (unlike
+// requirement, each message naming the argument; and the eager error for a row
+// that fails the data checks (raise_row_error).  Needs ATen (unlike
 // strategies.h, which the torch-free CUDA kernels include).
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <type_traits>
 
 #include "fastmine/strategies.h"
 
@@ -117,6 +124,62 @@ inline void check_mine_backward_args(c10::DeviceType device_type, const at::Tens
   FASTMINE_CHECK_ARG(pos_idx.scalar_type() == at::kLong && neg_idx.scalar_type() == at::kLong,
                      "mine_backward: pos_idx and neg_idx must be int64");
   FASTMINE_CHECK_ARG(distance >= 0 && distance <= 2, "unknown distance code ", distance);
+}
+
+// ------------------------------------------------------------ data checks
+// The contract's ValueError for row i of `name` (d elements at `row`, host
+// memory), which failed strategies.h row_admissible: says which rule failed
+// and the row's norm.  Used where the check is eager (CPU tensors).
+template <typename acc_t, typename scalar_t>
+[[noreturn]] void raise_row_error(const scalar_t* row, int64_t d, int64_t i, bool cosine,
+                                  const char* name) {
+  acc_t s = 0;
+  bool finite = true;
+  for (int64_t k = 0; k < d; ++k) {
+    const acc_t v = static_cast<acc_t>(row[k]);
+    finite = finite && std::isfinite(v);
+    s += v * v;
+  }
+  const char* dtype = sizeof(acc_t) == 8 ? "torch.float64" : "torch.float32";
+  char msg[320];
+  if (!finite) {
+    std::snprintf(msg, sizeof msg, "%s contains NaN or Inf", name);
+  } else if (!(s <= sqnorm_max<acc_t>())) {
+    std::snprintf(msg, sizeof msg,
+                  "%s row %lld has norm %.3g, above the largest norm that %s mining can rank "
+                  "(%.3g: squared distances would overflow); scale the embeddings down (e.g. "
+                  "L2-normalise them)",
+                  name, static_cast<long long>(i), static_cast<double>(std::sqrt(s)), dtype,
+                  std::sqrt(static_cast<double>(sqnorm_max<acc_t>())));
+  } else {
+    (void)cosine;  // the only other rule: the cosine lower bound
+    std::snprintf(msg, sizeof msg,
+                  "cosine distance needs rows with a direction: %s row %lld has norm %.3g "
+                  "(zero, D = 0, or a squared norm below %.3g, where %s products lose their "
+                  "precision)",
+                  name, static_cast<long long>(i), static_cast<double>(std::sqrt(s)),
+                  static_cast<double>(cosine_sqnorm_min<acc_t>()), dtype);
+  }
+  TORCH_CHECK_VALUE(false, msg);
+  abort();  // unreachable: TORCH_CHECK_VALUE(false) throws
+}
+
+// Eager form of the data checks on a 2-D contiguous CPU tensor: raises the
+// ValueError of raise_row_error for the first row that is not admissible.
+inline void check_rows_eager(const at::Tensor& rows, bool cosine, const char* name) {
+  const int64_t n = rows.size(0), d = rows.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "check_rows", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* p = rows.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n; ++i) {
+      acc_t s = 0;
+      for (int64_t k = 0; k < d; ++k) {
+        const acc_t v = static_cast<acc_t>(p[i * d + k]);
+        s += v * v;
+      }
+      if (!row_admissible(s, cosine)) raise_row_error<acc_t>(p + i * d, d, i, cosine, name);
+    }
+  });
 }
 
 }  // namespace fastmine

@@ -15,8 +15,11 @@
 // fastmine::mine_backward  dL/d(embeddings) [N, D] and dL/d(ref_emb) ([M, D],
 //                          or [0, D] when ref_emb is None -- both halves are
 //                          then in the first output -- or ref_emb_grad is false).
-// fastmine::mine_select    selection only (the CUDA launcher and the emulated
-//                          CUDA build of the tests implement it).
+// fastmine::mine_select    selection only, for an explicit reference set (the
+//                          raw kernels: benchmarks, argument-validation tests;
+//                          CPU and CUDA implement it).
+// The CUDA implementation registers fastmine::mine_cuda and
+// fastmine::mine_backward_cuda (csrc/cuda/mine_cuda.cu; FASTMINE_MINE_IMPL_SCHEMA).
 // Codes: see strategies.h.
 #pragma once
 
