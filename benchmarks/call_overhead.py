@@ -2,6 +2,7 @@
 
     python -m benchmarks.call_overhead                 # CPU, ~1 minute
     python -m benchmarks.call_overhead --out DIR       # also write call_overhead.json / .md
+    python -m benchmarks.call_overhead --only xbm      # one group: timing, memory or xbm
 
 Timing (medians of --repeats calls after --warmup, time.perf_counter, one
 process, all cells on fresh random data, fp32, easy positive + hard negative):
@@ -15,7 +16,9 @@ process, all cells on fresh random data, fp32, easy positive + hard negative):
 
 Memory (peak RSS increase of one call above its inputs, VmHWM reset, as in
 ``benchmarks.mine``): queries x a memory bank that does not require grad,
-forward (+ backward).
+forward (+ backward); and (``xbm``) one ``CrossBatchMemory`` step, batch 64
+against a full 1,000,000 x 64 bf16 memory, ``losses.TripletMarginLoss``,
+forward + backward, after a warm-up step (which builds the memory's spare rows).
 """
 from __future__ import annotations
 
@@ -105,11 +108,42 @@ def memory_cells() -> list:
     return rows
 
 
+def xbm_cells() -> list:
+    n, m, d, dtype = 64, 1_000_000, 64, torch.bfloat16
+    g = torch.Generator().manual_seed(m)
+    xbm = fastmine.CrossBatchMemory(fastmine.losses.TripletMarginLoss(margin=0.1),
+                                    embedding_size=d, memory_size=m)
+    xbm.load_state_dict({"embedding_memory": torch.randn(m, d, generator=g).to(dtype),
+                         "label_memory": torch.randint(0, m // 8, (m,), generator=g),
+                         "id_memory": torch.arange(m),
+                         "_extra_state": {"queue_idx": 0, "filled": m, "next_id": 0}},
+                        strict=False)
+
+    def batch():
+        return (torch.randn(n, d, generator=g).to(dtype).requires_grad_(),
+                torch.randint(0, m // 8, (n,), generator=g), torch.randint(0, m, (n,), generator=g))
+
+    def step(b):
+        xbm(*b).backward()
+    step(batch())  # warm-up: the spare rows (one copy of the bank), allocator, thread pools
+    step(batch())
+    peak, method = measure_cpu_peak(batch, step)
+    row = dict(n=n, m=m, d=d, dtype="bfloat16", mode="CrossBatchMemory step, forward+backward",
+               peak_extra_mib=peak / 2**20, method=method,
+               bank_mib=xbm.embedding_memory.numel() * xbm.embedding_memory.element_size() / 2**20)
+    print(f"CrossBatchMemory step (TripletMarginLoss), batch {n}, memory {m} x {d} bfloat16, "
+          f"forward+backward: peak extra {row['peak_extra_mib']:.1f} MiB (bank "
+          f"{row['bank_mib']:.0f} MiB; {method})", flush=True)
+    return [row]
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=400)
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--only", choices=("timing", "memory", "xbm"), default=None,
+                    help="run one group of cells (default: all)")
     # not results.json: that name is benchmarks.mine's sweep, which benchmarks.report regenerates
     ap.add_argument("--out", default=None, help="write call_overhead.json and call_overhead.md here")
     args = ap.parse_args(argv)
@@ -117,8 +151,9 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     result = dict(environment=environment(device), load_before=load_snapshot(1.0))
-    result["timing"] = timing_cells(args.repeats, args.warmup)
-    result["memory"] = memory_cells()
+    run = lambda group: args.only in (None, group)
+    result["timing"] = timing_cells(args.repeats, args.warmup) if run("timing") else []
+    result["memory"] = (memory_cells() if run("memory") else []) + (xbm_cells() if run("xbm") else [])
     result["load_after"] = load_snapshot(1.0)
     print(f"CPU: {result['environment']['cpu']}, {result['environment']['torch_threads']} threads; "
           f"load before/after: {result['load_before']} / {result['load_after']}")

@@ -192,7 +192,8 @@ class MarginLoss(_MinedLoss):
         margin: the margin around the boundary beta.
         beta: initial boundary; one global value, or one per class when
             ``num_classes`` is given (indexed by the anchor's label, which must
-            then lie in [0, num_classes)).
+            then lie in [0, num_classes): checked eagerly on CPU, by a
+            device-side assertion without a host sync on CUDA).
         learn_beta: make beta an ``nn.Parameter``.
         nu: weight of the beta regulariser ``nu * beta`` (only when learn_beta,
             as in pytorch-metric-learning); see ``regularizer``.
@@ -233,11 +234,16 @@ class MarginLoss(_MinedLoss):
         if self.num_classes:
             labels = labels.long()
             if not torch.compiler.is_compiling() and labels.numel():
-                lo, hi = torch.aminmax(labels)
-                if int(lo) < 0 or int(hi) >= self.num_classes:
-                    bad = int(lo) if int(lo) < 0 else int(hi)
-                    raise ValueError(f"labels must lie in [0, num_classes) = [0, "
-                                     f"{self.num_classes}) for per-class beta, got label {bad}")
+                if labels.device.type == "cpu":  # eager, as the contract's data checks
+                    lo, hi = torch.aminmax(labels)
+                    if int(lo) < 0 or int(hi) >= self.num_classes:
+                        bad = int(lo) if int(lo) < 0 else int(hi)
+                        raise ValueError(f"labels must lie in [0, num_classes) = [0, "
+                                         f"{self.num_classes}) for per-class beta, got label {bad}")
+                else:  # no host sync: a device-side assertion, failing a later sync
+                    torch._assert_async(((labels >= 0) & (labels < self.num_classes)).all(),
+                                        f"fastmine: labels must lie in [0, num_classes) = [0, "
+                                        f"{self.num_classes}) for per-class beta")
             return beta[labels]
         return beta.expand(labels.shape[0])
 

@@ -460,3 +460,30 @@ def test_a_step_never_syncs_the_host(monkeypatch):
         xbm(x, torch.randint(0, 40, (16,), generator=g), ids).backward()
     monkeypatch.undo()
     assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", [b for b in fastmine.available_backends("cuda")])
+@pytest.mark.parametrize("make_loss", [
+    lambda b: losses.TripletMarginLoss(margin=0.1, backend=b),
+    lambda b: losses.MarginLoss(learn_beta=True, nu=0.1, num_classes=40, neg_strategy="hard",
+                                backend=b)])
+def test_a_cuda_step_has_no_host_sync(backend, make_loss):
+    xbm, g = _full_memory(make_loss(backend), 4096, 16, torch.bfloat16)
+    xbm.cuda()
+
+    # the batches are on the device before the checked steps (a host->device copy syncs)
+    batches = [(torch.randn(24, 16, generator=g).to(torch.bfloat16).cuda().requires_grad_(),
+                torch.randint(0, 40, (24,), generator=g).cuda(), ids)
+               for ids in (None, None, torch.randint(0, 4096, (24,), generator=g).cuda())]
+    xbm(*batches[0]).backward()  # warm-up: the spare rows, autotuning
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for x, y, ids in batches[1:]:
+            xbm(x, y, ids).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert all(torch.isfinite(x.grad.float()).all() for x, _, _ in batches)
