@@ -131,9 +131,12 @@ class CrossBatchMemory(nn.Module):
 
     State (all in ``state_dict``, so a checkpoint restores the memory exactly):
     buffers ``embedding_memory`` [memory_size, D] (float32 at construction; an
-    empty memory adopts the dtype/device of the first batch, and loading a
-    checkpoint adopts the checkpoint's dtype), ``label_memory`` /
-    ``id_memory`` [memory_size] int64; and, as extra state, ``queue_idx``
+    empty memory adopts the dtype/device of the first batch, its label and id
+    buffers the device, and loading a checkpoint adopts the checkpoint's
+    dtype), ``label_memory`` / ``id_memory`` [memory_size] int64 (with a
+    fastmine loss all three are views into the spare-row storage above; a
+    saved checkpoint therefore also holds the spare rows); and, as extra
+    state, ``queue_idx``
     (next write slot), ``filled`` (rows in use) and the default-id counter.
     """
 
@@ -227,11 +230,16 @@ class CrossBatchMemory(nn.Module):
         n = embeddings.shape[0]
         labels = widen_index_vector(labels).long()
         ids = self._default_ids(n, embeddings.device) if ids is None else widen_index_vector(ids).long()
+        dev = embeddings.device
         if self.filled == 0 and (self.embedding_memory.dtype != embeddings.dtype
-                                 or self.embedding_memory.device != embeddings.device):
-            # an empty memory adopts the embeddings' dtype/device (no precision loss)
+                                 or self.embedding_memory.device != dev
+                                 or self.label_memory.device != dev
+                                 or self.id_memory.device != dev):
+            # an empty memory adopts the embeddings' dtype/device (no precision loss;
+            # labels and ids too, so that no step moves them)
             self._fused = _NO_STORE  # nothing to keep: an empty memory is rebuilt without a copy
-            self.embedding_memory = self.embedding_memory.to(embeddings.device, embeddings.dtype)
+            self.embedding_memory = self.embedding_memory.to(dev, embeddings.dtype)
+            self.label_memory, self.id_memory = self.label_memory.to(dev), self.id_memory.to(dev)
         if self._protocol == _FASTMINE and _mines_through_hooks(self.loss) and (
                 self.embedding_memory.dtype == embeddings.dtype
                 and self.embedding_memory.device == embeddings.device):
