@@ -194,11 +194,11 @@ import torch, fastmine, _cuda_emulated
 g = torch.Generator().manual_seed(0)
 x = torch.randn(40, 6, generator=g, dtype=torch.float64)
 y = torch.randint(0, 4, (40,), generator=g)
-ids = torch.arange(40)
+_cuda_emulated.register()
 for neg in ("hard", "semihard"):
-    got = _cuda_emulated.select(x, y, x, y, ids, ids, "easy", neg, "euclidean", None)
-    want = fastmine.mine(x, y, neg_strategy=neg, backend="torch")
-    assert torch.equal(got[0], want.pos_idx) and torch.equal(got[1], want.neg_idx), neg
+    got = fastmine.mine(x, y, x, y, neg_strategy=neg, backend="cuda-emulated", **kw)
+    want = fastmine.mine(x, y, x, y, neg_strategy=neg, backend="torch", **kw)
+    assert torch.equal(got.pos_idx, want.pos_idx) and torch.equal(got.neg_idx, want.neg_idx), neg
 print("emulated launcher ok")
 """
 
