@@ -194,6 +194,8 @@ import torch, fastmine, _cuda_emulated
 g = torch.Generator().manual_seed(0)
 x = torch.randn(40, 6, generator=g, dtype=torch.float64)
 y = torch.randint(0, 4, (40,), generator=g)
+ids = torch.arange(40)
+kw = dict(query_ids=ids, ref_ids=ids, pos_strategy="easy")
 _cuda_emulated.register()
 for neg in ("hard", "semihard"):
     got = fastmine.mine(x, y, x, y, neg_strategy=neg, backend="cuda-emulated", **kw)
