@@ -203,3 +203,65 @@ def test_triton_builtins_give_the_same_words(seed):
     want = px.pair_bits(px.split_seed(seed), torch.arange(n)[:, None], torch.arange(m)[None, :])
     assert torch.equal(out_p.cpu(), want)
     assert torch.equal(out_r.cpu(), want)
+
+
+# --- the C++ form in docs/topk.md is the same definition --------------------------
+
+def _doc_cpp_block():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(root, "docs", "topk.md")).read()
+    section = text[text.index("## The noise in C++/CUDA"):]
+    start = section.index("```cpp\n") + len("```cpp\n")
+    return section[start:section.index("```", start)]
+
+
+_CPP_MAIN = r"""
+#include <cstdio>
+#include <cstdlib>
+int main(int argc, char** argv) {
+  const uint64_t seed = std::strtoull(argv[1], nullptr, 0);
+  for (uint32_t i = 0; i < 5; ++i)
+    for (uint32_t j = 0; j < 11; ++j) {
+      uint32_t w[4];
+      fastmine_noise_words(seed, i, j >> 2, w);
+      const uint32_t x = w[j & 3];
+      std::printf("%u %u %a %a\n", i, j, (double)fastmine_uniform(x), (double)fastmine_gumbel(x));
+    }
+  const uint32_t ext[2] = {0u, 0xFFFFFFFFu};  // U = 2^-24 and 1 - 2^-24
+  for (uint32_t x : ext)
+    std::printf("x %u %a %a\n", x, (double)fastmine_uniform(x), (double)fastmine_gumbel(x));
+  return 0;
+}
+"""
+
+
+@pytest.mark.parametrize("seed", [0, 0x0123456789ABCDEF, 2 ** 64 - 1])
+def test_doc_cpp_form_matches(seed, tmp_path):
+    import shutil
+    import subprocess
+    cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    src = tmp_path / "noise.cpp"
+    src.write_text(_doc_cpp_block() + _CPP_MAIN)
+    exe = tmp_path / "noise"
+    subprocess.run([cxx, "-std=c++17", "-O2", "-Wall", "-Werror", str(src), "-o", str(exe)],
+                   check=True, capture_output=True)
+    lines = subprocess.run([str(exe), str(seed)], check=True, capture_output=True,
+                           text=True).stdout.splitlines()
+    grid = [ln.split() for ln in lines if not ln.startswith("x ")]
+    rows = torch.tensor([int(g[0]) for g in grid])
+    cols = torch.tensor([int(g[1]) for g in grid])
+    u_cpp = torch.tensor([float.fromhex(g[2]) for g in grid], dtype=torch.float64)
+    g_cpp = torch.tensor([float.fromhex(g[3]) for g in grid], dtype=torch.float64)
+    u = px.uniform_from_bits(px.pair_bits(px.split_seed(seed), rows, cols))
+    assert torch.equal(u_cpp, u.double())  # bit for bit
+    g64 = px.gumbel_from_uniform(u, torch.float64)
+    torch.testing.assert_close(g_cpp, g64, rtol=4e-6, atol=1e-6)  # float32 logs: a few ulps
+    for ln in (ln.split() for ln in lines if ln.startswith("x ")):
+        x = torch.tensor([int(ln[1])])
+        u_ext = px.uniform_from_bits(x)
+        assert float.fromhex(ln[2]) == float(u_ext)
+        g_ext = float(px.gumbel_from_uniform(u_ext, torch.float64))
+        assert math.isclose(float.fromhex(ln[3]), g_ext, rel_tol=4e-6)
+        assert px.G_MIN < float.fromhex(ln[3]) < px.G_MAX
