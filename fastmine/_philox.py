@@ -34,13 +34,12 @@ the C++/CUDA/Triton implementations to it.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["PHILOX_M0", "PHILOX_M1", "PHILOX_W0", "PHILOX_W1", "PHILOX_ROUNDS", "G_MIN",
+__all__ = ["PHILOX_M0", "PHILOX_M1", "PHILOX_W0", "PHILOX_W1", "PHILOX_ROUNDS", "U_MIN", "U_MAX", "G_MIN",
            "G_MAX", "split_seed", "draw_seed", "philox4x32", "pair_bits", "uniform_from_bits",
            "gumbel_from_uniform", "pair_uniform", "pair_gumbel"]
 

@@ -15,8 +15,8 @@ oracles written here.
 """
 from __future__ import annotations
 
-import itertools
 import math
+import zlib
 
 import pytest
 import torch
@@ -134,7 +134,8 @@ def _check_distances(idx, dist, exact_d):
 @pytest.mark.parametrize("distance", DISTANCES)
 @pytest.mark.parametrize("pos,neg,margin", STRATEGIES)
 def test_topk_matches_independent_oracle(variant, distance, pos, neg, margin):
-    gen = torch.Generator().manual_seed(hash((variant, distance, pos, neg, margin)) % 2 ** 31)
+    # a fixed seed per case (str hashes are salted per process: zlib.crc32 is not)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((variant, distance, pos, neg, margin)).encode()))
     for dtype in (torch.float32, torch.float64):
         x, y, r, ry, qid, rid = _problem(variant, distance, dtype, gen)
         for k_pos, k_neg in ((1, 1), (2, 5), (6, 3)):
