@@ -39,8 +39,9 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-__all__ = ["PHILOX_M0", "PHILOX_M1", "PHILOX_W0", "PHILOX_W1", "PHILOX_ROUNDS", "U_MIN", "U_MAX", "G_MIN",
-           "G_MAX", "split_seed", "draw_seed", "philox4x32", "pair_bits", "uniform_from_bits",
+__all__ = ["PHILOX_M0", "PHILOX_M1", "PHILOX_W0", "PHILOX_W1", "PHILOX_ROUNDS", "U_MIN",
+           "U_MAX", "G_MIN", "G_MAX", "split_seed", "draw_seed", "philox4x32", "pair_bits",
+           "uniform_from_bits",
            "gumbel_from_uniform", "pair_uniform", "pair_gumbel"]
 
 # Random123's constants: the two round multipliers and the Weyl key increments

@@ -70,7 +70,8 @@ def test_matches_bigint_on_random_inputs():
 
 
 def test_mulhilo_exact_at_the_edges():
-    b = torch.tensor([0, 1, 0xFFFF, 0x10000, 0x1FFFF, 0x7FFFFFFF, 0x80000000, M32], dtype=torch.int64)
+    b = torch.tensor([0, 1, 0xFFFF, 0x10000, 0x1FFFF, 0x7FFFFFFF, 0x80000000, M32],
+                     dtype=torch.int64)
     for a in (px.PHILOX_M0, px.PHILOX_M1, M32):
         hi, lo = px._mulhilo32(a, b)
         assert hi.tolist() == [(a * v) >> 32 for v in b.tolist()]

@@ -135,7 +135,8 @@ def _check_distances(idx, dist, exact_d):
 @pytest.mark.parametrize("pos,neg,margin", STRATEGIES)
 def test_topk_matches_independent_oracle(variant, distance, pos, neg, margin):
     # a fixed seed per case (str hashes are salted per process: zlib.crc32 is not)
-    gen = torch.Generator().manual_seed(zlib.crc32(repr((variant, distance, pos, neg, margin)).encode()))
+    case = repr((variant, distance, pos, neg, margin)).encode()
+    gen = torch.Generator().manual_seed(zlib.crc32(case))
     for dtype in (torch.float32, torch.float64):
         x, y, r, ry, qid, rid = _problem(variant, distance, dtype, gen)
         for k_pos, k_neg in ((1, 1), (2, 5), (6, 3)):
@@ -229,7 +230,9 @@ def test_masks_never_violated(neg):
     rid = torch.randint(0, 20, (25,), generator=gen)
     for seed in range(5):
         for args, ids in (((x, y), (qid, qid)), ((x, y, r, ry), (qid, rid))):
-            kw = {"query_ids": ids[0]} if len(args) == 2 else {"query_ids": ids[0], "ref_ids": ids[1]}
+            kw = {"query_ids": ids[0]}
+            if len(args) == 4:
+                kw["ref_ids"] = ids[1]
             res = rt.mine_topk(*args, k_pos=4, k_neg=30, neg_strategy=neg, seed=seed,
                                nonzero_loss_cutoff=1.6, **kw)
             ref_y = y if len(args) == 2 else ry
@@ -314,10 +317,10 @@ def _dw_problem():
     the cutoff) of the anchors with another label, and 8 random rows (many
     beyond the nonzero-loss cutoff); one same-sample pair excluded by ids."""
     gen = torch.Generator().manual_seed(2017)
-    x = torch.nn.functional.normalize(torch.randn(8, DIM, generator=gen, dtype=torch.float64), dim=1)
-    near = torch.nn.functional.normalize(x + 0.15 * torch.randn(8, DIM, generator=gen,
-                                                                dtype=torch.float64), dim=1)
-    far = torch.nn.functional.normalize(torch.randn(8, DIM, generator=gen, dtype=torch.float64), dim=1)
+    unit = torch.nn.functional.normalize
+    x = unit(torch.randn(8, DIM, generator=gen, dtype=torch.float64), dim=1)
+    near = unit(x + 0.15 * torch.randn(8, DIM, generator=gen, dtype=torch.float64), dim=1)
+    far = unit(torch.randn(8, DIM, generator=gen, dtype=torch.float64), dim=1)
     r = torch.cat([near, far])
     y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
     ry = torch.cat([(y + 1) % 4, torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])])
