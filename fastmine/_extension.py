@@ -211,11 +211,12 @@ def load_cuda_extension(verbose: bool = False) -> None:
         m = manifest()
         with_ops = not loaded()
         openmp = m["openmp_flags"] if with_ops else []
+        defines = [f"-D{d}" for d in m["cuda"]["defines"]]  # every source, as in setup.py
         load(name=library_name(with_ops),
              sources=jit_sources(csrc, with_ops),
              extra_include_paths=_in_csrc(csrc, m["include_dirs"] + m["cuda"]["include_dirs"]),
-             extra_cflags=m["cxx_flags"] + openmp,
-             extra_cuda_cflags=m["cuda"]["nvcc_flags"] + [f"-D{d}" for d in m["cuda"]["defines"]],
+             extra_cflags=m["cxx_flags"] + openmp + defines,
+             extra_cuda_cflags=m["cuda"]["nvcc_flags"] + defines,
              extra_ldflags=openmp,
              is_python_module=False, verbose=verbose)
         _jit_loaded = True
