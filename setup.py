@@ -46,16 +46,22 @@ _commands = {a for a in sys.argv[1:] if not a.startswith("-")}
 _SDIST = "sdist" in _commands
 
 def _cuda_home_from_nvcc() -> None:
-    """torch guesses CUDA_HOME from `which nvcc`; when nvcc is a symlink (e.g.
-    /usr/local/bin/nvcc -> /usr/local/cuda/bin/nvcc) the guess (/usr/local) has
-    no libcudart and the link fails.  Follow the link once, before torch looks."""
+    """torch guesses CUDA_HOME from `which nvcc`; when nvcc is a symlink or a
+    wrapper script (e.g. /usr/local/bin/nvcc running /usr/local/cuda/bin/nvcc)
+    the guess (/usr/local) has no libcudart and the link fails.  Take the
+    toolkit the link resolves to, else /usr/local/cuda, before torch looks;
+    only a folder with the toolkit's headers counts."""
     if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
         return
     import shutil
 
     nvcc = shutil.which("nvcc")
-    if nvcc:
-        os.environ["CUDA_HOME"] = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    if not nvcc:
+        return
+    for home in (os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"):
+        if os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")):
+            os.environ["CUDA_HOME"] = home
+            return
 
 
 _cuda_home_from_nvcc()
