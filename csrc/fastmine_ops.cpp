@@ -72,7 +72,8 @@ MineOutValid mine_device(const at::Tensor& embeddings, const at::Tensor& labels,
                                     pos_strategy, neg_strategy, distance, margin);
   }
   auto& [pos_idx, neg_idx, pos_dist, neg_dist] = out;
-  at::Tensor valid = pos_idx.ge(0).logical_and_(neg_idx.ge(0));
+  // both >= 0  <=>  their bitwise or is >= 0 (an index is -1 or non-negative)
+  at::Tensor valid = pos_idx.bitwise_or(neg_idx).ge(0);
   return {pos_idx, neg_idx, pos_dist, neg_dist, valid};
 }
 

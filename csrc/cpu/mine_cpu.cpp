@@ -4,7 +4,8 @@
 // Selection is blocked and fused, never holding the N x M matrix:
 //   for each block of BM anchors (in parallel, at::parallel_for):
 //     for each chunk of BN references:
-//       dot = X_blk @ R_chunk^T               (BLAS, at::mm_out into a BM x BN buffer)
+//       dot = X_blk @ R_chunk^T               (BLAS, at::mm_out into a BM x BN buffer;
+//                                             small tiles: small_gram, no BLAS call)
 //       one vectorised pass over the buffer: mining value v, label and
 //       same-sample masks, running argmin of the positive and negative keys.
 // Memory: O(threads * BM * (BN + D)) plus O(N + M) row terms.  Low-precision
@@ -250,6 +251,38 @@ struct SelectArgs {
   double margin;              // < 0: none
 };
 
+// Tiles smaller than this many multiply-adds are formed by small_gram below
+// instead of BLAS: for them a BLAS call costs more than the arithmetic (at 16
+// x 16 x 64, at::mm_out took 8.8 us with 2 threads, most of it waking the BLAS
+// thread pool, against ~2 us for the whole tile here).  Any rounding of the
+// dot products is allowed by the contract (ranking precision); on integer-
+// valued rows both are exact.
+constexpr int64_t kSmallGramFmas = 1 << 15;
+
+// dot[i, j] = x[i, :] . r[j, :] for a bm x cn tile, row-major, acc_t operands.
+// Sixteen partial sums per pair, so the inner loop vectorises (and hides the
+// add latency) without reassociation flags.
+template <typename acc_t>
+FASTMINE_CPU_CLONES void small_gram(const acc_t* x, const acc_t* r, int64_t bm, int64_t cn,
+                                    int64_t d, acc_t* dot) {
+  constexpr int kLanes = 16;
+  for (int64_t i = 0; i < bm; ++i) {
+    const acc_t* xi = x + i * d;
+    for (int64_t j = 0; j < cn; ++j) {
+      const acc_t* rj = r + j * d;
+      acc_t part[kLanes] = {};
+      int64_t k = 0;
+      for (; k + kLanes <= d; k += kLanes) {
+        for (int l = 0; l < kLanes; ++l) part[l] += xi[k + l] * rj[k + l];
+      }
+      for (; k < d; ++k) part[0] += xi[k] * rj[k];
+      acc_t s = 0;
+      for (int l = 0; l < kLanes; ++l) s += part[l];
+      dot[i * cn + j] = s;
+    }
+  }
+}
+
 template <typename acc_t>
 void select_impl(const SelectArgs& S, at::Tensor& pos_idx, at::Tensor& neg_idx) {
   const at::Tensor& x = S.x;
@@ -292,7 +325,12 @@ void select_impl(const SelectArgs& S, at::Tensor& pos_idx, at::Tensor& neg_idx) 
           if (!reuse_buffer) {
             at::Tensor rc = r.narrow(0, j0, cn);
             if (upcast) rc = rbuf.narrow(0, 0, cn).copy_(rc);
-            at::mm_out(dot, xb, rc.t());
+            if (bm * cn * d <= kSmallGramFmas) {
+              small_gram<acc_t>(xb.data_ptr<acc_t>(), rc.contiguous().data_ptr<acc_t>(), bm, cn, d,
+                                dot.data_ptr<acc_t>());
+            } else {
+              at::mm_out(dot, xb, rc.t());
+            }
           }
           BlockArgs<acc_t> A{dot.data_ptr<acc_t>(), bm, cn, i0, j0,
                              S.a.data_ptr<acc_t>() + i0, S.b.data_ptr<acc_t>() + j0,
