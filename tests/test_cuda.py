@@ -380,6 +380,7 @@ def test_availability_queries_never_build(monkeypatch):
     monkeypatch.setattr(_extension, "load_cuda_extension", build)
     monkeypatch.setattr(_extension, "_jit_error", None)
     monkeypatch.setattr(_extension, "_jit_loaded", False)
+    monkeypatch.setattr(_extension, "_built_with_cuda", lambda: False)  # as a CPU build of _C
     monkeypatch.setattr(_extension, "check_toolchain", lambda: None)   # the build could run
     fastmine.available_backends()
     fastmine.available_backends("cuda")
