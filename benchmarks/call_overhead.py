@@ -8,6 +8,8 @@ Timing (medians of --repeats calls after --warmup, time.perf_counter, one
 process, all cells on fresh random data, fp32, easy positive + hard negative):
 
 * ``raw op``: ``torch.ops.fastmine.mine`` called directly (no argument checks);
+* ``plain autograd``: the floor of any autograd step of this shape -- the two
+  pair distances of fixed indices in plain PyTorch ops, forward + backward;
 * ``mine``: ``fastmine.mine`` forward (inputs without grad), and forward +
   ``(pos_dist - neg_dist).sum().backward()``;
 * ``loss``: ``fastmine.losses.TripletMarginLoss(neg_strategy="hard")`` forward +
@@ -65,6 +67,16 @@ def timing_cells(repeats: int, warmup: int) -> list:
             res = fastmine.mine(xg, y)
             (res.pos_dist - res.neg_dist).sum().backward()
         row["mine_fwd_bwd_us"] = median_us(mine_fb, repeats, warmup)
+        # The autograd floor: the same gather + distance + backward in plain
+        # PyTorch ops for fixed indices, no mining at all.
+        mined = fastmine.mine(x, y)
+        pos_idx, neg_idx = mined.pos_idx.clamp_min(0), mined.neg_idx.clamp_min(0)
+
+        def plain_fb():
+            dp = (xg - xg[pos_idx]).pow(2).sum(1).sqrt()
+            dn = (xg - xg[neg_idx]).pow(2).sum(1).sqrt()
+            (dp - dn).sum().backward()
+        row["plain_fwd_bwd_us"] = median_us(plain_fb, repeats, warmup)
         loss = fastmine.losses.TripletMarginLoss(margin=0.1, neg_strategy="hard")
         row["loss_fwd_bwd_us"] = median_us(lambda: loss(xg, y).backward(), repeats, warmup)
         dist = LpDistance(normalize_embeddings=False)
@@ -76,7 +88,8 @@ def timing_cells(repeats: int, warmup: int) -> list:
         row["pml_over_loss"] = row["pml_fwd_bwd_us"] / row["loss_fwd_bwd_us"]
         rows.append(row)
         print(f"N={n:5d} D={d:3d}: raw op {row['raw_op_us']:8.1f} us | mine {row['mine_us']:8.1f} us "
-              f"({row['mine_over_raw']:.2f}x raw) | mine fwd+bwd {row['mine_fwd_bwd_us']:8.1f} us | "
+              f"({row['mine_over_raw']:.2f}x raw) | mine fwd+bwd {row['mine_fwd_bwd_us']:8.1f} us "
+              f"(plain autograd, fixed pairs: {row['plain_fwd_bwd_us']:8.1f} us) | "
               f"loss fwd+bwd {row['loss_fwd_bwd_us']:8.1f} us | PML {row['pml_fwd_bwd_us']:9.1f} us "
               f"({row['pml_over_loss']:.1f}x)", flush=True)
     return rows
@@ -166,11 +179,13 @@ def main(argv=None) -> dict:
                  f"torch threads, torch {result['environment']['torch']}, fastmine "
                  f"{result['environment']['fastmine_git']}", "",
                  f"Load before: {result['load_before']}; after: {result['load_after']}", "",
-                 "| N | D | raw op µs | mine µs | mine / raw | mine fwd+bwd µs | loss fwd+bwd µs "
-                 "| PML fwd+bwd µs | PML / loss |", "|" + "---|" * 9]
+                 "| N | D | raw op µs | mine µs | mine / raw | mine fwd+bwd µs "
+                 "| plain autograd fwd+bwd µs | loss fwd+bwd µs | PML fwd+bwd µs | PML / loss |",
+                 "|" + "---|" * 10]
         for r in result["timing"]:
             lines.append(f"| {r['n']} | {r['d']} | {r['raw_op_us']:.1f} | {r['mine_us']:.1f} | "
                          f"{r['mine_over_raw']:.2f} | {r['mine_fwd_bwd_us']:.1f} | "
+                         f"{r['plain_fwd_bwd_us']:.1f} | "
                          f"{r['loss_fwd_bwd_us']:.1f} | {r['pml_fwd_bwd_us']:.1f} | "
                          f"{r['pml_over_loss']:.1f} |")
         lines += ["", "| queries | bank | D | dtype | mode | peak extra MiB | bank MiB |",
