@@ -29,8 +29,7 @@
 // then fastmine::mine_cuda_emulated / mine_backward_cuda_emulated (backend
 // "cuda-emulated", tests only) and fastmine_cuda_emulated::mine_select, and the
 // data checks are eager (a ValueError naming the row, as on every CPU path).
-// The two builds differ only in the block below and in the registrations at
-// the end.
+// The two builds differ only in the launcher half of cuda_runtime_shim.cuh.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -40,50 +39,10 @@
 
 #include "fastmine/op_checks.h"
 #include "fastmine/schema.h"
+// The launcher's half of the shim (device type, stream, guard, error check):
+#define FASTMINE_CUDA_TORCH_LAUNCHER
 #include "variants.cuh"
 
-#if defined(FASTMINE_CUDA_EMULATION)
-#define FASTMINE_CUDA_CHECK(...)                                                   \
-  do {                                                                             \
-    const cudaError_t err_ = (__VA_ARGS__);                                        \
-    TORCH_CHECK(err_ == cudaSuccess, "fastmine (emulated CUDA): ",                 \
-                cudaGetErrorString(err_));                                         \
-  } while (0)
-#define FASTMINE_CUDA_IMPL "cuda_emulated"
-#define FASTMINE_CUDA_KEY CPU
-namespace fastmine {
-namespace cuda {
-namespace {
-constexpr auto kDeviceType = c10::DeviceType::CPU;
-constexpr bool kEagerChecks = true;
-cudaStream_t current_stream() { return nullptr; }
-struct DeviceGuard {
-  explicit DeviceGuard(const at::Device&) {}
-};
-// As the emulated cudaMalloc: reads of never-written workspace stand out.
-void poison(at::Tensor& workspace) { workspace.fill_(0x7f); }
-}  // namespace
-}  // namespace cuda
-}  // namespace fastmine
-#else
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#define FASTMINE_CUDA_CHECK(...) C10_CUDA_CHECK((__VA_ARGS__))
-#define FASTMINE_CUDA_IMPL "cuda"
-#define FASTMINE_CUDA_KEY CUDA
-namespace fastmine {
-namespace cuda {
-namespace {
-constexpr auto kDeviceType = c10::DeviceType::CUDA;
-constexpr bool kEagerChecks = false;
-cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-using DeviceGuard = c10::cuda::CUDAGuard;
-void poison(at::Tensor&) {}
-}  // namespace
-}  // namespace cuda
-}  // namespace fastmine
-#endif
 
 namespace fastmine {
 namespace cuda {
@@ -383,14 +342,13 @@ TORCH_LIBRARY_FRAGMENT(fastmine, m) {
 TORCH_LIBRARY_IMPL(fastmine, FASTMINE_CUDA_KEY, m) {
   m.impl("mine_" FASTMINE_CUDA_IMPL, &mine_cuda);
   m.impl("mine_backward_" FASTMINE_CUDA_IMPL, &mine_backward_cuda);
-#if !defined(FASTMINE_CUDA_EMULATION)
-  m.impl("mine_select", &mine_select_cuda);
-#endif
 }
 
-#if defined(FASTMINE_CUDA_EMULATION)
-TORCH_LIBRARY_IMPL(fastmine_cuda_emulated, CPU, m) { m.impl("mine_select", &mine_select_cuda); }
-#endif
+// The raw selection op (fastmine::mine_select on CUDA tensors; the tests'
+// fastmine_cuda_emulated::mine_select on CPU tensors under emulation).
+TORCH_LIBRARY_IMPL(FASTMINE_CUDA_SELECT_NAMESPACE, FASTMINE_CUDA_KEY, m) {
+  m.impl("mine_select", &mine_select_cuda);
+}
 
 }  // namespace cuda
 }  // namespace fastmine

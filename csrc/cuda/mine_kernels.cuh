@@ -66,20 +66,7 @@ enum class DotPath : int {
 
 constexpr int64_t kNoIndex = INT64_MAX;  // "no candidate" sentinel while merging
 
-// Every launch goes through launch_kernel: kernel<<<grid, block, 0, stream>>> on
-// the CUDA compiler; under FASTMINE_CUDA_EMULATION the host emulation runs the
-// grid (and validates the configuration).  `name` labels emulation errors.
-template <typename... Params, typename... Args>
-inline void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream,
-                          const char* name, Args... args) {
-#if defined(FASTMINE_CUDA_EMULATION)
-  (void)stream;
-  emu::launch_kernel(kernel, grid, block, name, args...);
-#else
-  (void)name;
-  kernel<<<grid, block, 0, stream>>>(args...);
-#endif
-}
+// Every launch goes through launch_kernel (cuda_runtime_shim.cuh).
 
 // ---------------------------------------------------------------- type helpers
 template <typename T> struct AccOf { using type = float; };
@@ -199,16 +186,10 @@ __device__ inline void dot_tile(unsigned char* smem, const T* __restrict__ x,
   S* Bs = As + C::BM * C::LDS;
   acc_t* Cs = reinterpret_cast<acc_t*>(smem);  // aliases the stage (used after the K loop)
   constexpr bool kTensor = P != DotPath::Ffma;
-#if defined(FASTMINE_CUDA_EMULATION)  // the emulated GPU generation (cuda_emulation.h)
+  // Tensor cores of the generation compiled for (FASTMINE_TARGET_ARCH, the shim):
+  // sm_80+ every dot path, sm_70 fp16 only.
   constexpr bool kHaveTensor =
-      FASTMINE_EMU_ARCH >= 800 || (FASTMINE_EMU_ARCH >= 700 && std::is_same<T, __half>::value);
-#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  constexpr bool kHaveTensor = true;
-#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
-  constexpr bool kHaveTensor = std::is_same<T, __half>::value;
-#else
-  constexpr bool kHaveTensor = false;
-#endif
+      FASTMINE_TARGET_ARCH >= 800 || (FASTMINE_TARGET_ARCH >= 700 && std::is_same<T, __half>::value);
   if constexpr (kTensor && kHaveTensor) {
     namespace wmma = nvcuda::wmma;
     // 16 fragments of 16x16 over NT/32 = 8 warps: warp w owns row strip w/2 and
