@@ -12,9 +12,21 @@
 //                    opcheck see the output shapes.
 // mine_backward dispatches the same way; an implementation without its own
 // backward op on CPU tensors uses the CPU backward (same formulas).
+//
+//   Python fastmine.mine_topk(...) --> fastmine::mine_topk  (k per anchor; also
+//                    fastmine.mine with neg_strategy="distance_weighted", k = 1)
+//     Autograd key:  MineTopkAutograd: backward = fastmine::mine_backward once,
+//                    on the [N*K] flattened columns (no backward kernel of its own).
+//     CPU / CUDA key: mine_topk_device: every backend X (also "cpu", "cuda") is
+//                    the op fastmine::mine_topk_X; a backend that has none
+//                    raises NotImplementedError naming it, so backends are added
+//                    one by one (fastmine/_backends.py: Backend.rules).
+//     Meta / fake:   fastmine/_ops.py.
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <mutex>
 #include <string>
 #include <unordered_map>
@@ -59,6 +71,13 @@ MineOutValid mine_device(const at::Tensor& embeddings, const at::Tensor& labels,
                          const c10::optional<at::Tensor>& ref_ids, int64_t pos_strategy,
                          int64_t neg_strategy, int64_t distance, c10::optional<double> margin,
                          c10::string_view backend) {
+  // distance_weighted needs a seed and cutoffs, which this op's schema does not
+  // carry: fastmine.mine routes it to fastmine::mine_topk (k = 1).
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      neg_strategy != static_cast<int64_t>(NegStrategy::DistanceWeighted),
+      "fastmine::mine: neg_strategy distance_weighted (code 3) is not implemented by fastmine::mine "
+      "(backend '", backend, "'; the op takes no seed): it is mined by fastmine::mine_topk with "
+      "k_pos = k_neg = 1, which fastmine.mine calls");
   MineOut out;
   if (embeddings.is_cpu() && backend == "cpu") {
     out = cpu::mine_cpu(embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids,
@@ -166,6 +185,159 @@ MineOutValid mine_autograd(const at::Tensor& embeddings, const at::Tensor& label
   return {out[0], out[1], out[2], out[3], out[4]};
 }
 
+// ------------------------------------------------------------------ top-k
+using TopkSig = MineOut(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                        const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+                        const c10::optional<at::Tensor>&, int64_t, int64_t, int64_t, int64_t,
+                        int64_t, c10::optional<double>, double, double, int64_t);
+
+// The checks every implementation relies on, for callers of the raw op
+// (fastmine.mine_topk has already raised the Python form, naming the argument,
+// fastmine/_contract.py); the tensors are checked by the implementation.
+void check_topk_args(int64_t k_pos, int64_t k_neg, int64_t neg_strategy, int64_t distance,
+                     c10::optional<double> margin, double cutoff, double nonzero_loss_cutoff) {
+  TORCH_CHECK_VALUE(k_pos >= 1, "fastmine::mine_topk: k_pos must be >= 1, got ", k_pos);
+  TORCH_CHECK_VALUE(k_neg >= 1, "fastmine::mine_topk: k_neg must be >= 1, got ", k_neg);
+  TORCH_CHECK_VALUE(neg_strategy >= 0 && neg_strategy <= 3,
+                    "fastmine::mine_topk: unknown neg_strategy code ", neg_strategy);
+  if (neg_strategy == static_cast<int64_t>(NegStrategy::DistanceWeighted)) {
+    TORCH_CHECK_VALUE(distance == static_cast<int64_t>(Distance::Euclidean),
+                      "fastmine::mine_topk: neg_strategy distance_weighted needs distance "
+                      "euclidean (code 0), got code ", distance);
+    TORCH_CHECK_VALUE(!margin.has_value(),
+                      "fastmine::mine_topk: margin is only used by neg_strategy semihard");
+    TORCH_CHECK_VALUE(std::isfinite(cutoff) && cutoff > 0,
+                      "fastmine::mine_topk: cutoff must be a finite number > 0, got ", cutoff);
+    TORCH_CHECK_VALUE(std::isfinite(nonzero_loss_cutoff) && nonzero_loss_cutoff > 0,
+                      "fastmine::mine_topk: nonzero_loss_cutoff must be a finite number > 0, got ",
+                      nonzero_loss_cutoff);
+  }
+}
+
+MineOut mine_topk_device(const at::Tensor& embeddings, const at::Tensor& labels,
+                         const c10::optional<at::Tensor>& ref_emb,
+                         const c10::optional<at::Tensor>& ref_labels,
+                         const c10::optional<at::Tensor>& query_ids,
+                         const c10::optional<at::Tensor>& ref_ids, int64_t k_pos, int64_t k_neg,
+                         int64_t pos_strategy, int64_t neg_strategy, int64_t distance,
+                         c10::optional<double> margin, double cutoff, double nonzero_loss_cutoff,
+                         int64_t seed, c10::string_view backend) {
+  check_topk_args(k_pos, k_neg, neg_strategy, distance, margin, cutoff, nonzero_loss_cutoff);
+  auto op = implementation("mine_topk", backend);
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      op.has_value(), "fastmine::mine_topk: backend '", backend,
+      "' does not implement top-k / distance-weighted mining yet (no op fastmine::mine_topk_",
+      backend, " is registered); use backend='torch' (the reference) or 'auto'");
+  return op->typed<TopkSig>().call(embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids,
+                                   k_pos, k_neg, pos_strategy, neg_strategy, distance, margin,
+                                   cutoff, nonzero_loss_cutoff, seed);
+}
+
+// Autograd of fastmine::mine_topk: the indices are not differentiable; every
+// selected pair's distance backpropagates through fastmine::mine_backward,
+// called once on the K = max(k_pos, k_neg) columns flattened to [N*K] pairs:
+//   anchors     x_rep = embeddings repeated K times (row i*K + t = row i),
+//   references  ref_emb, or embeddings itself when the references are the batch,
+//   indices     pos_idx / neg_idx padded to K columns with -1 (zero gradient),
+//   gradients   padded with 0;
+// then dL/dx = the K anchor copies' gradients summed (plus the reference half
+// when the references are the batch).  mine_backward's formulas and its
+// zero-at--1 rule thus apply unchanged, and a memory bank still gets no [M, D]
+// gradient when it does not need one.  Extra memory: [N*K, D] (the size of the
+// selected pairs), never [M, D] per column.
+class MineTopkAutograd : public torch::autograd::Function<MineTopkAutograd> {
+ public:
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext* ctx, const at::Tensor& embeddings,
+      const at::Tensor& labels, const c10::optional<at::Tensor>& ref_emb,
+      const c10::optional<at::Tensor>& ref_labels, const c10::optional<at::Tensor>& query_ids,
+      const c10::optional<at::Tensor>& ref_ids, int64_t k_pos, int64_t k_neg,
+      int64_t pos_strategy, int64_t neg_strategy, int64_t distance,
+      c10::optional<double> margin, double cutoff, double nonzero_loss_cutoff, int64_t seed,
+      c10::string_view backend) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("fastmine::mine_topk", "")
+                         .typed<MineOut(const at::Tensor&, const at::Tensor&,
+                                        const c10::optional<at::Tensor>&,
+                                        const c10::optional<at::Tensor>&,
+                                        const c10::optional<at::Tensor>&,
+                                        const c10::optional<at::Tensor>&, int64_t, int64_t,
+                                        int64_t, int64_t, int64_t, c10::optional<double>, double,
+                                        double, int64_t, c10::string_view)>();
+    auto [pos_idx, neg_idx, pos_dist, neg_dist] =
+        op.call(embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids, k_pos, k_neg,
+                pos_strategy, neg_strategy, distance, margin, cutoff, nonzero_loss_cutoff, seed,
+                backend);
+    ctx->save_for_backward({embeddings, ref_emb.has_value() ? *ref_emb : at::Tensor(), pos_idx,
+                            neg_idx});
+    ctx->saved_data["distance"] = distance;
+    ctx->saved_data["backend"] = std::string(backend);
+    ctx->mark_non_differentiable({pos_idx, neg_idx});
+    return {pos_idx, neg_idx, pos_dist, neg_dist};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& embeddings = saved[0];
+    const at::Tensor& ref_emb = saved[1];
+    const at::Tensor& pos_idx = saved[2];
+    const at::Tensor& neg_idx = saved[3];
+    const bool self_refs = !ref_emb.defined();
+    const bool need_x = ctx->needs_input_grad(0);
+    const bool need_r = !self_refs && ctx->needs_input_grad(2);
+    torch::autograd::variable_list out(16);
+    if (!need_x && !need_r) return out;
+    const int64_t n = embeddings.size(0), d = embeddings.size(1);
+    const int64_t k_pos = pos_idx.size(1), k_neg = neg_idx.size(1);
+    const int64_t kk = std::max(k_pos, k_neg);
+    // [N, k] -> [N*K] (row-major: pair i*K + t is column t of anchor i).
+    auto flat_idx = [&](const at::Tensor& idx) {
+      return at::constant_pad_nd(idx, {0, kk - idx.size(1)}, -1).reshape({n * kk});
+    };
+    auto flat_grad = [&](const at::Tensor& g, int64_t k) {
+      const at::Tensor full = g.defined() ? g : at::zeros({n, k}, embeddings.options());
+      return at::constant_pad_nd(full, {0, kk - k}, 0).reshape({n * kk});
+    };
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("fastmine::mine_backward", "")
+                         .typed<BackwardOut(const at::Tensor&, const at::Tensor&,
+                                            const at::Tensor&, const c10::optional<at::Tensor>&,
+                                            const at::Tensor&, const at::Tensor&, int64_t, bool,
+                                            c10::string_view)>();
+    const std::string backend = ctx->saved_data["backend"].toStringRef();
+    const at::Tensor x_rep = embeddings.repeat_interleave(kk, 0);  // [N*K, D]
+    // The references are always explicit here (x_rep is not the reference set).
+    const at::Tensor refs = self_refs ? embeddings : ref_emb;
+    const bool want_r = self_refs ? need_x : need_r;
+    auto [grad_rep, grad_r] =
+        op.call(flat_grad(grads[2], k_pos), flat_grad(grads[3], k_neg), x_rep,
+                c10::optional<at::Tensor>(refs), flat_idx(pos_idx), flat_idx(neg_idx),
+                ctx->saved_data["distance"].toInt(), want_r, backend);
+    if (need_x) {
+      at::Tensor gx = grad_rep.reshape({n, kk, d}).sum(1);
+      out[0] = self_refs ? gx.add(grad_r) : gx;
+    }
+    if (need_r) out[2] = grad_r;
+    return out;
+  }
+};
+
+MineOut mine_topk_autograd(const at::Tensor& embeddings, const at::Tensor& labels,
+                           const c10::optional<at::Tensor>& ref_emb,
+                           const c10::optional<at::Tensor>& ref_labels,
+                           const c10::optional<at::Tensor>& query_ids,
+                           const c10::optional<at::Tensor>& ref_ids, int64_t k_pos,
+                           int64_t k_neg, int64_t pos_strategy, int64_t neg_strategy,
+                           int64_t distance, c10::optional<double> margin, double cutoff,
+                           double nonzero_loss_cutoff, int64_t seed, c10::string_view backend) {
+  auto out = MineTopkAutograd::apply(embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids,
+                                     k_pos, k_neg, pos_strategy, neg_strategy, distance, margin,
+                                     cutoff, nonzero_loss_cutoff, seed, backend);
+  return {out[0], out[1], out[2], out[3]};
+}
+
 }  // namespace
 }  // namespace fastmine
 
@@ -173,16 +345,22 @@ TORCH_LIBRARY(fastmine, m) {
   m.def(FASTMINE_MINE_SCHEMA);
   m.def(FASTMINE_MINE_BACKWARD_SCHEMA);
   m.def(FASTMINE_MINE_SELECT_SCHEMA);
+  m.def(FASTMINE_MINE_TOPK_SCHEMA);
 }
 
 TORCH_LIBRARY_IMPL(fastmine, CPU, m) {
   m.impl("mine", &fastmine::mine_device);
+  m.impl("mine_topk", &fastmine::mine_topk_device);
   m.impl("mine_backward", &fastmine::mine_backward_device);
 }
 
 TORCH_LIBRARY_IMPL(fastmine, CUDA, m) {
   m.impl("mine", &fastmine::mine_device);
+  m.impl("mine_topk", &fastmine::mine_topk_device);
   m.impl("mine_backward", &fastmine::mine_backward_device);
 }
 
-TORCH_LIBRARY_IMPL(fastmine, Autograd, m) { m.impl("mine", &fastmine::mine_autograd); }
+TORCH_LIBRARY_IMPL(fastmine, Autograd, m) {
+  m.impl("mine", &fastmine::mine_autograd);
+  m.impl("mine_topk", &fastmine::mine_topk_autograd);
+}

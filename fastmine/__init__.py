@@ -6,14 +6,15 @@
 from . import reference
 from ._backends import available as available_backends
 from ._extension import build_info
-from .mine import MineFunction, MiningResult, mine
+from .mine import MineFunction, MiningResult, mine, mine_topk
+from .reference_topk import TopKResult
 from . import losses, miners
 from .memory import CrossBatchMemory
 from . import distributed  # import-safe without torch.distributed: it raises only when called
 
 __version__ = "0.1.0"
 
-__all__ = ["mine", "MineFunction", "MiningResult", "reference", "available_backends", "build_info", "__version__",
+__all__ = ["mine", "mine_topk", "MineFunction", "MiningResult", "TopKResult", "reference", "available_backends", "build_info", "__version__",
            "losses", "miners", "CrossBatchMemory", "distributed"]
 
 # Optional backends register themselves on import: 'triton' (when present in

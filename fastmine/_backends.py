@@ -18,17 +18,31 @@ This module keeps, per name, only *whether* the backend can run on a device
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, FrozenSet, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import _extension
-from ._contract import DISTANCES, NEG_STRATEGIES, POS_STRATEGIES, check_finite
+from ._contract import (DISTANCE_WEIGHTED, DISTANCES, NEG_STRATEGIES, POS_STRATEGIES,
+                        check_finite, seed_from_int64)
 
 _POS_NAMES = {v: k for k, v in POS_STRATEGIES.items()}
 _NEG_NAMES = {v: k for k, v in NEG_STRATEGIES.items()}
 _DISTANCE_NAMES = {v: k for k, v in DISTANCES.items()}
+
+
+# The rules a backend may implement beyond fastmine::mine's k = 1 deterministic
+# strategies (which every backend implements):
+#   "topk":              the op fastmine::mine_topk_<name> (k per anchor, the
+#                        deterministic strategies);
+#   "distance_weighted": its mine_topk_<name> also samples neg_strategy
+#                        "distance_weighted" (fastmine.mine with it is k = 1 of
+#                        mine_topk).
+# `backend="auto"` picks only a backend that has the rules a call needs, and an
+# explicit backend without them raises NotImplementedError naming it; so the
+# kernels can be added one by one (docs/ops.md).
+RULES = ("topk", "distance_weighted")
 
 
 @dataclass(frozen=True)
@@ -36,6 +50,17 @@ class Backend:
     name: str
     # Returns "" if usable for tensors on `device`, else the reason it is not.
     unavailable: Callable[[torch.device], str]
+    # The RULES it implements (see above).
+    rules: FrozenSet[str] = frozenset()
+
+
+def rules_needed(neg_strategy: str, topk: bool) -> FrozenSet[str]:
+    """The RULES a call needs: ``topk`` (a fastmine.mine_topk call, or fastmine.mine
+    with distance_weighted, which runs as mine_topk with k = 1) and the negative
+    strategy name."""
+    if neg_strategy == DISTANCE_WEIGHTED:
+        return frozenset(("topk", "distance_weighted"))
+    return frozenset(("topk",)) if topk else frozenset()
 
 
 def _cpu_unavailable(device: torch.device) -> str:
@@ -115,7 +140,64 @@ def register_python(name: str, select: Callable, backward: Callable,
             return grad_x + grad_r, empty
         return grad_x, (grad_r if ref_emb_grad else empty)
 
-    register(Backend(name, unavailable))
+    register(Backend(name, unavailable, _REGISTRY[name].rules if name in _REGISTRY else frozenset()))
+
+
+def register_python_topk(name: str, select_topk: Callable, distance_weighted: bool,
+                         pair_distances: Optional[Callable] = None) -> None:
+    """Register a Python implementation of top-k as the op fastmine::mine_topk_<name>
+    (FASTMINE_MINE_TOPK_IMPL_SCHEMA of schema.h) and add "topk" (and, when
+    ``distance_weighted``, "distance_weighted") to the rules of the backend
+    ``name``, which must be registered already (``register_python``).
+
+    select_topk(x, labels, r, ref_labels, query_ids, ref_ids, k_pos, k_neg, pos, neg,
+                distance, margin, cutoff, nonzero_loss_cutoff, seed)
+        -> (pos_idx int64 [N, k_pos], neg_idx int64 [N, k_neg]), trailing -1;
+        strategy and distance names as in fastmine.mine_topk; seed an int in
+        [0, 2^64); ids None: no exclusion (``fastmine.reference_topk.select_topk``).
+    pair_distances(x, r, idx [N, k], distance) -> [N, k] (default
+        ``fastmine.reference_topk.pair_distances``).
+
+    The op runs the data checks and expands ref_emb = None as register_python
+    does; its gradient is the C++ autograd of fastmine::mine_topk
+    (fastmine::mine_backward of the backend, per pair).
+    """
+    from .reference_topk import pair_distances as default_pair_distances
+
+    exact = pair_distances or default_pair_distances
+    op_name = name.replace("-", "_")
+
+    @torch.library.custom_op(f"fastmine::mine_topk_{op_name}", mutates_args=())
+    def mine_topk_impl(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
+                       ref_labels: Optional[Tensor], query_ids: Optional[Tensor],
+                       ref_ids: Optional[Tensor], k_pos: int, k_neg: int, pos_strategy: int,
+                       neg_strategy: int, distance: int, margin: Optional[float], cutoff: float,
+                       nonzero_loss_cutoff: float,
+                       seed: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        dist = _DISTANCE_NAMES[distance]
+        neg = _NEG_NAMES[neg_strategy]
+        if neg == DISTANCE_WEIGHTED and not distance_weighted:
+            raise NotImplementedError(f"fastmine::mine_topk_{op_name}: backend {name!r} does not "
+                                      "implement neg_strategy='distance_weighted'")
+        check_finite("embeddings", embeddings, dist)
+        if ref_emb is None:
+            ref_emb, ref_labels = embeddings, labels
+            if query_ids is None:
+                query_ids = torch.arange(embeddings.shape[0], device=embeddings.device)
+            ref_ids = query_ids
+        else:
+            check_finite("ref_emb", ref_emb, dist)
+        with torch.no_grad():
+            pos_idx, neg_idx = select_topk(embeddings, labels, ref_emb, ref_labels, query_ids,
+                                           ref_ids, k_pos, k_neg, _POS_NAMES[pos_strategy], neg,
+                                           dist, margin, cutoff, nonzero_loss_cutoff,
+                                           seed_from_int64(seed))
+            return (pos_idx, neg_idx, exact(embeddings, ref_emb, pos_idx, dist),
+                    exact(embeddings, ref_emb, neg_idx, dist))
+
+    new_rules = {"topk"} | ({"distance_weighted"} if distance_weighted else set())
+    old = get(name)
+    register(Backend(old.name, old.unavailable, old.rules | frozenset(new_rules)))
 
 
 def get(name: str) -> Backend:
@@ -125,18 +207,28 @@ def get(name: str) -> Backend:
         raise ValueError(f"unknown backend {name!r}; choose from {['auto', *sorted(_REGISTRY)]}") from None
 
 
-def resolve(name: str, device: torch.device) -> str:
-    """Turn 'auto' into a concrete backend and check that the named one can run here.
+def resolve(name: str, device: torch.device, needs: FrozenSet[str] = frozenset()) -> str:
+    """Turn 'auto' into a concrete backend and check that the named one can run here
+    and implements the RULES ``needs`` (``rules_needed``).
 
     auto: CPU tensors -> 'cpu' if the extension is built, else 'torch';
-          CUDA tensors -> 'triton' if available, else 'cuda', else 'torch'.
+          CUDA tensors -> 'triton' if available, else 'cuda', else 'torch';
+          skipping the backends without ``needs`` ('torch' has every rule).
+    An explicit backend without ``needs`` raises NotImplementedError naming it.
     """
     if name == "auto":
         order = ("cpu", "torch") if device.type == "cpu" else ("triton", "cuda", "torch")
         for cand in order:
-            if cand in _REGISTRY and not _REGISTRY[cand].unavailable(device):
+            if cand in _REGISTRY and needs <= _REGISTRY[cand].rules \
+                    and not _REGISTRY[cand].unavailable(device):
                 return cand
         return "torch"
+    missing = needs - get(name).rules
+    if missing:
+        what = "distance_weighted sampling" if "distance_weighted" in missing else "top-k mining"
+        able = sorted(n for n, b in _REGISTRY.items() if needs <= b.rules)
+        raise NotImplementedError(f"backend {name!r} does not implement {what} yet; backends "
+                                  f"that do: {able} (backend='auto' picks one)")
     if name == "cuda" and device.type == "cuda" and _extension.jit_enabled():
         _extension.has_cuda_kernels()  # FASTMINE_JIT=1: build once on an explicit request
     reason = get(name).unavailable(device)
@@ -154,7 +246,11 @@ def available(device: Optional[torch.device] = None) -> list:
 def _register_builtin() -> None:
     from . import _pairs, reference
 
+    from . import reference_topk
+
     register_python("torch", reference.select, _pairs.pair_distance_backward, lambda device: "")
+    # The readable full-matrix top-k and distance-weighted sampler (issue #17).
+    register_python_topk("torch", reference_topk.select_topk, distance_weighted=True)
     # "cuda" needs no Python: csrc/cuda/mine_cuda.cu registers the C++ ops
     # fastmine::mine_cuda and fastmine::mine_backward_cuda (forward, exact
     # distances, data checks and backward on the device, without host syncs).

@@ -14,7 +14,11 @@ from typing import Optional
 import torch
 
 POS_STRATEGIES = {"easy": 0, "hard": 1}
-NEG_STRATEGIES = {"hard": 0, "semihard": 1, "easy": 2}
+# "distance_weighted" (code 3) is the random rule of issue #17: it needs a seed
+# and cutoffs, so it is mined by the op fastmine::mine_topk (fastmine.mine
+# routes it there with k = 1); the kernels of fastmine::mine reject code 3.
+NEG_STRATEGIES = {"hard": 0, "semihard": 1, "easy": 2, "distance_weighted": 3}
+DISTANCE_WEIGHTED = "distance_weighted"
 DISTANCES = {"euclidean": 0, "squared_euclidean": 1, "cosine": 2}
 
 # Label and id dtypes: uint16/uint32 are widened to int64 at the boundary
@@ -82,6 +86,7 @@ def check_backend_name(backend, known) -> None:
 
 def check_strategy(pos_strategy: str, neg_strategy: str, distance: str,
                    margin: Optional[float]) -> None:
+    """Strategy names, distance, and the margin's and distance_weighted's rules."""
     check_choice("pos_strategy", pos_strategy, POS_STRATEGIES)
     check_choice("neg_strategy", neg_strategy, NEG_STRATEGIES)
     check_choice("distance", distance, DISTANCES)
@@ -91,6 +96,67 @@ def check_strategy(pos_strategy: str, neg_strategy: str, distance: str,
                 f"margin is only used by neg_strategy='semihard'; got margin={margin!r} "
                 f"with neg_strategy={neg_strategy!r}")
         check_real("margin", margin, minimum=0.0)
+    if neg_strategy == DISTANCE_WEIGHTED and distance != "euclidean":
+        raise ValueError(f"neg_strategy='distance_weighted' needs distance='euclidean', "
+                         f"got distance={distance!r}")
+
+
+def check_seed(seed) -> Optional[int]:
+    """``seed``: None, or an integer in [0, 2^64) (Python/numpy int, or a 0-d integer
+    tensor; not bool, not float).  Returns None or a Python int."""
+    if isinstance(seed, torch.Tensor):
+        if seed.dim() != 0 or seed.is_floating_point() or seed.is_complex() \
+                or seed.dtype == torch.bool:
+            raise TypeError(f"seed must be None or an integer, got a tensor of shape "
+                            f"{tuple(seed.shape)} and dtype {seed.dtype}")
+        seed = seed.item()
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be None or an integer, got {type(seed).__name__} ({seed!r})")
+    if not 0 <= int(seed) < 2 ** 64:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {int(seed)}")
+    return int(seed)
+
+
+def seed_as_int64(seed: int) -> int:
+    """The op schemas' ``int seed`` (a signed int64) carrying a seed in [0, 2^64):
+    its two's-complement bit pattern (seeds >= 2^63 become seed - 2^64).  C++
+    reads it back as ``uint64_t(seed)``; Python as ``seed_from_int64``."""
+    return seed - 2 ** 64 if seed >= 2 ** 63 else seed
+
+
+def seed_from_int64(seed: int) -> int:
+    """Inverse of ``seed_as_int64``: the op's int64 argument -> the seed in [0, 2^64)."""
+    return int(seed) & (2 ** 64 - 1)
+
+
+def check_topk_args(k_pos, k_neg, pos_strategy, neg_strategy, distance, margin, cutoff,
+                    nonzero_loss_cutoff, seed):
+    """The argument checks of ``mine_topk`` and of ``mine`` with distance_weighted
+    (static: no data access; each error names its argument).
+
+    k_pos, k_neg: integers >= 1; strategies, distance and margin as
+    ``check_strategy`` (distance_weighted: euclidean only, no margin);
+    cutoff, nonzero_loss_cutoff: finite reals > 0 (checked for every strategy,
+    so that the op always receives valid floats; only distance_weighted uses
+    them); seed: ``check_seed``.
+    Returns (k_pos, k_neg, margin, cutoff, nonzero_loss_cutoff, seed) as
+    Python int/float/None values.
+    """
+    k_pos = check_positive_int("k_pos", k_pos)
+    k_neg = check_positive_int("k_neg", k_neg)
+    check_strategy(pos_strategy, neg_strategy, distance, margin)
+    margin = None if margin is None else check_real("margin", margin, minimum=0.0)
+    return (k_pos, k_neg, margin) + check_sampling_args(cutoff, nonzero_loss_cutoff, seed)
+
+
+def check_sampling_args(cutoff, nonzero_loss_cutoff, seed):
+    """cutoff, nonzero_loss_cutoff: finite reals > 0; seed: ``check_seed``.
+    Returns (cutoff, nonzero_loss_cutoff, seed) as float, float, int/None."""
+    cutoff = check_real("cutoff", cutoff, positive=True)
+    nonzero_loss_cutoff = check_real("nonzero_loss_cutoff", nonzero_loss_cutoff, positive=True)
+    return cutoff, nonzero_loss_cutoff, check_seed(seed)
 
 
 def _check_dense(name: str, t: torch.Tensor) -> None:

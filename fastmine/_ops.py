@@ -35,7 +35,19 @@ def _mine_select_fake(embeddings, labels, ref_emb, ref_labels, query_ids, ref_id
             embeddings.new_empty((n,), dtype=torch.int64))
 
 
+def _mine_topk_fake(embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids, k_pos, k_neg,
+                    pos_strategy, neg_strategy, distance, margin, cutoff, nonzero_loss_cutoff,
+                    seed, backend):
+    """pos_idx, neg_idx: int64 [N, k_pos], [N, k_neg]; pos_dist, neg_dist: the same
+    shapes in the embeddings' dtype."""
+    n = embeddings.shape[0]
+    return (embeddings.new_empty((n, k_pos), dtype=torch.int64),
+            embeddings.new_empty((n, k_neg), dtype=torch.int64),
+            embeddings.new_empty((n, k_pos)), embeddings.new_empty((n, k_neg)))
+
+
 if _extension.loaded():
     torch.library.register_fake("fastmine::mine")(_mine_fake)
     torch.library.register_fake("fastmine::mine_backward")(_mine_backward_fake)
     torch.library.register_fake("fastmine::mine_select")(_mine_select_fake)
+    torch.library.register_fake("fastmine::mine_topk")(_mine_topk_fake)

@@ -40,13 +40,12 @@ import torch
 from torch import Tensor
 
 from . import _philox
-from ._contract import (NEG_STRATEGIES, POS_STRATEGIES, DISTANCES, check_choice, check_finite,
-                        check_positive_int, check_real, semihard_window)
+from ._contract import (DISTANCE_WEIGHTED, NEG_STRATEGIES, check_finite, check_seed,
+                        check_topk_args, semihard_window)
 from ._pairs import pair_distance
 from .reference import mining_values
 
-DISTANCE_WEIGHTED = "distance_weighted"
-TOPK_NEG_STRATEGIES = tuple(NEG_STRATEGIES) + (DISTANCE_WEIGHTED,)
+TOPK_NEG_STRATEGIES = tuple(NEG_STRATEGIES)  # includes DISTANCE_WEIGHTED
 
 
 class TopKResult(NamedTuple):
@@ -179,23 +178,11 @@ def pair_distances(x: Tensor, r: Tensor, idx: Tensor, distance: str) -> Tensor:
 
 def _check_args(k_pos, k_neg, pos_strategy, neg_strategy, distance, margin, cutoff,
                 nonzero_loss_cutoff):
-    check_positive_int("k_pos", k_pos)
-    check_positive_int("k_neg", k_neg)
-    check_choice("pos_strategy", pos_strategy, POS_STRATEGIES)
-    check_choice("neg_strategy", neg_strategy, TOPK_NEG_STRATEGIES)
-    check_choice("distance", distance, DISTANCES)
-    if margin is not None:
-        if neg_strategy != "semihard":
-            raise ValueError(f"margin is only used by neg_strategy='semihard'; got "
-                             f"margin={margin!r} with neg_strategy={neg_strategy!r}")
-        margin = check_real("margin", margin, minimum=0.0)
-    if neg_strategy == DISTANCE_WEIGHTED:
-        if distance != "euclidean":
-            raise ValueError(f"neg_strategy='distance_weighted' needs distance='euclidean', "
-                             f"got {distance!r}")
-        cutoff = check_real("cutoff", cutoff, positive=True)
-        nonzero_loss_cutoff = check_real("nonzero_loss_cutoff", nonzero_loss_cutoff,
-                                         positive=True)
+    """The API's argument checks (one definition: ``_contract.check_topk_args``);
+    returns (margin, cutoff, nonzero_loss_cutoff) as Python floats/None."""
+    _, _, margin, cutoff, nonzero_loss_cutoff, _ = check_topk_args(
+        k_pos, k_neg, pos_strategy, neg_strategy, distance, margin, cutoff, nonzero_loss_cutoff,
+        None)
     return margin, cutoff, nonzero_loss_cutoff
 
 
@@ -244,6 +231,7 @@ def mine_topk(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = No
     else:
         check_finite("ref_emb", ref_emb, distance)
         r = ref_emb
+    seed = check_seed(seed)
     if neg_strategy == DISTANCE_WEIGHTED and seed is None:
         seed = _philox.draw_seed()
     with torch.no_grad():

@@ -66,6 +66,11 @@ inline void check_mine_select_args(c10::DeviceType device_type, const at::Tensor
   }
   FASTMINE_CHECK_ARG(pos_strategy >= 0 && pos_strategy <= 1, "unknown pos_strategy code ",
                      pos_strategy);
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      neg_strategy != static_cast<int64_t>(NegStrategy::DistanceWeighted),
+      "fastmine: neg_strategy distance_weighted (code 3) is not implemented by the ",
+      c10::DeviceTypeName(device_type), " mine / mine_select kernels (they take no seed): it is "
+      "mined by fastmine::mine_topk");
   FASTMINE_CHECK_ARG(neg_strategy >= 0 && neg_strategy <= 2, "unknown neg_strategy code ",
                      neg_strategy);
   FASTMINE_CHECK_ARG(distance >= 0 && distance <= 2, "unknown distance code ", distance);

@@ -18,6 +18,20 @@
 // fastmine::mine_select    selection only, for an explicit reference set (the
 //                          raw kernels: benchmarks, argument-validation tests;
 //                          CPU and CUDA implement it).
+// fastmine::mine_topk      per anchor, the k_pos positives and k_neg negatives
+//                          in the strategy's order (int64 [N, k_pos] and
+//                          [N, k_neg], trailing -1 where fewer exist) and the
+//                          exact distances of those pairs ([N, k], embeddings'
+//                          dtype); docs/topk.md.  neg_strategy may also be
+//                          distance_weighted (code 3: Gumbel-top-k keyed by
+//                          `seed`, weights from cutoff / nonzero_loss_cutoff;
+//                          docs/contract.md, "Random sampling").  `seed` is the
+//                          64-bit seed's bit pattern as a signed int64 (seeds
+//                          >= 2^63 arrive as seed - 2^64; read it as uint64_t).
+//                          Autograd: fastmine::mine_backward on the flattened
+//                          [N*K] columns.  Every backend X is the op
+//                          fastmine::mine_topk_X (same schema without `backend`;
+//                          FASTMINE_MINE_TOPK_IMPL_SCHEMA), also "cpu" and "cuda".
 // The CUDA implementation registers fastmine::mine_cuda and
 // fastmine::mine_backward_cuda (csrc/cuda/mine_cuda.cu; FASTMINE_MINE_IMPL_SCHEMA).
 // Codes: see strategies.h.
@@ -41,6 +55,18 @@
 #define FASTMINE_MINE_IMPL_SCHEMA(X) "mine_" X "(" FASTMINE_MINE_ARGS ") -> " FASTMINE_MINE_RETURNS
 #define FASTMINE_MINE_BACKWARD_IMPL_SCHEMA(X) \
   "mine_backward_" X "(" FASTMINE_MINE_BACKWARD_ARGS ") -> (Tensor, Tensor)"
+
+#define FASTMINE_MINE_TOPK_ARGS                                                            \
+  "Tensor embeddings, Tensor labels, Tensor? ref_emb, Tensor? ref_labels, "               \
+  "Tensor? query_ids, Tensor? ref_ids, int k_pos, int k_neg, int pos_strategy, "          \
+  "int neg_strategy, int distance, float? margin, float cutoff, float nonzero_loss_cutoff, " \
+  "int seed"
+#define FASTMINE_MINE_TOPK_SCHEMA \
+  "mine_topk(" FASTMINE_MINE_TOPK_ARGS ", str backend) -> (Tensor, Tensor, Tensor, Tensor)"
+// An implementation X of top-k registers fastmine::mine_topk_X with this schema
+// (the outputs of fastmine::mine_topk: pos_idx, neg_idx, pos_dist, neg_dist).
+#define FASTMINE_MINE_TOPK_IMPL_SCHEMA(X) \
+  "mine_topk_" X "(" FASTMINE_MINE_TOPK_ARGS ") -> (Tensor, Tensor, Tensor, Tensor)"
 
 #define FASTMINE_MINE_SELECT_SCHEMA                                                      \
   "mine_select(Tensor embeddings, Tensor labels, Tensor ref_emb, Tensor ref_labels, "   \

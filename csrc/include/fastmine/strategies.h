@@ -30,6 +30,10 @@ enum class NegStrategy : int64_t {
   Hard = 0,      // nearest different-class reference
   SemiHard = 1,  // nearest with d_an > d_ap (and d_an < d_ap + margin if given)
   Easy = 2,      // farthest different-class reference
+  // Random draw with probability ~ w(d) (Wu et al. 2017), Gumbel-max keyed by a
+  // seed: only fastmine::mine_topk carries the seed and cutoffs, so kernels of
+  // fastmine::mine / mine_select reject it (op_checks.h, fastmine_ops.cpp).
+  DistanceWeighted = 3,
 };
 
 enum class Distance : int64_t {
