@@ -40,7 +40,9 @@
 #include <atomic>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -136,6 +138,10 @@ struct BlockArgs {
   const acc_t* hi;   // [bm] (NegWindow)
   Best<acc_t>* bp;   // [bm] running best positive
   Best<acc_t>* bn;   // [bm] running best negative
+  // One-pass semi-hard (scan_block_band): lo = L1, hi = hi(L2), lo2 = L2, and
+  // band[i] collects the negatives with L1 < v <= L2 in index order.
+  const acc_t* lo2 = nullptr;                  // [bm]
+  std::vector<Best<acc_t>>* band = nullptr;    // [bm]
 };
 
 template <typename acc_t, bool COS, Ids IDS, Pass PASS>
@@ -176,6 +182,69 @@ FASTMINE_CPU_CLONES void scan_block(const BlockArgs<acc_t>& A) {
       auto fn = [&](int64_t j) { return neg_key<acc_t, COS, IDS, WINDOW>(k, j); };
       A.bn[i] = {best_n, A.j0 + first_index_of(fn, sub_n, std::min(sub_n + kSub, A.cn), best_n)};
     }
+  }
+}
+
+// The one-pass semi-hard sweep (see "Semi-hard in one sweep" above
+// select_impl).  Per reference: the positive key exactly as Pass::PosOnly
+// computes it (same tiles, same code, so the same bits and the same argmin),
+// and for the negatives, with [L1, L2] an interval known to contain the exact
+// v_ap and hi2 = semihard_upper(L2) >= the exact hi:
+//   * the nearest negative with L2 < v < hi2 (an argmin, like NegWindow), and
+//   * every negative with L1 < v <= L2 (the band, usually empty), in index order.
+// The exact window (v_ap, hi) is applied to these afterwards (resolve_band).
+template <typename acc_t, bool COS, Ids IDS>
+FASTMINE_CPU_CLONES void scan_block_band(const BlockArgs<acc_t>& A) {
+  const acc_t inf = std::numeric_limits<acc_t>::infinity();
+  for (int64_t i = 0; i < A.bm; ++i) {
+    const int64_t qi = IDS == Ids::Explicit ? A.qid[i] : (IDS == Ids::Self ? A.i0 + i : 0);
+    RowKeys<acc_t> k{A.dot + i * A.cn, A.b, A.rl, A.rid, A.j0, A.a[i], A.ql[i], qi, A.ps, A.ns,
+                     A.lo2[i], A.hi[i]};  // neg_key's window (L2, hi2)
+    const acc_t l1 = A.lo[i];
+    if (!(l1 < inf)) continue;  // no positive (L1 = +inf): no positive, no negative
+    acc_t best_p = inf, best_n = inf;
+    int64_t sub_p = -1, sub_n = -1;
+    for (int64_t s = 0; s < A.cn; s += kSub) {
+      const int64_t e = std::min(s + kSub, A.cn);
+      acc_t mp = inf, mn = inf;
+      int nband = 0;
+#pragma omp simd reduction(min : mp, mn) reduction(+ : nband)
+      for (int64_t j = s; j < e; ++j) {
+        const acc_t kp = pos_key<acc_t, COS, IDS>(k, j);
+        mp = kp < mp ? kp : mp;
+        const acc_t kn = neg_key<acc_t, COS, IDS, true>(k, j);
+        mn = kn < mn ? kn : mn;
+        const acc_t v = mining_value<acc_t>(k.dot[j], k.ai, k.b[j], COS);
+        const bool neg = (k.rl[j] != k.li) & !same_sample<acc_t, IDS>(k, j);
+        nband += (neg & (v > l1) & (v <= k.lo)) ? 1 : 0;
+      }
+      if (mp < best_p) { best_p = mp; sub_p = s; }
+      if (mn < best_n) { best_n = mn; sub_n = s; }
+      if (nband > 0) {
+        for (int64_t j = s; j < e; ++j) {
+          const acc_t v = mining_value<acc_t>(k.dot[j], k.ai, k.b[j], COS);
+          const bool neg = (k.rl[j] != k.li) & !same_sample<acc_t, IDS>(k, j);
+          if (neg & (v > l1) & (v <= k.lo)) A.band[i].push_back({v, A.j0 + j});
+        }
+      }
+    }
+    if (sub_p >= 0 && best_p < A.bp[i].key) {
+      auto fn = [&](int64_t j) { return pos_key<acc_t, COS, IDS>(k, j); };
+      A.bp[i] = {best_p, A.j0 + first_index_of(fn, sub_p, std::min(sub_p + kSub, A.cn), best_p)};
+    }
+    if (sub_n >= 0 && best_n < A.bn[i].key) {
+      auto fn = [&](int64_t j) { return neg_key<acc_t, COS, IDS, true>(k, j); };
+      A.bn[i] = {best_n, A.j0 + first_index_of(fn, sub_n, std::min(sub_n + kSub, A.cn), best_n)};
+    }
+  }
+}
+
+template <typename acc_t, bool COS>
+void scan_band_ids(Ids ids, const BlockArgs<acc_t>& A) {
+  switch (ids) {
+    case Ids::None: return scan_block_band<acc_t, COS, Ids::None>(A);
+    case Ids::Explicit: return scan_block_band<acc_t, COS, Ids::Explicit>(A);
+    case Ids::Self: return scan_block_band<acc_t, COS, Ids::Self>(A);
   }
 }
 
@@ -259,28 +328,178 @@ struct SelectArgs {
 // valued rows both are exact.
 constexpr int64_t kSmallGramFmas = 1 << 15;
 
+// x . r with sixteen partial sums, so the loop vectorises (and hides the add
+// latency) without reassociation flags.  One fixed order per pair: the same
+// bits wherever a pair is computed (small_gram tiles, the one-pass direct d_ap).
+template <typename acc_t, typename xs_t, typename rs_t>
+inline acc_t lane_dot(const xs_t* x, const rs_t* r, int64_t d) {
+  constexpr int kLanes = 16;
+  acc_t part[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= d; k += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      part[l] += static_cast<acc_t>(x[k + l]) * static_cast<acc_t>(r[k + l]);
+    }
+  }
+  for (; k < d; ++k) part[0] += static_cast<acc_t>(x[k]) * static_cast<acc_t>(r[k]);
+  acc_t s = 0;
+  for (int l = 0; l < kLanes; ++l) s += part[l];
+  return s;
+}
+
 // dot[i, j] = x[i, :] . r[j, :] for a bm x cn tile, row-major, acc_t operands.
-// Sixteen partial sums per pair, so the inner loop vectorises (and hides the
-// add latency) without reassociation flags.
 template <typename acc_t>
 FASTMINE_CPU_CLONES void small_gram(const acc_t* x, const acc_t* r, int64_t bm, int64_t cn,
                                     int64_t d, acc_t* dot) {
-  constexpr int kLanes = 16;
   for (int64_t i = 0; i < bm; ++i) {
-    const acc_t* xi = x + i * d;
-    for (int64_t j = 0; j < cn; ++j) {
-      const acc_t* rj = r + j * d;
-      acc_t part[kLanes] = {};
-      int64_t k = 0;
-      for (; k + kLanes <= d; k += kLanes) {
-        for (int l = 0; l < kLanes; ++l) part[l] += xi[k + l] * rj[k + l];
-      }
-      for (; k < d; ++k) part[0] += xi[k] * rj[k];
-      acc_t s = 0;
-      for (int l = 0; l < kLanes; ++l) s += part[l];
-      dot[i * cn + j] = s;
+    for (int64_t j = 0; j < cn; ++j) dot[i * cn + j] = lane_dot<acc_t>(x + i * d, r + j * d, d);
+  }
+}
+
+// ------------------------------------------------------ semi-hard in one sweep
+// The semi-hard rule needs v_ap (the positive's mining value) before it can
+// judge a negative.  Two ways:
+//   two sweeps: a positive-only GEMM sweep, then a GEMM sweep for negatives in
+//     the window (v_ap, hi) -- 2 N M D multiply-adds;
+//   one sweep: each anchor's positives are its own class members, K of them
+//     (reference rows grouped by label: a sorted index, O(M log M) once per
+//     call).  The direct dots give v^_ap, within a rounding bound e of the
+//     sweep's v_ap (below), in N K D multiply-adds; then ONE fused GEMM sweep
+//     selects the positive exactly as the positive-only sweep does (same
+//     tiles, same key code: the same bits, so the same index) and collects the
+//     negatives against the interval [L1, L2] = [v^_ap - e, v^_ap + e] that
+//     contains v_ap: the nearest negative above L2 (below hi(L2)) and the
+//     "band" of negatives in (L1, L2] (almost always empty).  Once v_ap is
+//     known, the exact window picks from these: the nearest negative with
+//     v_ap < v < hi(v_ap) is either in the band or is the nearest above L2
+//     (every v > L2 is > v_ap; hi is monotone in v_ap, so hi(v_ap) <= hi(L2),
+//     and if the nearest above L2 fails v < hi(v_ap) every larger one does).
+//     Same candidates, same strict comparisons, ties to the smallest index: the
+//     indices of the two-sweep path, bit for bit.  Should v_ap ever fall
+//     outside [L1, L2] (the bound is not met), that block re-runs the
+//     negative sweep of the two-sweep path for those anchors: correctness does
+//     not rest on the bound, only speed does.
+// Rounding bound: the sweep (BLAS or small_gram) and lane_dot compute the same
+// dot products in different orders; each is within gamma_D * sum|x_k r_k| <=
+// gamma_D |x| |r| of the exact value (gamma_D = D u / (1 - D u), u the unit
+// roundoff; any order, FMA or not).  Euclidean: v = (a + b) - 2 dot, with the
+// same rounded a + b on both sides, so |v_sweep - v^| <= 4 gamma_D sqrt(a b) +
+// u (|v_sweep| + |v^|).  Cosine: v = 1 - dot a b with a b = 1/(|x||r|), so
+// |v_sweep - v^| <= 2 gamma_D (1 + 3u) * 2 + 2u (|v_sweep| + |v^|).  The
+// minimum (maximum) over the members moves by at most the largest pair bound;
+// e below doubles it (D + 2 for gamma) as a safety margin.
+//
+// Cost model (which path): two sweeps cost 2 N M D GEMM multiply-adds; one
+// sweep costs N M D plus sum_i K_i D direct multiply-adds (K_i: anchor i's
+// class members among the references) plus a slightly heavier selection pass.
+// A direct multiply-add costs about kDirectCost GEMM ones (gathered rows, a
+// dot product per pair instead of a register-blocked GEMM), so one sweep wins
+// when kDirectCost * sum_i K_i < N M (measured crossover: see the file header).
+// With 8 samples per class, sum_i K_i ~ 8 N: one sweep whenever M > 8 kDirectCost.
+constexpr double kDirectCost = 8.0;
+
+enum class SemiPath { Auto, OneSweep, TwoSweeps };
+
+// Test and benchmark hook: FASTMINE_CPU_SEMIHARD = "one" | "two" forces a
+// path (anything else: the cost model).  Read on every call (a getenv, ~100 ns),
+// so a test can switch paths with monkeypatch.setenv.
+SemiPath semihard_path_override() {
+  const char* e = std::getenv("FASTMINE_CPU_SEMIHARD");
+  if (e == nullptr) return SemiPath::Auto;
+  const std::string v(e);
+  return v == "one" ? SemiPath::OneSweep : v == "two" ? SemiPath::TwoSweeps : SemiPath::Auto;
+}
+
+// Reference rows grouped by label: order[] sorts the rows by (label, index);
+// keys[k] = label of order[k].  Class c's members are order[lo, hi) with
+// [lo, hi) = equal_range(keys, c), in increasing index order.
+struct LabelGroups {
+  std::vector<int64_t> order, keys;
+  LabelGroups(const int64_t* rl, int64_t m) : order(m), keys(m) {
+    for (int64_t j = 0; j < m; ++j) order[j] = j;
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int64_t p, int64_t q) { return rl[p] < rl[q]; });
+    for (int64_t k = 0; k < m; ++k) keys[k] = rl[order[k]];
+  }
+  std::pair<int64_t, int64_t> members(int64_t label) const {
+    auto r = std::equal_range(keys.begin(), keys.end(), label);
+    return {r.first - keys.begin(), r.second - keys.begin()};
+  }
+};
+
+// The interval [L1, L2] around v^_ap and the upper end hi2 = hi(L2) of the
+// window for one anchor, from its class members (see above).  No admissible
+// member: L1 = L2 = hi2 = +inf (no positive; the sweep finds none either,
+// since it applies the same label and same-sample masks).
+template <typename acc_t, typename scalar_t>
+void direct_interval(const scalar_t* xi, const scalar_t* r, int64_t d, const LabelGroups& G,
+                     int64_t li, int64_t i_glob, int64_t qi, Ids ids, const int64_t* rid,
+                     acc_t ai, const acc_t* b, acc_t ps, double margin, Distance dist,
+                     acc_t& l1, acc_t& l2, acc_t& hi2) {
+  const acc_t inf = std::numeric_limits<acc_t>::infinity();
+  const bool cosine = dist == Distance::Cosine;
+  auto [s, e] = G.members(li);
+  acc_t best = inf, bmax = 0;
+  for (int64_t k = s; k < e; ++k) {
+    const int64_t j = G.order[k];
+    if (fastmine::same_sample(ids, i_glob, j, qi, ids == Ids::Explicit ? rid[j] : 0)) continue;
+    const acc_t v = mining_value<acc_t>(lane_dot<acc_t>(xi, r + j * d, d), ai, b[j], cosine);
+    best = std::min(best, ps * v);
+    bmax = std::max(bmax, b[j]);
+  }
+  if (!(best < inf)) {
+    l1 = l2 = hi2 = inf;
+    return;
+  }
+  const double u = std::numeric_limits<acc_t>::epsilon() / 2;
+  const double gamma = (d + 2) * u / (1 - (d + 2) * u);
+  const double vhat = static_cast<double>(ps * best);
+  const double scale = cosine ? 2.0 : 2.0 * std::sqrt(static_cast<double>(ai) * bmax);
+  const double dv = 2 * gamma * scale * (1 + 3 * u);  // |v_sweep - v^| from the dots
+  const double err = 2 * (dv + 2 * u * (vhat + dv) + 4 * std::numeric_limits<acc_t>::denorm_min());
+  l1 = static_cast<acc_t>(vhat - err);
+  l2 = static_cast<acc_t>(vhat + err);
+  // static_cast rounds to nearest: widen by one ulp each way so [L1, L2] keeps
+  // the real interval.
+  l1 = std::nextafter(l1, -inf);
+  l2 = std::nextafter(l2, inf);
+  hi2 = semihard_upper<acc_t>(std::max(l2, acc_t(0)), margin, dist, inf);
+}
+
+// Picks the negative of one anchor after the one-pass sweep from the exact
+// v_ap = lo: the band's nearest with lo < v < hi (index order: the first of
+// equal values), else the nearest above L2 if it is below hi.  Returns false
+// when lo is outside [L1, L2] (the caller then runs the exact negative sweep).
+template <typename acc_t>
+bool resolve_band(acc_t lo, acc_t hi, acc_t l1, acc_t l2, const std::vector<Best<acc_t>>& band,
+                  Best<acc_t>& bn) {
+  if (!(lo >= l1 && lo <= l2)) return false;
+  Best<acc_t> best{std::numeric_limits<acc_t>::infinity(), -1};
+  for (const auto& c : band) {
+    if (in_semihard_window(c.key, lo, hi) && c.key < best.key) best = c;
+  }
+  if (best.idx < 0 && bn.idx >= 0 && bn.key < hi) best = bn;
+  bn = best;
+  return true;
+}
+
+// Tile sizes: BM anchors per task, BN references per chunk, with the BM x BN
+// dot buffer sized for L2 (see kBlockRows/kBufferBytes).  FASTMINE_CPU_BLOCK =
+// "BM,BUFFER_KIB" overrides them (the block-size sweep of the benchmark notes;
+// read per call).  Both paths of the semi-hard rule use the same tiles.
+struct Tiles {
+  int64_t bm, buffer_bytes;
+};
+Tiles tiles_for_call() {
+  Tiles t{kBlockRows, kBufferBytes};
+  if (const char* e = std::getenv("FASTMINE_CPU_BLOCK")) {
+    long long bm = 0, kib = 0;
+    if (std::sscanf(e, "%lld,%lld", &bm, &kib) == 2 && bm > 0 && kib > 0) {
+      t.bm = bm;
+      t.buffer_bytes = kib * 1024;
     }
   }
+  return t;
 }
 
 template <typename acc_t>
@@ -290,35 +509,59 @@ void select_impl(const SelectArgs& S, at::Tensor& pos_idx, at::Tensor& neg_idx) 
   const int64_t n = x.size(0), m = r.size(0), d = x.size(1);
   const auto acc = c10::CppTypeToScalarType<acc_t>::value;
   const bool upcast = x.scalar_type() != acc;  // fp16/bf16: convert tiles, never the bank
-  const int64_t bn_cap = std::max<int64_t>(kSub, kBufferBytes / int64_t(sizeof(acc_t)) / kBlockRows);
+  const Tiles T = tiles_for_call();
+  const int64_t block_rows = std::min(T.bm, n);
+  const int64_t bn_cap = std::max<int64_t>(kSub, T.buffer_bytes / int64_t(sizeof(acc_t)) / block_rows);
   const int64_t chunk = std::min(m, bn_cap);
-  const int64_t nblocks = (n + kBlockRows - 1) / kBlockRows;
+  const int64_t nblocks = (n + block_rows - 1) / block_rows;
   const acc_t inf = std::numeric_limits<acc_t>::infinity();
   const acc_t ps = pos_sign<acc_t>(S.pos);
   const acc_t ns = neg_sign<acc_t>(S.neg);
   const bool semihard = S.neg == NegStrategy::SemiHard;
   const bool cosine = S.dist == Distance::Cosine;
+  const int64_t* qlp = S.ql.data_ptr<int64_t>();
+  const int64_t* rlp = S.rl.data_ptr<int64_t>();
+  const int64_t* qidp = S.ids == Ids::Explicit ? S.qid.data_ptr<int64_t>() : nullptr;
+  const int64_t* ridp = S.ids == Ids::Explicit ? S.rid.data_ptr<int64_t>() : nullptr;
+
+  // Semi-hard: one sweep or two (cost model above scan_block_band's helpers).
+  bool one_sweep = false;
+  std::unique_ptr<LabelGroups> groups;
+  if (semihard) {
+    const SemiPath forced = semihard_path_override();
+    if (forced != SemiPath::TwoSweeps) {
+      groups = std::make_unique<LabelGroups>(rlp, m);
+      double direct = 0;  // sum_i K_i
+      for (int64_t i = 0; i < n; ++i) {
+        auto [s0, s1] = groups->members(qlp[i]);
+        direct += double(s1 - s0);
+      }
+      one_sweep = forced == SemiPath::OneSweep || kDirectCost * direct < double(n) * double(m);
+    }
+  }
 
   at::parallel_for(0, nblocks, 1, [&](int64_t blk0, int64_t blk1) {
     // Worker threads do not inherit the caller's dispatch state: operands are
     // plain data and grad mode is off here so mm_out never sees autograd.
     at::NoGradGuard no_grad;
-    at::Tensor buf = at::empty({kBlockRows * chunk}, x.options().dtype(acc));
+    at::Tensor buf = at::empty({block_rows * chunk}, x.options().dtype(acc));
     at::Tensor xbuf, rbuf;
     if (upcast) {
-      xbuf = at::empty({kBlockRows, d}, x.options().dtype(acc));
+      xbuf = at::empty({block_rows, d}, x.options().dtype(acc));
       rbuf = at::empty({chunk, d}, x.options().dtype(acc));
     }
-    std::vector<Best<acc_t>> bp(kBlockRows), bn(kBlockRows);
-    std::vector<acc_t> lo(kBlockRows), hi(kBlockRows);
+    std::vector<Best<acc_t>> bp(block_rows), bn(block_rows);
+    std::vector<acc_t> lo(block_rows), hi(block_rows), lo2(block_rows);
+    std::vector<std::vector<Best<acc_t>>> band(one_sweep ? block_rows : 0);
     for (int64_t blk = blk0; blk < blk1; ++blk) {
-      const int64_t i0 = blk * kBlockRows, bm = std::min(kBlockRows, n - i0);
+      const int64_t i0 = blk * block_rows, bm = std::min(block_rows, n - i0);
       at::Tensor xb = x.narrow(0, i0, bm);
       if (upcast) xb = xbuf.narrow(0, 0, bm).copy_(xb);
       std::fill(bp.begin(), bp.end(), Best<acc_t>{inf, -1});
       std::fill(bn.begin(), bn.end(), Best<acc_t>{inf, -1});
-      // One sweep over all reference chunks with the given pass.
-      auto sweep = [&](Pass pass, bool reuse_buffer) {
+      // One sweep over all reference chunks with the given pass (band: the
+      // one-pass semi-hard scan).  Every sweep forms the same tiles.
+      auto sweep = [&](Pass pass, bool band_pass, bool reuse_buffer) {
         for (int64_t j0 = 0; j0 < m; j0 += chunk) {
           const int64_t cn = std::min(chunk, m - j0);
           at::Tensor dot = buf.narrow(0, 0, bm * cn).view({bm, cn});
@@ -334,11 +577,18 @@ void select_impl(const SelectArgs& S, at::Tensor& pos_idx, at::Tensor& neg_idx) 
           }
           BlockArgs<acc_t> A{dot.data_ptr<acc_t>(), bm, cn, i0, j0,
                              S.a.data_ptr<acc_t>() + i0, S.b.data_ptr<acc_t>() + j0,
-                             S.ql.data_ptr<int64_t>() + i0, S.rl.data_ptr<int64_t>() + j0,
-                             S.ids == Ids::Explicit ? S.qid.data_ptr<int64_t>() + i0 : nullptr,
-                             S.ids == Ids::Explicit ? S.rid.data_ptr<int64_t>() + j0 : nullptr,
+                             qlp + i0, rlp + j0,
+                             qidp ? qidp + i0 : nullptr, ridp ? ridp + j0 : nullptr,
                              ps, ns, lo.data(), hi.data(), bp.data(), bn.data()};
-          if (cosine) {
+          if (band_pass) {
+            A.lo2 = lo2.data();
+            A.band = band.data();
+            if (cosine) {
+              scan_band_ids<acc_t, true>(S.ids, A);
+            } else {
+              scan_band_ids<acc_t, false>(S.ids, A);
+            }
+          } else if (cosine) {
             scan_ids<acc_t, true>(S.ids, pass, A);
           } else {
             scan_ids<acc_t, false>(S.ids, pass, A);
@@ -346,14 +596,47 @@ void select_impl(const SelectArgs& S, at::Tensor& pos_idx, at::Tensor& neg_idx) 
         }
       };
       if (!semihard) {
-        sweep(Pass::Fused, false);
-      } else {
-        sweep(Pass::PosOnly, false);
+        sweep(Pass::Fused, false, false);
+      } else if (!one_sweep) {
+        sweep(Pass::PosOnly, false, false);
         for (int64_t i = 0; i < bm; ++i) {
           semihard_window<acc_t>(bp[i].idx >= 0, bp[i].key, ps, S.margin, S.dist, inf, lo[i],
                                  hi[i]);
         }
-        sweep(Pass::NegWindow, /*reuse_buffer=*/chunk == m);
+        sweep(Pass::NegWindow, false, /*reuse_buffer=*/chunk == m);
+      } else {
+        // [L1, L2] and hi(L2) per anchor from its class members (direct dots).
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "direct", [&] {
+          const scalar_t* xp = x.data_ptr<scalar_t>();
+          const scalar_t* rp = r.data_ptr<scalar_t>();
+          for (int64_t i = 0; i < bm; ++i) {
+            const int64_t g = i0 + i;
+            direct_interval<acc_t, scalar_t>(
+                xp + g * d, rp, d, *groups, qlp[g], g,
+                S.ids == Ids::Explicit ? qidp[g] : g, S.ids, ridp, S.a.data_ptr<acc_t>()[g],
+                S.b.data_ptr<acc_t>(), ps, S.margin, S.dist, lo[i], lo2[i], hi[i]);
+            band[i].clear();
+          }
+        });
+        sweep(Pass::Fused, /*band_pass=*/true, false);
+        // The exact window from the positive the sweep picked.
+        bool redo = false;
+        for (int64_t i = 0; i < bm; ++i) {
+          acc_t wlo, whi;
+          semihard_window<acc_t>(bp[i].idx >= 0, bp[i].key, ps, S.margin, S.dist, inf, wlo, whi);
+          if (bp[i].idx < 0) {
+            bn[i] = {inf, -1};
+            lo[i] = hi[i] = inf;  // skipped by a NegWindow re-run
+          } else if (resolve_band<acc_t>(wlo, whi, lo[i], lo2[i], band[i], bn[i])) {
+            lo[i] = hi[i] = inf;
+          } else {  // v_ap outside [L1, L2]: this anchor takes the exact negative sweep
+            bn[i] = {inf, -1};
+            lo[i] = wlo;
+            hi[i] = whi;
+            redo = true;
+          }
+        }
+        if (redo) sweep(Pass::NegWindow, false, /*reuse_buffer=*/chunk == m);
       }
       int64_t* pi = pos_idx.data_ptr<int64_t>() + i0;
       int64_t* ni = neg_idx.data_ptr<int64_t>() + i0;
