@@ -10,7 +10,7 @@ from . import _backends, _extension, _ops, _philox, reference  # noqa: F401  (_o
 from ._contract import (DISTANCE_WEIGHTED, DISTANCES, NEG_STRATEGIES, POS_STRATEGIES,
                         check_backend_name, check_embeddings, check_index_vector, check_strategy,
                         check_sampling_args, check_topk_args, seed_as_int64,
-                        widen_index_vector)
+                        seed_from_int64, widen_index_vector)
 from .reference_topk import TopKResult
 
 
@@ -122,8 +122,8 @@ def _topk_op(args):
         return tuple(reference_topk.mine_topk(
             x, y, r, ry, k_pos=k_pos, k_neg=k_neg, pos_strategy=name(POS_STRATEGIES, pos),
             neg_strategy=name(NEG_STRATEGIES, neg), distance=name(DISTANCES, dist),
-            margin=margin, cutoff=cutoff, nonzero_loss_cutoff=nzlc, seed=seed % 2 ** 64,
-            query_ids=qid, ref_ids=rid if r is not None else None))
+            margin=margin, cutoff=cutoff, nonzero_loss_cutoff=nzlc, seed=seed_from_int64(seed),
+            query_ids=qid, ref_ids=rid))
     return torch.ops.fastmine.mine_topk(*args)
 
 

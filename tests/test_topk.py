@@ -282,7 +282,7 @@ def test_compile_fullgraph_matches_eager(neg):
 
 
 # ------------------------------------------------------------------- argument errors
-@pytest.mark.parametrize("kw,exc,match", [
+ARG_ERRORS = [
     (dict(k_pos=0), ValueError, "k_pos must be >= 1"),
     (dict(k_neg=-2), ValueError, "k_neg must be >= 1"),
     (dict(k_pos=1.5), TypeError, "k_pos must be an integer"),
@@ -310,18 +310,17 @@ def test_compile_fullgraph_matches_eager(neg):
     (dict(seed=2.0), TypeError, "seed must be None or an int"),  # checked for every rule
     (dict(neg_strategy="weighted"), ValueError, "neg_strategy must be one of"),
     (dict(backend="nope"), ValueError, "unknown backend 'nope'"),
-])
-@pytest.mark.parametrize("entry", ["mine_topk", "mine"])
-def test_argument_errors_name_the_argument(kw, exc, match, entry):
+]
+
+
+@pytest.mark.parametrize("entry,kw,exc,match",
+                         [("mine_topk", *case) for case in ARG_ERRORS]
+                         + [("mine", *case) for case in ARG_ERRORS  # mine has no k
+                            if not {"k_pos", "k_neg"} & set(case[0])])
+def test_argument_errors_name_the_argument(entry, kw, exc, match):
     x, y, _, _ = _data(n=6, d=3, seed=11, normalize=True)
-    if entry == "mine":
-        if "k_pos" in kw or "k_neg" in kw:
-            pytest.skip("mine has no k")
-        fn = fastmine.mine
-    else:
-        fn = fastmine.mine_topk
     with pytest.raises(exc, match=match):
-        fn(x, y, **kw)
+        getattr(fastmine, entry)(x, y, **kw)
 
 
 @needs_op
