@@ -68,6 +68,10 @@ def _check_common(reduction: str, distance: str, pos_strategy: str, neg_strategy
     check_choice("reduction", reduction, _REDUCTIONS)
     check_choice("distance", distance, DISTANCES)
     check_strategy(pos_strategy, neg_strategy, distance, None)
+    if neg_strategy == "distance_weighted":
+        raise NotImplementedError("the losses do not take neg_strategy='distance_weighted' yet; "
+                                  "sample with fastmine.mine_topk and compute the loss from "
+                                  "its distances")
     check_backend_name(backend, _backends._REGISTRY)
 
 

@@ -220,7 +220,8 @@ def mine(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
                             (pos_idx >= 0) & (neg_idx >= 0))
     args = _prepare(embeddings, labels, ref_emb, ref_labels, pos_strategy, neg_strategy,
                     distance, margin, query_ids, ref_ids, backend)
-    check_sampling_args(cutoff, nonzero_loss_cutoff, seed)  # unused here, but never wrong
+    if seed is not None or cutoff != 0.5 or nonzero_loss_cutoff != 1.4:
+        check_sampling_args(cutoff, nonzero_loss_cutoff, seed)  # unused here, but never wrong
     return MiningResult._make(_mine_op(args))
 
 

@@ -64,6 +64,10 @@ class BatchEasyHardMiner(nn.Module):
                 raise ValueError(f"{name}={value!r} is not supported: use one of "
                                  f"{sorted(options)} (PML's 'all', and a 'semihard' positive, "
                                  "are not supported)")
+        if neg_strategy == "distance_weighted":
+            raise NotImplementedError("BatchEasyHardMiner does not take neg_strategy="
+                                      "'distance_weighted'; a DistanceWeightedMiner is planned "
+                                      "(fastmine.mine_topk samples that rule today)")
         if not isinstance(distance, str) or distance not in _PML_DISTANCES:
             raise ValueError(f"distance must be 'euclidean' (PML LpDistance) or 'cosine' "
                              f"(PML CosineSimilarity), got {distance!r}")

@@ -91,3 +91,14 @@ def test_compiled_op_checks_its_arguments():
         op(X, Y, R, RY, None, None, 0, 7, 0, None)
     with pytest.raises(RuntimeError, match="query_ids and ref_ids must be given together"):
         op(X, Y, R, RY, torch.arange(6), None, 0, 0, 0, None)
+
+
+def test_losses_and_miners_reject_distance_weighted_until_supported():
+    """The sampling rule is reachable through mine/mine_topk only; the loss and
+    miner modules refuse it by name rather than running it untested."""
+    from fastmine import losses, miners
+    for make in (lambda: losses.TripletMarginLoss(neg_strategy="distance_weighted"),
+                 lambda: losses.MarginLoss(neg_strategy="distance_weighted"),
+                 lambda: miners.BatchEasyHardMiner(neg_strategy="distance_weighted")):
+        with pytest.raises(NotImplementedError, match="distance_weighted"):
+            make()
