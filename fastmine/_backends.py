@@ -25,7 +25,7 @@ from torch import Tensor
 
 from . import _extension
 from ._contract import (DISTANCE_WEIGHTED, DISTANCES, NEG_STRATEGIES, POS_STRATEGIES,
-                        check_finite, seed_from_int64)
+                        checked_references, seed_from_int64)
 
 _POS_NAMES = {v: k for k, v in POS_STRATEGIES.items()}
 _NEG_NAMES = {v: k for k, v in NEG_STRATEGIES.items()}
@@ -115,14 +115,8 @@ def register_python(name: str, select: Callable, backward: Callable,
                   ref_ids: Optional[Tensor], pos_strategy: int, neg_strategy: int,
                   distance: int, margin: Optional[float]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         dist = _DISTANCE_NAMES[distance]
-        check_finite("embeddings", embeddings, dist)
-        if ref_emb is None:
-            ref_emb, ref_labels = embeddings, labels
-            if query_ids is None:
-                query_ids = torch.arange(embeddings.shape[0], device=embeddings.device)
-            ref_ids = query_ids
-        else:
-            check_finite("ref_emb", ref_emb, dist)
+        ref_emb, ref_labels, query_ids, ref_ids = checked_references(
+            embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids, dist)
         pos_idx, neg_idx = select(embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids,
                                   _POS_NAMES[pos_strategy], _NEG_NAMES[neg_strategy], dist, margin)
         return (pos_idx, neg_idx, exact(embeddings, ref_emb, pos_idx, dist),
@@ -179,14 +173,8 @@ def register_python_topk(name: str, select_topk: Callable, distance_weighted: bo
         if neg == DISTANCE_WEIGHTED and not distance_weighted:
             raise NotImplementedError(f"fastmine::mine_topk_{op_name}: backend {name!r} does not "
                                       "implement neg_strategy='distance_weighted'")
-        check_finite("embeddings", embeddings, dist)
-        if ref_emb is None:
-            ref_emb, ref_labels = embeddings, labels
-            if query_ids is None:
-                query_ids = torch.arange(embeddings.shape[0], device=embeddings.device)
-            ref_ids = query_ids
-        else:
-            check_finite("ref_emb", ref_emb, dist)
+        ref_emb, ref_labels, query_ids, ref_ids = checked_references(
+            embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids, dist)
         with torch.no_grad():
             pos_idx, neg_idx = select_topk(embeddings, labels, ref_emb, ref_labels, query_ids,
                                            ref_ids, k_pos, k_neg, _POS_NAMES[pos_strategy], neg,

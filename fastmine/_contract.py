@@ -232,6 +232,28 @@ def check_finite(name: str, emb: torch.Tensor, distance: str) -> None:
         check_finite_async(name, emb, distance)
 
 
+def checked_references(embeddings: torch.Tensor, labels: torch.Tensor,
+                       ref_emb: Optional[torch.Tensor], ref_labels: Optional[torch.Tensor],
+                       query_ids: Optional[torch.Tensor], ref_ids: Optional[torch.Tensor],
+                       distance: str):
+    """The data checks (``check_finite``) on both row sets, then the explicit
+    reference set of the full-matrix implementations.
+
+    Returns ``(ref_emb [M, D], ref_labels [M], query_ids, ref_ids)``.  When
+    ``ref_emb`` is None the references are the batch, and each row is its own
+    sample unless ``query_ids`` are given: ids become ``arange(N)`` (the fused
+    kernels use a flag instead).  Otherwise the ids pass through (None: no
+    same-sample exclusion).
+    """
+    check_finite("embeddings", embeddings, distance)
+    if ref_emb is None:
+        if query_ids is None:
+            query_ids = torch.arange(embeddings.shape[0], device=embeddings.device)
+        return embeddings, labels, query_ids, query_ids
+    check_finite("ref_emb", ref_emb, distance)
+    return ref_emb, ref_labels, query_ids, ref_ids
+
+
 def check_finite_async(name: str, emb: torch.Tensor, distance: str) -> None:
     """check_finite without a host sync (see there)."""
     if emb.shape[0] == 0:

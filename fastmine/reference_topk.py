@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from . import _philox
-from ._contract import (DISTANCE_WEIGHTED, NEG_STRATEGIES, check_finite, check_seed,
+from ._contract import (DISTANCE_WEIGHTED, NEG_STRATEGIES, check_seed, checked_references,
                         check_topk_args, semihard_window)
 from ._pairs import pair_distance
 from .reference import mining_values
@@ -222,15 +222,8 @@ def mine_topk(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = No
     """
     margin, cutoff, nonzero_loss_cutoff = _check_args(
         k_pos, k_neg, pos_strategy, neg_strategy, distance, margin, cutoff, nonzero_loss_cutoff)
-    check_finite("embeddings", embeddings, distance)
-    if ref_emb is None:
-        r, ref_labels = embeddings, labels
-        if query_ids is None:
-            query_ids = torch.arange(embeddings.shape[0], device=embeddings.device)
-        ref_ids = query_ids
-    else:
-        check_finite("ref_emb", ref_emb, distance)
-        r = ref_emb
+    r, ref_labels, query_ids, ref_ids = checked_references(
+        embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids, distance)
     seed = check_seed(seed)
     if neg_strategy == DISTANCE_WEIGHTED and seed is None:
         seed = _philox.draw_seed()
