@@ -2,6 +2,8 @@
 
     python -m benchmarks.mine                 # quick preset on CPU, standard sweep on GPU
     python -m benchmarks.mine --quick         # CPU, < 1 minute
+    python -m benchmarks.mine --cpu-kernel    # issue #16's CPU table: floor, easy/hard, easy/semihard,
+                                              # all threads and 1 thread, one run (~5 min on 2 cores)
     python -m benchmarks.mine --full          # GPU: N 1k..65k, 8192 x bank up to 1M, all D/dtypes
     python -m benchmarks.mine --n 4096 --m 65536 --d 128 --dtype bf16 --providers cpu pml floor
 
@@ -558,6 +560,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="CPU preset, < 1 minute")
     g.add_argument("--full", action="store_true", help="GPU preset: everything")
+    g.add_argument("--cpu-kernel", action="store_true",
+                   help="issue #16's CPU table (fixed cells, all threads and 1 thread, margin 0.2)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--n", type=int, nargs="+", help="query (batch) sizes N")
     ap.add_argument("--m", type=int, nargs="+",
@@ -602,8 +606,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     preset = "quick" if args.quick else "full" if args.full else (
         "gpu" if args.device.type == "cuda" else "quick")
+    if args.cpu_kernel:
+        preset = "cpu-kernel"  # its own cells and defaults (run_cpu_kernel)
     args.preset = preset
-    for k, v in PRESETS[preset].items():
+    for k, v in (PRESETS[preset].items() if preset in PRESETS else ()):
         if k == "providers" and not (args.quick or args.full):
             continue  # no preset named: every available provider
         if getattr(args, k, None) is None:
@@ -831,9 +837,127 @@ def run(args) -> dict:
     return result
 
 
+# ---------------------------------------------------------------- --cpu-kernel
+# Issue #16's table: fixed (N, D) cells of the batch against itself, fp32 at
+# "highest", 8 samples per class (or --samples-per-class), forward only; the
+# floor is the blocked matmul provider (torch.mm over row blocks of
+# FLOOR_BLOCK_ELEMS outputs: 512 rows at N = 8192), easy/hard, and easy/semihard
+# with margin 0.2 on the cpu backend; every cell with torch's threads and with
+# one thread, in one run.
+CPU_KERNEL_CELLS = [(8192, 32), (8192, 128), (8192, 512), (16384, 128)]
+CPU_KERNEL_MARGIN = 0.2
+
+
+def run_cpu_kernel(args) -> dict:
+    """The --cpu-kernel preset: rows like run()'s, with a "threads" field."""
+    repeats = args.repeats if args.repeats is not None else 5
+    warmup = args.warmup if args.warmup is not None else 1
+    all_threads = args.threads or torch.get_num_threads()
+    cells = [(n, d) for (n, d) in CPU_KERNEL_CELLS
+             if (not args.n or n in args.n) and (not args.d or d in args.d)]
+
+    def mine(pos, neg, margin=None):
+        def call(x, labels):
+            with torch.no_grad():
+                fastmine.mine(x, labels, pos_strategy=pos, neg_strategy=neg, margin=margin,
+                              distance="euclidean", backend="cpu")
+        return call
+    runs = [(P.FLOOR, "floor", lambda x, labels: P.blocked_matmul(x, x)),
+            ("fastmine cpu", "easy/hard", mine("easy", "hard")),
+            ("fastmine cpu", "easy/semihard", mine("easy", "semihard", CPU_KERNEL_MARGIN))]
+    before = load_snapshot()
+    pre = assess_load(before, None, None, args.load_threshold)
+    if pre["loaded"]:
+        print(pre["warning"], file=sys.stderr, flush=True)
+    progress = Progress(len(cells) * len(runs) * 2, not args.no_progress)
+    prev_precision, prev_threads = torch.get_float32_matmul_precision(), torch.get_num_threads()
+    rows: List[dict] = []
+    sampler = LoadSampler().start()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        for n, d in cells:
+            seed = args.seed + 7919 * n + 104729 * n + 31 * d + sorted(DTYPES).index("fp32")
+            x, labels, _, _ = make_data(n, None, d, torch.float32, args.device,
+                                        args.samples_per_class, seed)
+            for threads in (all_threads, 1):
+                torch.set_num_threads(threads)
+                for name, strategy, fn in runs:
+                    row = dict(provider=name, mode="forward", strategy=strategy, n=n, m=n, d=d,
+                               dtype="fp32", self_refs=True, seed=seed, threads=threads,
+                               margin=CPU_KERNEL_MARGIN if "semihard" in strategy else None,
+                               status="ok", peak_mem_bytes=None, mem_method=None)
+                    progress.cell(f"time {name} {strategy} N={n} D={d} threads={threads}")
+                    times = time_call(lambda: None, lambda _: fn(x, labels), args.device, repeats,
+                                      warmup, args.cell_budget_s)
+                    row["times_s"], row["time_s"] = times, statistics.median(times)
+                    rows.append(row)
+                    progress.update()
+    finally:
+        torch.set_float32_matmul_precision(prev_precision)
+        torch.set_num_threads(prev_threads)
+        progress.close()
+        during = sampler.stop()
+    after = load_snapshot()
+    for r in rows:  # t/floor against the floor of the same cell and thread count
+        f = next(q["time_s"] for q in rows if q["provider"] == P.FLOOR and q["n"] == r["n"]
+                 and q["d"] == r["d"] and q["threads"] == r["threads"])
+        r["t_over_floor"] = r["time_s"] / f
+        r["tflops"] = 2.0 * r["n"] * r["m"] * r["d"] / r["time_s"] / 1e12
+        r["pml_over_t"] = None
+    config = {k: v for k, v in vars(args).items() if k not in ("device",)}
+    config.update(preset="cpu-kernel", cells=cells, margin=CPU_KERNEL_MARGIN, repeats=repeats,
+                  warmup=warmup, threads=[all_threads, 1], memory="off")
+    return dict(environment=environment(args.device), config=config, missing_providers={},
+                machine_load=assess_load(before, during, after, args.load_threshold), results=rows)
+
+
+def cpu_kernel_markdown(result: dict) -> str:
+    """Issue #16's table: one line per (N, D), columns per thread count."""
+    env, rows = result["environment"], result["results"]
+    threads = result["config"]["threads"]
+    load = result["machine_load"]
+    lines = []
+    if load.get("loaded"):
+        lines += [f"> **{load.get('warning')}**", ""]
+    lines += [
+        f"**{env['cpu']}**, {env['cpu_count']} CPUs, torch {env['torch']}, fastmine "
+        f"{env['fastmine']} ({env['fastmine_git']}), {env['date_utc']}, load average before "
+        f"the run {env['loadavg'][0]:.2f}" if env.get("loadavg") else "",
+        "", "fp32, forward (no_grad), batch = references, median of the timed repeats; "
+        f"semi-hard with margin {result['config']['margin']}; x floor = time / floor time "
+        "(same cell, same threads).", ""]
+    head = "| N, D |"
+    sep = "|---|"
+    for t in threads:
+        head += (f" floor ({t}t) | easy/hard ({t}t) | x floor | easy/semihard ({t}t) | x floor |")
+        sep += "---:|---:|---:|---:|---:|"
+    lines += [head, sep]
+    for n, d in result["config"]["cells"]:
+        line = f"| {n}, {d} |"
+        for t in threads:
+            get = {r["strategy"]: r for r in rows if r["n"] == n and r["d"] == d and r["threads"] == t}
+            line += (f" {get['floor']['time_s'] * 1e3:.1f} ms | {get['easy/hard']['time_s'] * 1e3:.1f} ms"
+                     f" | {get['easy/hard']['t_over_floor']:.2f} | "
+                     f"{get['easy/semihard']['time_s'] * 1e3:.1f} ms | "
+                     f"{get['easy/semihard']['t_over_floor']:.2f} |")
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     started = _utcnow()
+    if args.cpu_kernel:
+        result = run_cpu_kernel(args)
+        out = output_dir(args, started)
+        (out / "results.json").write_text(json.dumps(result, indent=1, default=str))
+        md = cpu_kernel_markdown(result)
+        (out / "results.md").write_text(md)
+        print(md)
+        if result["machine_load"]["loaded"]:
+            print(result["machine_load"]["warning"], file=sys.stderr)
+        print(f"written to {out.resolve()}", file=sys.stderr, flush=True)
+        return result
     result = run(args)
     out = output_dir(args, started)
     (out / "results.json").write_text(json.dumps(result, indent=1, default=str))

@@ -110,7 +110,10 @@ inline acc_t neg_key(const RowKeys<acc_t>& k, int64_t j) {
   const acc_t inf = std::numeric_limits<acc_t>::infinity();
   const acc_t v = mining_value<acc_t>(k.dot[j], k.ai, k.b[j], COS);
   bool ok = (k.rl[j] != k.li) & !same_sample<acc_t, IDS>(k, j);
-  if (WINDOW) ok = ok & in_semihard_window(v, k.lo, k.hi);
+  // in_semihard_window(v, lo, hi) of strategies.h, spelled with '&' instead of
+  // '&&': the same value, but GCC then keeps the omp simd loop branch-free (with
+  // '&&' it ran the scalar fallback and the NegWindow pass cost ~3x the Fused one).
+  if (WINDOW) ok = ok & (v > k.lo) & (v < k.hi);
   return ok ? k.ns * v : inf;
 }
 
@@ -206,21 +209,26 @@ FASTMINE_CPU_CLONES void scan_block_band(const BlockArgs<acc_t>& A) {
     int64_t sub_p = -1, sub_n = -1;
     for (int64_t s = 0; s < A.cn; s += kSub) {
       const int64_t e = std::min(s + kSub, A.cn);
-      acc_t mp = inf, mn = inf;
-      int nband = 0;
-#pragma omp simd reduction(min : mp, mn) reduction(+ : nband)
+      // mb < inf iff the sub-chunk holds a band member (three min reductions:
+      // an integer count here kept GCC from vectorising the loop).
+      acc_t mp = inf, mn = inf, mb = inf;
+#pragma omp simd reduction(min : mp, mn, mb)
       for (int64_t j = s; j < e; ++j) {
-        const acc_t kp = pos_key<acc_t, COS, IDS>(k, j);
-        mp = kp < mp ? kp : mp;
-        const acc_t kn = neg_key<acc_t, COS, IDS, true>(k, j);
-        mn = kn < mn ? kn : mn;
         const acc_t v = mining_value<acc_t>(k.dot[j], k.ai, k.b[j], COS);
-        const bool neg = (k.rl[j] != k.li) & !same_sample<acc_t, IDS>(k, j);
-        nband += (neg & (v > l1) & (v <= k.lo)) ? 1 : 0;
+        const bool same = same_sample<acc_t, IDS>(k, j);
+        const bool pos = (k.rl[j] == k.li) & !same;
+        const bool neg = (k.rl[j] != k.li) & !same;
+        // pos_key and neg_key<WINDOW> (window (L2, hi2)) from the one v.
+        const acc_t kp = pos ? k.ps * v : inf;
+        const acc_t kn = (neg & (v > k.lo) & (v < k.hi)) ? v : inf;
+        const acc_t kb = (neg & (v > l1) & (v <= k.lo)) ? v : inf;
+        mp = kp < mp ? kp : mp;
+        mn = kn < mn ? kn : mn;
+        mb = kb < mb ? kb : mb;
       }
       if (mp < best_p) { best_p = mp; sub_p = s; }
       if (mn < best_n) { best_n = mn; sub_n = s; }
-      if (nband > 0) {
+      if (mb < inf) {
         for (int64_t j = s; j < e; ++j) {
           const acc_t v = mining_value<acc_t>(k.dot[j], k.ai, k.b[j], COS);
           const bool neg = (k.rl[j] != k.li) & !same_sample<acc_t, IDS>(k, j);
