@@ -8,7 +8,8 @@
 //                                             small tiles: small_gram, no BLAS call)
 //       one vectorised pass over the buffer: mining value v, label and
 //       same-sample masks, running argmin of the positive and negative keys.
-// Memory: O(threads * BM * (BN + D)) plus O(N + M) row terms.  Low-precision
+// Memory: O(threads * BM * (BN + D)) plus O(N + M) row terms (and the O(M)
+// label index of one-sweep semi-hard).  Low-precision
 // inputs are upcast block by block and chunk by chunk (never a copy of the
 // whole bank); float32/float64 rows are read in place.
 //
@@ -21,10 +22,16 @@
 // The rescan recomputes keys with the same inline code; the file is compiled
 // with -ffp-contract=off so SIMD and scalar arithmetic agree bit for bit.
 //
-// The semi-hard rule needs d_ap before the negative sweep, so it runs two
-// sweeps: positives first, then negatives inside the window (lo, hi) of
-// strategies.h.  When all references fit in one chunk the second sweep reuses
-// the dot buffer; otherwise it recomputes the GEMM chunk by chunk.
+// The semi-hard rule needs d_ap before it can judge a negative.  Small classes
+// (the usual case): ONE sweep -- each anchor's v_ap estimated from its own
+// class members (reference rows grouped by label, O(N K D)), the fused sweep
+// collects the positive exactly and the negatives around the estimate, and
+// the exact window (lo, hi) of strategies.h is applied afterwards.  Large
+// classes: two sweeps, positives first, then negatives inside the window
+// (reusing the dot buffer when all references fit in one chunk).  Both give
+// the same indices bit for bit; the cost model (kDirectCost: one sweep iff
+// 8 sum_i K_i < N M; measured crossover between K = M/16 and K = M/8 at
+// N = 8192, D = 128) and the proof are at "semi-hard in one sweep" below.
 //
 // Labels and ids are read as int64 (no compaction, no host round trip).  The
 // references default to the batch (ref_emb undefined); same-sample pairs are
@@ -61,8 +68,15 @@ namespace fastmine {
 namespace cpu {
 namespace {
 
-constexpr int64_t kBlockRows = 64;      // anchors per task (BM)
-constexpr int64_t kBufferBytes = 1 << 20;  // BM x BN dot buffer per thread (fits L2)
+// Tile sizes, chosen by a sweep of BM in {64, 128, 256, 512} x buffer in
+// {256 KiB, 1 MiB, 4 MiB} (N = 8192, D = 32/128/512, and N = 16384, D = 128;
+// 2-core AMD EPYC with AVX-512, benchmarks/results/amd-epyc-2026-12-03-cpu-kernel/
+// block_sweep.md): 64-row blocks with a 1 MiB buffer were among the slowest at
+// D >= 128 (up to 1.3x the floor at D = 512), 128 rows with 256 KiB (BN = 512
+// references per chunk: the R chunk, 128 x D of X and the 256 KiB tile stay in
+// the 1 MiB L2 at D <= 128) among the fastest everywhere.
+constexpr int64_t kBlockRows = 128;        // anchors per task (BM)
+constexpr int64_t kBufferBytes = 1 << 18;  // BM x BN dot buffer per thread (BN = 512 in fp32)
 constexpr int64_t kSub = 64;            // width of one min-reduction sub-chunk
 
 // Pass (the sweeps), Ids (same-sample rule), the mining value, the admissible
@@ -402,7 +416,10 @@ FASTMINE_CPU_CLONES void small_gram(const acc_t* x, const acc_t* r, int64_t bm, 
 // class members among the references) plus a slightly heavier selection pass.
 // A direct multiply-add costs about kDirectCost GEMM ones (gathered rows, a
 // dot product per pair instead of a register-blocked GEMM), so one sweep wins
-// when kDirectCost * sum_i K_i < N M (measured crossover: see the file header).
+// when kDirectCost * sum_i K_i < N M.  Measured (N = 8192, D = 128, margin 0.2,
+// 2 threads, 2-core AMD EPYC): one sweep 205 / 223 / 279 ms at K = 8 / 128 /
+// 512, two sweeps 356 / 330 / 381 ms; at K = 1024 (M/8) 440 vs 365 ms and at
+// K = 2048 610 vs 504 ms.
 // With 8 samples per class, sum_i K_i ~ 8 N: one sweep whenever M > 8 kDirectCost.
 constexpr double kDirectCost = 8.0;
 
