@@ -919,10 +919,14 @@ def cpu_kernel_markdown(result: dict) -> str:
     lines = []
     if load.get("loaded"):
         lines += [f"> **{load.get('warning')}**", ""]
+    before, during = load.get("before") or {}, load.get("during") or {}
     lines += [
         f"**{env['cpu']}**, {env['cpu_count']} CPUs, torch {env['torch']}, fastmine "
-        f"{env['fastmine']} ({env['fastmine_git']}), {env['date_utc']}, load average before "
-        f"the run {env['loadavg'][0]:.2f}" if env.get("loadavg") else "",
+        f"{env['fastmine']} ({env['fastmine_git']}), finished {env['date_utc']}",
+        "", f"Machine load: 1-minute load average {before.get('loadavg')} before the run; "
+        f"other processes' busy cores {before.get('others_busy_cores')} before, mean "
+        f"{during.get('others_busy_cores_mean')} / max {during.get('others_busy_cores_max')} "
+        f"during (loaded: {load.get('loaded')}).",
         "", "fp32, forward (no_grad), batch = references, median of the timed repeats; "
         f"semi-hard with margin {result['config']['margin']}; x floor = time / floor time "
         "(same cell, same threads).", ""]
