@@ -111,3 +111,18 @@ def test_tile_shapes_exact_on_integer_data(monkeypatch, block, neg, path):
         got = fastmine.mine(x, y, r, ry, backend="cpu", **kw)
         assert torch.equal(got.pos_idx, want.pos_idx), kw
         assert torch.equal(got.neg_idx, want.neg_idx), kw
+
+
+def test_cpu_kernel_preset_smoke(tmp_path):
+    # The --cpu-kernel preset of benchmarks/mine.py (issue #16's table), one cell,
+    # one timed call: every (provider, threads) row is there, with a floor ratio.
+    from benchmarks import mine as M
+    res = M.main(["--cpu-kernel", "--device", "cpu", "--n", "8192", "--d", "32", "--repeats", "1",
+                  "--warmup", "0", "--out", str(tmp_path / "run"), "--no-progress"])
+    threads = res["config"]["threads"]
+    assert threads[-1] == 1
+    got = {(r["strategy"], r["threads"]) for r in res["results"]}
+    assert got == {(s, t) for s in ("floor", "easy/hard", "easy/semihard") for t in threads}
+    assert all(r["t_over_floor"] > 0 for r in res["results"])
+    md = (tmp_path / "run" / "results.md").read_text()
+    assert "| 8192, 32 |" in md and "easy/semihard (1t)" in md
