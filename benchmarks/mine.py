@@ -3,7 +3,8 @@
     python -m benchmarks.mine                 # quick preset on CPU, standard sweep on GPU
     python -m benchmarks.mine --quick         # CPU, < 1 minute
     python -m benchmarks.mine --cpu-kernel    # issue #16's CPU table: floor, easy/hard, easy/semihard,
-                                              # all threads and 1 thread, one run (~5 min on 2 cores)
+                                              # all threads and 1 thread, one run (~1.5 min on 2 cores;
+                                              # table.md + threads-<t>/results.md)
     python -m benchmarks.mine --full          # GPU: N 1k..65k, 8192 x bank up to 1M, all D/dtypes
     python -m benchmarks.mine --n 4096 --m 65536 --d 128 --dtype bf16 --providers cpu pml floor
 
@@ -948,15 +949,32 @@ def cpu_kernel_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_cpu_kernel(result: dict, out: Path) -> str:
+    """Write a --cpu-kernel run: cpu_kernel.json (all rows) and table.md (issue #16's table),
+    and per thread count t, threads-<t>/results.json + results.md in the standard format
+    (report.markdown, t/floor against the floor of the same thread count).  Returns table.md."""
+    out = Path(out)
+    (out / "cpu_kernel.json").write_text(json.dumps(result, indent=1, default=str))
+    for t in result["config"]["threads"]:
+        sub = dict(result, environment=dict(result["environment"], torch_threads=t),
+                   results=[dict(r) for r in result["results"] if r["threads"] == t])
+        report.add_derived(sub["results"])
+        d = out / f"threads-{t}"
+        d.mkdir(exist_ok=True)
+        (d / "results.json").write_text(json.dumps(sub, indent=1, default=str))
+        (d / "results.md").write_text(report.markdown(sub))
+    md = cpu_kernel_markdown(result)
+    (out / "table.md").write_text(md)
+    return md
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     started = _utcnow()
     if args.cpu_kernel:
         result = run_cpu_kernel(args)
         out = output_dir(args, started)
-        (out / "results.json").write_text(json.dumps(result, indent=1, default=str))
-        md = cpu_kernel_markdown(result)
-        (out / "results.md").write_text(md)
+        md = write_cpu_kernel(result, out)
         print(md)
         if result["machine_load"]["loaded"]:
             print(result["machine_load"]["warning"], file=sys.stderr)

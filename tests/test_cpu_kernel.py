@@ -124,5 +124,7 @@ def test_cpu_kernel_preset_smoke(tmp_path):
     got = {(r["strategy"], r["threads"]) for r in res["results"]}
     assert got == {(s, t) for s in ("floor", "easy/hard", "easy/semihard") for t in threads}
     assert all(r["t_over_floor"] > 0 for r in res["results"])
-    md = (tmp_path / "run" / "results.md").read_text()
+    md = (tmp_path / "run" / "table.md").read_text()
     assert "| 8192, 32 |" in md and "easy/semihard (1t)" in md
+    for t in threads:  # the standard per-thread reports, which the report module regenerates
+        assert (tmp_path / "run" / f"threads-{t}" / "results.md").exists()
