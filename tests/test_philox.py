@@ -206,51 +206,49 @@ def test_triton_builtins_give_the_same_words(seed):
     assert torch.equal(out_r.cpu(), want)
 
 
-# --- the C++ form in docs/topk.md is the same definition --------------------------
+# --- the C++ form (csrc/include/fastmine/sampling.h) is the same definition -------
 
-def _doc_cpp_block():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    text = open(os.path.join(root, "docs", "topk.md")).read()
-    section = text[text.index("## The noise in C++/CUDA"):]
-    start = section.index("```cpp\n") + len("```cpp\n")
-    return section[start:section.index("```", start)]
-
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _CPP_MAIN = r"""
 #include <cstdio>
 #include <cstdlib>
+#include "fastmine/sampling.h"
+using namespace fastmine;
 int main(int argc, char** argv) {
   const uint64_t seed = std::strtoull(argv[1], nullptr, 0);
   for (uint32_t i = 0; i < 5; ++i)
     for (uint32_t j = 0; j < 11; ++j) {
       uint32_t w[4];
-      fastmine_noise_words(seed, i, j >> 2, w);
+      noise_words(seed, i, j >> 2, w);
       const uint32_t x = w[j & 3];
-      std::printf("%u %u %a %a\n", i, j, (double)fastmine_uniform(x), (double)fastmine_gumbel(x));
+      std::printf("%u %u %a %a\n", i, j, (double)noise_uniform(x), (double)noise_gumbel(x));
     }
   const uint32_t ext[2] = {0u, 0xFFFFFFFFu};  // U = 2^-24 and 1 - 2^-24
   for (uint32_t x : ext)
-    std::printf("x %u %a %a\n", x, (double)fastmine_uniform(x), (double)fastmine_gumbel(x));
+    std::printf("x %u %a %a\n", x, (double)noise_uniform(x), (double)noise_gumbel(x));
+  std::printf("gmax %a\n", (double)kGumbelMax);
   return 0;
 }
 """
 
 
 @pytest.mark.parametrize("seed", [0, 0x0123456789ABCDEF, 2 ** 64 - 1])
-def test_doc_cpp_form_matches(seed, tmp_path):
+def test_cpp_header_matches(seed, tmp_path):
     import shutil
     import subprocess
     cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if cxx is None:
         pytest.skip("no C++ compiler")
     src = tmp_path / "noise.cpp"
-    src.write_text(_doc_cpp_block() + _CPP_MAIN)
+    src.write_text(_CPP_MAIN)
     exe = tmp_path / "noise"
-    subprocess.run([cxx, "-std=c++17", "-O2", "-Wall", "-Werror", str(src), "-o", str(exe)],
+    subprocess.run([cxx, "-std=c++17", "-O2", "-Wall", "-Werror", "-ffp-contract=off",
+                    "-I", os.path.join(_ROOT, "csrc", "include"), str(src), "-o", str(exe)],
                    check=True, capture_output=True)
     lines = subprocess.run([str(exe), str(seed)], check=True, capture_output=True,
                            text=True).stdout.splitlines()
-    grid = [ln.split() for ln in lines if not ln.startswith("x ")]
+    grid = [ln.split() for ln in lines if not ln.startswith(("x ", "gmax "))]
     rows = torch.tensor([int(g[0]) for g in grid])
     cols = torch.tensor([int(g[1]) for g in grid])
     u_cpp = torch.tensor([float.fromhex(g[2]) for g in grid], dtype=torch.float64)
@@ -266,3 +264,5 @@ def test_doc_cpp_form_matches(seed, tmp_path):
         g_ext = float(px.gumbel_from_uniform(u_ext, torch.float64))
         assert math.isclose(float.fromhex(ln[3]), g_ext, rel_tol=4e-6)
         assert px.G_MIN < float.fromhex(ln[3]) < px.G_MAX
+    gmax = [ln.split() for ln in lines if ln.startswith("gmax ")]
+    assert float.fromhex(gmax[0][1]) == float(torch.tensor(px.G_MAX, dtype=torch.float32))  # mirrored
