@@ -86,6 +86,7 @@ if triton is not None:
     _INF = tl.constexpr(float("inf"))
     _NEG_INF = tl.constexpr(float("-inf"))
     _IDX_NONE = tl.constexpr(2 ** 31 - 1)  # "no candidate" in index reductions (int32)
+    _IDX_LOW = tl.constexpr(-(2 ** 31 - 1))
     _G_MAX = tl.constexpr(G_MAX)
 
     if INTERPRETED:
@@ -146,38 +147,36 @@ if triton is not None:
         positive)."""
         vc = tl.maximum(v, lo)
         positive = vc < hi
-        f = vc.to(tl.float32)
+        f = tl.where(positive, vc, 1.0).to(tl.float32)  # no log of values beyond hi
         lw = a * _log(f) + b * _log1p(-0.25 * f)
         return tl.where(positive, lw, _NEG_INF), positive
 
     @triton.jit
-    def _worst(lk, li, K: tl.constexpr):
-        """The worst entry of each row's list (largest key, then largest index)
-        and its slot (the smallest such slot: empty slots (+inf, -1) are equal).
-        lk [R, K] keys, li [R, K] int32 indices -> (key [R], index [R], slot [R])."""
-        slots = tl.arange(0, K)[None, :]
+    def _worst(lk, li):
+        """The worst entry of each row's list: the largest key, then the largest
+        index.  lk [R, K] keys, li [R, K] int32 indices -> (key [R], index [R]).
+        The (key, index) pairs of a list are distinct (empty slot s holds
+        (+inf, -2 - s), see _empty_list), so the pair names one slot."""
         wk = tl.max(lk, axis=1)
-        at = lk == wk[:, None]
-        wi = tl.max(tl.where(at, li, -1), axis=1)
-        ws = tl.min(tl.where(at & (li == wi[:, None]), slots, K), axis=1)
-        return wk, wi, ws
+        wi = tl.max(tl.where(lk == wk[:, None], li, _IDX_LOW), axis=1)
+        return wk, wi
 
     @triton.jit
-    def _push(lk, li, wk, wi, ws, ck, ci, K: tl.constexpr):
+    def _push(lk, li, wk, wi, ck, ci, K: tl.constexpr):
         """Merge candidates (ck [R, C] keys, +inf = none; ci [R, C] int32
-        indices, distinct within a row) into the running lists (lk, li) [R, K]
-        with their worst entries (wk, wi, ws) [R]: afterwards each row's list
-        holds the k best (key, index) pairs of the old list and the candidates,
-        ties by the smallest index.  Returns (lk, li, wk, wi, ws).
+        indices >= -1, distinct within a row where ck < +inf) into the running
+        lists (lk, li) [R, K] with their worst entries (wk, wi) [R]:
+        afterwards each row's list holds the k best (key, index) pairs of the
+        old list and the candidates, ties by the smallest index.  Returns
+        (lk, li, wk, wi).
 
         Only candidates that beat the worst entry can enter; rounds = the
-        largest such count in the block (capped at K: more than k entries can
-        never be needed), so a tile without one costs one comparison.  Each
-        round takes each row's best remaining candidate (extracted in increasing
+        largest such count in the block (capped at K: more than k entries are
+        never needed), so a tile without one costs one comparison.  Each round
+        takes each row's best remaining candidate (extracted in increasing
         (key, index) order, so once one fails the rest fail) and, if it beats
-        the current worst entry, writes it into that slot.
+        the current worst entry, writes it into that entry's slot.
         """
-        slots = tl.arange(0, K)[None, :]
         beats = (ck < wk[:, None]) | ((ck == wk[:, None]) & (ci < wi[:, None]))
         ck = tl.where(beats, ck, _INF)
         rounds = tl.minimum(tl.max(tl.sum(beats.to(tl.int32), axis=1), axis=0), K)
@@ -186,21 +185,23 @@ if triton is not None:
             bi = tl.min(tl.where(ck == bk[:, None], ci, _IDX_NONE), axis=1)
             ck = tl.where(ci == bi[:, None], _INF, ck)
             enter = (bk < _INF) & ((bk < wk) | ((bk == wk) & (bi < wi)))
-            hit = enter[:, None] & (slots == ws[:, None])
+            hit = enter[:, None] & (lk == wk[:, None]) & (li == wi[:, None])
             lk = tl.where(hit, bk[:, None], lk)
             li = tl.where(hit, bi[:, None], li)
-            wk, wi, ws = _worst(lk, li, K)
-        return lk, li, wk, wi, ws
+            wk, wi = _worst(lk, li)
+        return lk, li, wk, wi
 
     @triton.jit
     def _empty_list(k, key_t: tl.constexpr, BLOCK_M: tl.constexpr, K: tl.constexpr):
-        """A running list of k empty slots (+inf, -1) and K - k unused ones
-        (-inf: never the worst entry), with its worst entry."""
+        """A running list of k empty slots and K - k unused ones, with its worst
+        entry.  Empty slot s holds (+inf, -2 - s): distinct pairs, below every
+        candidate index (-1 marks a missing candidate of a partial list); unused
+        slots hold (-inf, -1) and are never the worst entry."""
         slots = tl.arange(0, K)[None, :] + tl.zeros([BLOCK_M, K], dtype=tl.int32)
         lk = tl.where(slots < k, _INF, _NEG_INF).to(key_t)
-        li = tl.full([BLOCK_M, K], -1, dtype=tl.int32)
-        wk, wi, ws = _worst(lk, li, K)
-        return lk, li, wk, wi, ws
+        li = tl.where(slots < k, -2 - slots, -1)
+        wk, wi = _worst(lk, li)
+        return lk, li, wk, wi
 
     @triton.jit
     def _store_sorted(KEY, IDX, out_rows, row_ok, lk, li, k, K: tl.constexpr):
@@ -264,8 +265,8 @@ if triton is not None:
             dw_lo = tl.load(DW)
             dw_hi = tl.load(DW + 1)
 
-        lk_p, li_p, wk_p, wi_p, ws_p = _empty_list(k_pos, POS_KEY.dtype.element_ty, BLOCK_M, KP)
-        lk_n, li_n, wk_n, wi_n, ws_n = _empty_list(k_neg, NEG_KEY.dtype.element_ty, BLOCK_M, KN)
+        lk_p, li_p, wk_p, wi_p = _empty_list(k_pos, POS_KEY.dtype.element_ty, BLOCK_M, KP)
+        lk_n, li_n, wk_n, wi_n = _empty_list(k_neg, NEG_KEY.dtype.element_ty, BLOCK_M, KN)
 
         for j0 in range(j_begin, j_end, BLOCK_N):
             cols = j0 + tl.arange(0, BLOCK_N)
@@ -280,7 +281,7 @@ if triton is not None:
                     kp = tl.where(same & ok, v, _INF)
                 else:
                     kp = tl.where(same & ok, -v, _INF)
-                lk_p, li_p, wk_p, wi_p, ws_p = _push(lk_p, li_p, wk_p, wi_p, ws_p, kp, ci, KP)
+                lk_p, li_p, wk_p, wi_p = _push(lk_p, li_p, wk_p, wi_p, kp, ci, KP)
             if PASS != 1:  # negatives
                 admissible = (~same) & ok
                 if PASS == 2:
@@ -293,14 +294,13 @@ if triton is not None:
                     if tl.max(tl.max(admissible.to(tl.int32), axis=1), axis=0) > 0:
                         g = _gumbel(_noise_words(seed, rows, j0, BLOCK_M, BLOCK_N))
                         kn = tl.where(admissible, -(lw + g), _INF)
-                        lk_n, li_n, wk_n, wi_n, ws_n = _push(lk_n, li_n, wk_n, wi_n, ws_n,
-                                                             kn, ci, KN)
+                        lk_n, li_n, wk_n, wi_n = _push(lk_n, li_n, wk_n, wi_n, kn, ci, KN)
                 else:
                     if NEG_RULE == 0:
                         kn = tl.where(admissible, v, _INF)
                     else:
                         kn = tl.where(admissible, -v, _INF)
-                    lk_n, li_n, wk_n, wi_n, ws_n = _push(lk_n, li_n, wk_n, wi_n, ws_n, kn, ci, KN)
+                    lk_n, li_n, wk_n, wi_n = _push(lk_n, li_n, wk_n, wi_n, kn, ci, KN)
 
         out_rows = pid_s.to(tl.int64) * N + rows
         if PASS != 2:
@@ -320,14 +320,16 @@ if triton is not None:
         offs = rows.to(tl.int64)[:, None] * K + slots
         lk = tl.load(KEY + offs, mask=ok[:, None], other=float("inf"))
         li = tl.load(IDX + offs, mask=ok[:, None], other=-1).to(tl.int32)
-        lk = tl.where(slots < k, lk, _NEG_INF)  # unused slots: never the worst entry
-        wk, wi, ws = _worst(lk, li, K)
+        # Empty slots (+inf, -1) -> (+inf, -2 - s); unused slots: never the worst entry.
+        li = tl.where(lk == float("inf"), -2 - slots, li)
+        lk = tl.where(slots < k, lk, _NEG_INF)
+        wk, wi = _worst(lk, li)
         for _ in range(1, SPLITS):
             KEY += N * K  # next split (pointer arithmetic is 64-bit)
             IDX += N * K
             ck = tl.load(KEY + offs, mask=ok[:, None], other=float("inf"))
             ci = tl.load(IDX + offs, mask=ok[:, None], other=-1).to(tl.int32)
-            lk, li, wk, wi, ws = _push(lk, li, wk, wi, ws, ck, ci, K)
+            lk, li, wk, wi = _push(lk, li, wk, wi, ck, ci, K)
         _store_sorted(OUT_KEY, OUT_IDX, rows.to(tl.int64), ok, lk, li, k, K)
 
     # ------------------------------------------------------------------ autotuning
