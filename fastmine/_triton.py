@@ -525,9 +525,12 @@ if triton is not None:
         k = c.kwargs
         return (k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], c.num_warps, c.num_stages)
 
-    def _fwd_configs():
+    def _fwd_configs(table=None):
+        """triton.Config of every (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) key of
+        ``table`` (default _FWD_CONFIG_PATHS)."""
+        table = _FWD_CONFIG_PATHS if table is None else table
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-                for (bm, bn, bk, w, st) in _FWD_CONFIG_PATHS]
+                for (bm, bn, bk, w, st) in table]
 
     def dot_path(dtype: torch.dtype, dot_precision: str) -> str:
         """Which of the _FWD_CONFIG_PATHS paths a launch takes."""
@@ -537,15 +540,17 @@ if triton is not None:
             return "tf32" if dot_precision == "tf32" else "fma32"
         return "tc16"
 
-    def prune_fwd_configs(configs, named_args, **kwargs):
+    def prune_fwd_configs(configs, named_args, table=None, **kwargs):
         """Keep the configs meant for this launch's dot path (see
-        _FWD_CONFIG_PATHS) whose BLOCK_K does not exceed D rounded up to a
-        power of two (>= 16: tl.dot's minimum); on tensor cores BLOCK_K = 16
-        only when D <= 16.  Never empty; a first call times at most 7 configs."""
+        _FWD_CONFIG_PATHS, or ``table`` of the same form) whose BLOCK_K does
+        not exceed D rounded up to a power of two (>= 16: tl.dot's minimum);
+        on tensor cores BLOCK_K = 16 only when D <= 16.  Never empty; a first
+        call times at most 7 configs."""
+        table = _FWD_CONFIG_PATHS if table is None else table
         path = dot_path(named_args["X"].dtype, kwargs.get("DOT_PRECISION", "ieee"))
         k_cap = max(16, triton.next_power_of_2(named_args["D"]))
         k_min = 32 if path in ("tc16", "tf32") and k_cap >= 32 else 16
-        mine = [c for c in configs if path in _FWD_CONFIG_PATHS[_config_key(c)]]
+        mine = [c for c in configs if path in table[_config_key(c)]]
         return [c for c in mine if k_min <= c.kwargs["BLOCK_K"] <= k_cap] or mine[-1:]
 
     _mine_fwd_tuned = triton.autotune(

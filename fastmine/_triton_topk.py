@@ -334,18 +334,29 @@ if triton is not None:
 
     # ------------------------------------------------------------------ autotuning
 
-    # The k = 1 kernel's tile configs (_triton._FWD_CONFIG_PATHS) with anchor
-    # blocks of at most 64 rows: the [BLOCK_M, K] lists of both sides live in
-    # registers next to the Gram tile.  Every dot path keeps at least one.
-    # Neither timed nor checked for spills on a GPU yet (docs/triton.md).
-    _TOPK_CONFIGS = [c for c in _triton._fwd_configs() if c.kwargs["BLOCK_M"] <= 64]
+    # Tile configs (as _triton._FWD_CONFIG_PATHS: key -> the dot paths it
+    # suits).  8 warps: the [BLOCK_M, K] lists of both sides live in registers
+    # next to the Gram tile.  Static survey for sm_90 (triton_static's
+    # compile_kernel, no GPU): 64 x 64 x 32 with 8 warps compiles without
+    # spills for tf32/tc16 at K = 8 and 64, distance-weighted included (the
+    # same tile with 4 warps spills 128 B), 32 x 64 x 32 for fma64.  Not timed.
+    _TOPK_CONFIG_PATHS = {
+        (64, 64, 32, 8, 3): ("tc16", "tf32"),
+        (64, 64, 16, 8, 3): ("tc16", "tf32"),
+        (32, 64, 32, 8, 3): ("fma32", "fma64"),
+        (32, 64, 16, 8, 2): ("tc16", "tf32", "fma32", "fma64"),
+    }
+    _TOPK_CONFIGS = _triton._fwd_configs(_TOPK_CONFIG_PATHS)
+
+    def _prune_topk_configs(configs, named_args, **kwargs):
+        return _triton.prune_fwd_configs(configs, named_args, table=_TOPK_CONFIG_PATHS, **kwargs)
 
     _topk_fwd_tuned = triton.autotune(
         configs=_TOPK_CONFIGS,
         # Not keyed on PASS (the two semi-hard launches must run the same tiles,
         # see _triton.py) -- K_POS/K_NEG and the rule are passed to both.
         key=["D", "DISTANCE", "HAS_IDS", "DOT_PRECISION", "KP", "KN", "NEG_RULE"],
-        prune_configs_by={"early_config_prune": _triton.prune_fwd_configs},
+        prune_configs_by={"early_config_prune": _prune_topk_configs},
     )(_topk_fwd_kernel)
 
 
@@ -463,7 +474,7 @@ def select_topk(x: Tensor, labels: Tensor, r: Tensor, ref_labels: Tensor,
     if splits is None:
         path = _triton.dot_path(x.dtype, _triton._dot_precision(x.dtype))
         block_m = max(c.kwargs["BLOCK_M"] for c in _TOPK_CONFIGS
-                      if path in _triton._FWD_CONFIG_PATHS[_triton._config_key(c)])
+                      if path in _TOPK_CONFIG_PATHS[_triton._config_key(c)])
         splits = _triton.num_splits(n, m, x.device, block_m)
     splits = max(1, min(int(splits), m))
     pos_nearest = POS_STRATEGIES[pos_strategy] == POS_STRATEGIES["easy"]
