@@ -380,9 +380,9 @@ def _dw_params(dim: int, acc: torch.dtype, cutoff: float, nonzero_loss_cutoff: f
     """The distance-weighted law's thresholds on v, fl(cutoff^2) and
     fl(min(nonzero_loss_cutoff, 2)^2) (float64, rounded to the acc dtype: the
     contract), as a [2] tensor, and the exponents (a, b) = ((2 - D)/2, (3 - D)/2)."""
-    bounds = torch.tensor([cutoff * cutoff, min(nonzero_loss_cutoff, 2.0) ** 2],
-                          dtype=torch.float64).to(acc).to(device)
-    return bounds, (2.0 - dim) / 2.0, (3.0 - dim) / 2.0
+    bounds = torch.full((2,), cutoff * cutoff, dtype=torch.float64, device=device)
+    bounds[1:].fill_(min(nonzero_loss_cutoff, 2.0) ** 2)  # fills: no host-device copy, no sync
+    return bounds.to(acc), (2.0 - dim) / 2.0, (3.0 - dim) / 2.0
 
 
 def _launch_topk(x, r, a, b, ql, rl, qid, rid, lo, hi, dw, seed, pass_, distance, pos_nearest,

@@ -17,6 +17,8 @@ from fastmine import _extension, _philox
 from fastmine import reference_topk as rt
 from fastmine.reference import mining_values
 
+from test_sync_free import no_sync  # noqa: F401  (the fixture: syncing entry points raise)
+
 ft = pytest.importorskip("fastmine._triton")
 if ft.triton is None:
     pytest.skip("triton is not installed", allow_module_level=True)
@@ -323,3 +325,19 @@ def test_gradients_and_mine_column_zero():
     one = fastmine.mine(xn, y, neg_strategy="distance_weighted", seed=3, backend="triton")
     assert torch.equal(one.neg_idx, top.neg_idx[:, 0]) and torch.equal(one.pos_idx,
                                                                         top.pos_idx[:, 0])
+
+
+@needs_op
+@pytest.mark.parametrize("neg,margin", [("semihard", 0.5), ("distance_weighted", None)])
+def test_never_syncs(neg, margin, no_sync):
+    """mine_topk + backward with the syncing Tensor entry points patched to raise
+    (tests/test_sync_free.py's guard): what a CUDA call must not do."""
+    g = torch.Generator().manual_seed(9)
+    x = _unit(16, 6, g).float().requires_grad_()
+    y = _labels(16, 3, g)
+    kw = dict(k_pos=2, k_neg=3, neg_strategy=neg, margin=margin, seed=5, backend="triton")
+    with no_sync:
+        res = fastmine.mine_topk(x, y, **kw)
+        (res.pos_dist.sum() - res.neg_dist.sum()).backward()
+    want = fastmine.mine_topk(x, y, **kw)
+    assert torch.equal(res.pos_idx, want.pos_idx) and torch.equal(res.neg_idx, want.neg_idx)
