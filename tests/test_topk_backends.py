@@ -8,10 +8,12 @@ always, and the gradients of the exact distances.
 
 A backend joins this suite by adding "topk" (and "distance_weighted") to its
 ``Backend.rules``; sizes stay small so that ``triton`` under the interpreter
-and ``cuda-emulated`` run it on a CPU.
+and ``cuda-emulated`` run it on a CPU.  FASTMINE_TEST_DEVICE=cuda runs the
+backends on CUDA tensors (the reference stays on the CPU).
 """
 from __future__ import annotations
 
+import os
 import zlib
 
 import pytest
@@ -25,7 +27,9 @@ from fastmine.reference import mining_values
 
 # "torch" (the reference run through the op) is included: it checks the op path
 # and that these tests pass on the oracle itself.
-TOPK_BACKENDS = [b for b in fastmine.available_backends() if "topk" in _backends.get(b).rules]
+DEVICE = torch.device(os.environ.get("FASTMINE_TEST_DEVICE", "cpu"))
+TOPK_BACKENDS = [b for b in fastmine.available_backends(DEVICE)
+                 if "topk" in _backends.get(b).rules]
 DW_BACKENDS = [b for b in TOPK_BACKENDS if "distance_weighted" in _backends.get(b).rules]
 
 # (pos, neg, distance, margin) of the deterministic rules.
@@ -34,6 +38,25 @@ RULES = [("easy", "hard", "euclidean", None), ("hard", "easy", "squared_euclidea
          ("easy", "hard", "cosine", None), ("hard", "semihard", "cosine", 0.25)]
 KS = [(1, 1), (2, 5), (7, 3)]
 REFS = ["self", "self_ids", "bank", "bank_ids"]
+
+
+def _dev(t):
+    return None if t is None else t.to(DEVICE)
+
+
+def _cpu(res):
+    return type(res)(*(t.cpu() for t in res))
+
+
+def _topk(backend, x, y, r=None, ry=None, **kw):
+    """fastmine.mine_topk of ``backend`` on DEVICE; the result on the CPU (differentiable:
+    the inputs may be CPU leaves)."""
+    kw = {k: _dev(v) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    return _cpu(fastmine.mine_topk(_dev(x), _dev(y), _dev(r), _dev(ry), backend=backend, **kw))
+
+
+def _mine(backend, x, y, r=None, ry=None, **kw):
+    return _cpu(fastmine.mine(_dev(x), _dev(y), _dev(r), _dev(ry), backend=backend, **kw))
 
 
 def _integer_data(n, d, m, seed, classes=4, scale=1.0):
@@ -89,7 +112,7 @@ def test_integer_data_exact_indices(backend, pos, neg, dist, margin, refs):
         for k_pos, k_neg in KS:
             kw = dict(k_pos=k_pos, k_neg=k_neg, pos_strategy=pos, neg_strategy=neg,
                       distance=dist, margin=margin)
-            got = fastmine.mine_topk(xc, y, rc, ry, backend=backend, **kw, **ids)
+            got = _topk(backend, xc, y, rc, ry, **kw, **ids)
             want = rt.mine_topk(xc, y, rc, ry, **kw, **ids)
             if dist == "cosine":
                 _assert_same_values(got, want, xc, rc, dist, rtol=1e-5)
@@ -158,7 +181,7 @@ def test_random_data_within_precision(backend, pos, neg, dist, margin, dtype):
     rtol = 1e-5 if dtype == torch.float32 else 1e-12
     for rr, rry, ids in ((None, None, {}), (r, ry, dict(query_ids=torch.arange(n),
                                                         ref_ids=torch.arange(m) + 10))):
-        got = fastmine.mine_topk(x, y, rr, rry, backend=backend, **kw, **ids)
+        got = _topk(backend, x, y, rr, rry, **kw, **ids)
         want = rt.mine_topk(x, y, rr, rry, **kw, **ids)
         if neg == "semihard":  # the window moves with d_ap: compare the window's owner too
             assert torch.equal(got.pos_idx[:, 0] >= 0, want.pos_idx[:, 0] >= 0)
@@ -177,10 +200,10 @@ def test_random_data_within_precision(backend, pos, neg, dist, margin, dtype):
 def test_k1_equals_mine_on_the_backend(backend, pos, neg, dist, margin):
     x, y, r, ry = _integer_data(17, 4, 20, seed=11)
     for rr, rry in ((None, None), (r, ry)):
-        top = fastmine.mine_topk(x, y, rr, rry, pos_strategy=pos, neg_strategy=neg,
-                                 distance=dist, margin=margin, backend=backend)
-        one = fastmine.mine(x, y, rr, rry, pos_strategy=pos, neg_strategy=neg, distance=dist,
-                            margin=margin, backend=backend)
+        top = _topk(backend, x, y, rr, rry, pos_strategy=pos, neg_strategy=neg,
+                    distance=dist, margin=margin)
+        one = _mine(backend, x, y, rr, rry, pos_strategy=pos, neg_strategy=neg, distance=dist,
+                    margin=margin)
         assert torch.equal(top.pos_idx[:, 0], one.pos_idx)
         assert torch.equal(top.neg_idx[:, 0], one.neg_idx)
         torch.testing.assert_close(top.pos_dist[:, 0], one.pos_dist, rtol=0, atol=0)
@@ -196,7 +219,7 @@ def test_low_precision_selects_the_reference_values(backend, dtype):
     x = torch.randn(20, 8, generator=g).to(dtype)
     y = torch.randint(0, 3, (20,), generator=g)
     kw = dict(k_pos=2, k_neg=3, pos_strategy="easy", neg_strategy="hard")
-    got = fastmine.mine_topk(x, y, backend=backend, **kw)
+    got = _topk(backend, x, y, **kw)
     want = rt.mine_topk(x.double(), y, **kw)
     assert got.pos_dist.dtype == dtype
     _assert_same_values(got, want, x, None, "euclidean", rtol=1e-5)
@@ -220,7 +243,7 @@ def test_gradients_equal_the_reference(backend, dist, refs):
     wp, wn = torch.rand(11, 3, generator=gen, dtype=x.dtype), torch.rand(11, 2, generator=gen,
                                                                         dtype=x.dtype)
     inputs = (x, r) if bank else (x,)
-    got = fastmine.mine_topk(x, y, r, ry, backend=backend, **kw, **ids)
+    got = _topk(backend, x, y, r, ry, **kw, **ids)
     want = rt.mine_topk(x, y, r, ry, **kw, **ids)
     if dist != "cosine":
         assert torch.equal(got.pos_idx, want.pos_idx) and torch.equal(got.neg_idx, want.neg_idx)
@@ -274,7 +297,7 @@ def test_distance_weighted_same_seed_same_picks(backend, refs, seed):
         xc, rc = _cast(dtype, x, r)
         kw = dict(k_pos=2, k_neg=4, neg_strategy="distance_weighted", cutoff=cutoff,
                   nonzero_loss_cutoff=nzlc, seed=seed)
-        got = fastmine.mine_topk(xc, y, rc, ry, backend=backend, **kw, **ids)
+        got = _topk(backend, xc, y, rc, ry, **kw, **ids)
         want = rt.mine_topk(xc, y, rc, ry, **kw, **ids)
         assert torch.equal(got.pos_idx, want.pos_idx)
         assert torch.equal(got.neg_idx >= 0, want.neg_idx >= 0)
@@ -294,13 +317,13 @@ def test_distance_weighted_same_seed_same_picks(backend, refs, seed):
 def test_distance_weighted_k1_is_mine_and_column0(backend):
     x, y, _, _ = _dw_data(30, 5, None, seed=2)
     kw = dict(neg_strategy="distance_weighted", seed=99)
-    one = fastmine.mine(x, y, backend=backend, **kw)
-    top = fastmine.mine_topk(x, y, backend=backend, k_neg=3, **kw)
+    one = _mine(backend, x, y, **kw)
+    top = _topk(backend, x, y, k_neg=3, **kw)
     assert torch.equal(one.neg_idx, top.neg_idx[:, 0])
     torch.manual_seed(1)
-    a = fastmine.mine(x, y, backend=backend, neg_strategy="distance_weighted")
+    a = _mine(backend, x, y, neg_strategy="distance_weighted")
     torch.manual_seed(1)
-    b = fastmine.mine(x, y, backend=backend, neg_strategy="distance_weighted")
+    b = _mine(backend, x, y, neg_strategy="distance_weighted")
     assert torch.equal(a.neg_idx, b.neg_idx)  # seed=None follows torch.manual_seed
 
 
@@ -319,8 +342,7 @@ def test_distance_weighted_picks_follow_the_law(backend):
     counts = torch.zeros(6)
     trials = 400
     for s in range(trials):
-        res = fastmine.mine_topk(x, y, r, ry, k_pos=1, neg_strategy="distance_weighted",
-                                 seed=s, backend=backend)
+        res = _topk(backend, x, y, r, ry, k_pos=1, neg_strategy="distance_weighted", seed=s)
         counts[res.neg_idx[0, 0]] += 1
     assert bool((counts[~pos[0]] == 0).all())
     sd = (p * (1 - p) * trials).sqrt()
