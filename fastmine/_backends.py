@@ -218,7 +218,7 @@ def resolve(name: str, device: torch.device, needs: FrozenSet[str] = frozenset()
         raise NotImplementedError(f"backend {name!r} does not implement {what} yet; backends "
                                   f"that do: {able} (backend='auto' picks one)")
     if name == "cuda" and device.type == "cuda" and _extension.jit_enabled():
-        _extension.has_cuda_kernels()  # FASTMINE_JIT=1: build once on an explicit request
+        _extension.ensure_cuda_kernels()  # FASTMINE_JIT=1: build once on an explicit request
     reason = get(name).unavailable(device)
     if reason:
         raise RuntimeError(f"backend {name!r} is not available: {reason}")
