@@ -82,8 +82,9 @@ class CrossBatchMemory(nn.Module):
         memory_size: capacity of the ring buffer (rows), >= 1.
         miner: PML losses only.  None: every positive and negative pair
             (PML's default, O(N * (N + memory)) pairs); a fastmine miner
-            (``fastmine.miners.BatchEasyHardMiner`` / ``BatchHardMiner``):
-            fused mining with same-sample exclusion; any other PML miner:
+            (``fastmine.miners.BatchEasyHardMiner`` / ``BatchHardMiner`` /
+            ``DistanceWeightedMiner``): fused mining with same-sample
+            exclusion; any other PML miner:
             called as ``miner(embeddings, labels, ref_emb, ref_labels)``, then
             its same-sample pairs are removed.  A fastmine loss mines itself,
             so a miner is an error there.
@@ -109,13 +110,18 @@ class CrossBatchMemory(nn.Module):
     ``enqueue_mask`` arguments are not supported.
 
     Cost of a step (fastmine's ``TripletMarginLoss`` / ``MarginLoss``, not
-    subclassed in ``forward``, ``per_anchor`` or ``_mine``): O(N * D) memory
-    beyond the bank, never a copy of it.  The three buffers are views into
+    subclassed in ``forward``, ``per_anchor`` or ``_mine``): O(N * k * D)
+    memory beyond the bank (k = k_pos + k_neg, 2 by default), never a copy of
+    it (plus what the mining backend needs: O(N * M) for the ``torch``
+    reference).  The three buffers are views into
     storage with ``S`` spare rows in front (S = the largest batch so far);
     the (detached) batch is written into the last N spare rows, so that the
     references above are one contiguous view ``[batch; memory[:filled]]``,
-    mined in place without gradient.  The selected distances are then
-    recomputed from the N gathered rows (``fastmine._pairs.pair_distance``),
+    mined in place without gradient by the loss's own rule (``loss._select``:
+    its strategies, k_pos x k_neg, distance-weighted sampling with its cutoffs
+    and seed; with seed=None one seed per step from torch's generator, as its
+    forward draws).  The selected distances [N, k] are then recomputed from
+    the N * k gathered rows (``fastmine._pairs.pair_distance``),
     taking the live batch rows for references j < N, so the batch gets its
     gradient both as anchor and as reference; the loss is
     ``loss._loss_from_mined`` (the formula its ``forward`` uses).  The spare
