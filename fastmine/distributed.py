@@ -231,8 +231,9 @@ class DistributedLoss(nn.Module):
             ``MarginLoss``), or any module with ``per_anchor(embeddings,
             labels, ref_emb, ref_labels, *, query_ids, ref_ids) -> (terms [n]
             or [n, k_pos, k_neg], valid bool of the same shape)`` and
-            attributes ``reduction`` ("mean", "sum" or "none") and optionally ``average_nonzero``; a module with another
-            ``regularizer`` is refused (it cannot be normalised globally).
+            attributes ``reduction`` ("mean", "sum" or "none") and optionally
+            ``average_nonzero``; a module with another ``regularizer`` is
+            refused (it cannot be normalised globally).
         group: process group (default: the world); DDP must average over the
             same group.
 
@@ -254,6 +255,9 @@ class DistributedLoss(nn.Module):
       anchors / the global number of valid anchors.
     * "none": this rank's terms [n_r] (against the global references),
       unscaled; reducing them is then up to you (no exactness guarantee).
+    * neg_strategy="distance_weighted": the noise is counted by the anchor's
+      local row, so the draws are not those of one process on the
+      concatenated batch (each draw's law is the same; docs/usage.md).
 
     Parameters of ``loss`` (learnable beta) get gradients that must be averaged
     over ranks like the model's: make this module part of the DDP-wrapped

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _backends
-from ._contract import (DISTANCES, check_backend_name, check_choice, check_positive_int, check_real,
-                        check_topk_args)
+from ._contract import (DISTANCES, DW_CUTOFF, DW_NONZERO_LOSS_CUTOFF, check_backend_name,
+                        check_choice, check_positive_int, check_real, check_topk_args)
 from .mine import mine, mine_topk
 from .reference_topk import TopKResult
 
@@ -116,7 +116,7 @@ class _MinedLoss(nn.Module):
     # Mining settings (set by _check_common; these class defaults are k = 1 and
     # the contract's sampling defaults, for subclasses that set their own).
     k_pos = k_neg = 1
-    cutoff, nonzero_loss_cutoff, seed = 0.5, 1.4, None
+    cutoff, nonzero_loss_cutoff, seed = DW_CUTOFF, DW_NONZERO_LOSS_CUTOFF, None
 
     def _mining_kwargs(self) -> dict:
         """The keyword arguments this loss passes to ``fastmine.mine`` /
@@ -239,7 +239,7 @@ class TripletMarginLoss(_MinedLoss):
                  reduction: str = "mean", normalize_embeddings: bool = False,
                  average_nonzero: bool = False, semihard_margin: Optional[float] = None,
                  backend: str = "auto", *, k_pos: int = 1, k_neg: int = 1,
-                 cutoff: float = 0.5, nonzero_loss_cutoff: float = 1.4,
+                 cutoff: float = DW_CUTOFF, nonzero_loss_cutoff: float = DW_NONZERO_LOSS_CUTOFF,
                  seed: Optional[int] = None):
         super().__init__()
         _check_common(self, reduction, distance, pos_strategy, neg_strategy, backend, k_pos,
@@ -302,7 +302,7 @@ class MarginLoss(_MinedLoss):
                  distance: str = "euclidean", reduction: str = "mean",
                  normalize_embeddings: bool = False, average_nonzero: bool = False,
                  backend: str = "auto", *, k_pos: int = 1, k_neg: int = 1,
-                 cutoff: float = 0.5, nonzero_loss_cutoff: float = 1.4,
+                 cutoff: float = DW_CUTOFF, nonzero_loss_cutoff: float = DW_NONZERO_LOSS_CUTOFF,
                  seed: Optional[int] = None):
         super().__init__()
         _check_common(self, reduction, distance, pos_strategy, neg_strategy, backend, k_pos,

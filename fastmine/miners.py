@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _backends
-from ._contract import (DISTANCE_WEIGHTED, NEG_STRATEGIES, POS_STRATEGIES, check_backend_name,
-                        check_choice, check_topk_args)
+from ._contract import (DISTANCE_WEIGHTED, DW_CUTOFF, DW_NONZERO_LOSS_CUTOFF, NEG_STRATEGIES,
+                        POS_STRATEGIES, check_backend_name, check_choice, check_topk_args)
 from .mine import mine, mine_topk
 
 _PML_DISTANCES = {"euclidean": "euclidean", "cosine": "cosine"}
@@ -175,7 +175,8 @@ class DistanceWeightedMiner(nn.Module):
       picks.
     """
 
-    def __init__(self, cutoff: float = 0.5, nonzero_loss_cutoff: float = 1.4, *,
+    def __init__(self, cutoff: float = DW_CUTOFF,
+                 nonzero_loss_cutoff: float = DW_NONZERO_LOSS_CUTOFF, *,
                  k_pos: int = 1, k_neg: int = 1, pos_strategy: str = "easy",
                  distance: str = "euclidean", normalize_embeddings: bool = True,
                  seed: Optional[int] = None, backend: str = "auto", **kwargs):
