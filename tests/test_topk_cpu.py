@@ -67,9 +67,10 @@ def _assert_same(res, exp, dist_tol=0.0):
 
 # ------------------------------------------------------------------ every rule
 @pytest.mark.parametrize("pos,neg,margin", RULES)
-@pytest.mark.parametrize("distance", ["euclidean", "squared_euclidean"])
+@pytest.mark.parametrize("distance,dtype", [("euclidean", torch.float32),
+                                            ("euclidean", torch.float64),
+                                            ("squared_euclidean", torch.float32)])
 @pytest.mark.parametrize("refs", REFS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_equals_reference_on_exact_data(pos, neg, margin, distance, refs, dtype):
     bank = refs.startswith("bank")
     n, m = 23, 37
@@ -225,14 +226,14 @@ def _dw_keys(x, r, seed, cutoff=0.5, nzc=1.4):
 @pytest.mark.parametrize("refs", REFS)
 def test_distance_weighted_equals_reference(d, refs):
     bank = refs.startswith("bank")
-    n, m = 50, 300
+    n, m = 40, 200
     g = torch.Generator().manual_seed(d)
     x = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
     y = torch.randint(0, 4, (n,), generator=g)
     r = F.normalize(torch.randn(m, d, generator=g, dtype=torch.float64), dim=1) if bank else None
     ry = torch.randint(0, 4, (m,), generator=g) if bank else None
     ids = _ids(refs, n, m)
-    for seed in (0, 12345, 2 ** 63 + 5):
+    for seed in (12345, 2 ** 63 + 5):
         for k_neg, cutoff, nzc in ((1, 0.5, 1.4), (6, 0.5, 1.4), (4, 0.3, 1.45)):
             kw = dict(k_pos=2, k_neg=k_neg, neg_strategy="distance_weighted", seed=seed,
                       cutoff=cutoff, nonzero_loss_cutoff=nzc, **ids)
@@ -281,7 +282,7 @@ def test_prune_never_changes_a_pick(d, spread):
     # (per pair and per sub-chunk) skips most candidates' noise.  On rows
     # without near-ties the picks must equal the reference's exactly.
     g = torch.Generator().manual_seed(d)
-    n, m = 64, 3000
+    n, m = 64, 2000
     centers = F.normalize(torch.randn(8, d, generator=g, dtype=torch.float64), dim=1)
     x = F.normalize(centers[torch.arange(n) % 8] + spread * torch.randn(n, d, generator=g,
                                                                        dtype=torch.float64)

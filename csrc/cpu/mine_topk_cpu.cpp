@@ -42,11 +42,16 @@
 //     fl(lw + g) <= fl(lw + kGumbelMax)): it is skipped before its noise is
 //     drawn.  A quad's four Philox words (one call serves references
 //     4q .. 4q+3 of the anchor) are computed lazily, when the first of its
-//     references survives, and kept while the scan stays in the quad.  A
-//     whole sub-chunk is skipped without any logarithm when an upper bound of
-//     its log-weights (from the smallest and largest clamped v among its
-//     candidates: log vc and log1p(-vc/4) are monotone) plus kGumbelMax is
-//     below the k-th key.
+//     references needs one, and kept while the scan stays in the quad.  Per
+//     64-wide sub-chunk, once the list is full, an upper bound ub of its
+//     log-weights (from the smallest and largest clamped v among its
+//     candidates: for D >= 3 lw is convex in vc, so its largest value is at
+//     an end; for D <= 2 each of its two terms is monotone) gives two prunes:
+//     ub + kGumbelMax below the k-th key skips the whole sub-chunk without a
+//     logarithm; otherwise a candidate needs g > K - ub (K the k-th key), a
+//     threshold on its integer Philox word (min_noise_word), tested before
+//     any logarithm.  Near the list's keys only the few pairs whose noise is
+//     large enough pay for the four logarithms of lw and g.
 //
 // k bound: the lists hold min(k, M) entries (slots beyond M are always -1);
 // min(k, M) <= kMaxK = 1024 per side, else a ValueError naming k_pos / k_neg.
@@ -148,6 +153,24 @@ inline void rescan_insert(KeyFn key_fn, int64_t s, int64_t e, int64_t j0, acc_t*
 // of ulps and costs nothing against kGumbelMax = 16.64.
 constexpr float kLogWeightSlack = 1e-4f;
 
+// The second prune of distance-weighted (per sub-chunk, once the list is
+// full).  With K the k-th largest key and ub >= every lw of the sub-chunk, a
+// candidate can enter only if its g exceeds t = K - ub.  The exact
+// g(U) = -log(-log U) is increasing in U = ((x >> 9) + 1/2) 2^-23, so with
+// u_t = exp(-exp(-t')) and t' = t - margin, every word with
+// (x >> 9) < w_min = ceil(u_t 2^23 - 1/2) has U < u_t, so exact g < t'.  The
+// margin (1e-3 + 1e-5 (|K| + |ub|)) exceeds the error of the computed g
+// (float32 logarithms: ~1e-6) plus the rounding of fl(lw + g) by orders of
+// magnitude, so such a candidate's computed key is below K: it is skipped
+// after its (integer) Philox word, before any logarithm.  Returns 0 (no test)
+// when t' is below every g.
+inline uint32_t min_noise_word(double K, double ub) {
+  const double t = K - ub - (1e-3 + 1e-5 * (std::fabs(K) + std::fabs(ub)));
+  if (!(t > -3.0)) return 0;  // G_MIN = -2.8116: every word may enter
+  const double w = std::ceil(std::exp(-std::exp(-t)) * 8388608.0 - 0.5);
+  return w >= 8388608.0 ? 8388608u : uint32_t(w);  // 2^23: no word passes
+}
+
 template <typename acc_t, bool COS, Ids IDS, Pass PASS, bool DW>
 FASTMINE_CPU_CLONES void scan_tile_topk(const TopkTile<acc_t>& A) {
   constexpr bool DO_POS = PASS != Pass::NegWindow;
@@ -204,30 +227,42 @@ FASTMINE_CPU_CLONES void scan_tile_topk(const TopkTile<acc_t>& A) {
       if constexpr (DW) {
         if (!(vmin < inf)) continue;  // no candidate with w > 0 in this sub-chunk
         acc_t kth = nk[A.kn - 1];     // -(k-th largest key); +inf while the list has room
+        uint32_t wmin = 0;            // the noise-word threshold (0: none)
         if (kth < inf) {
-          // Upper bound of lw over vc in [vmin, vmax]: a log vc and
-          // b log1p(-vc / 4) are each monotone in vc, so each is largest at an end.
+          // Upper bound ub of lw = a log vc + b log1p(-vc / 4) over vc in
+          // [vmin, vmax].  D >= 3 (a, b <= 0): both terms are convex in vc, so
+          // lw is, and its largest value is at an end.  D <= 2: each term is
+          // monotone, so each is largest at an end (a looser bound).
           const float f0 = float(vmin), f1 = float(vmax);
-          const float ta = std::max(A.dw.a * std::log(f0), A.dw.a * std::log(f1));
-          const float tb = std::max(A.dw.b * std::log1p(-0.25f * f0),
-                                    A.dw.b * std::log1p(-0.25f * f1));
-          const float ub = ta + tb + kLogWeightSlack * (std::fabs(ta) + std::fabs(tb) + 1.0f);
+          const float ta0 = A.dw.a * std::log(f0), ta1 = A.dw.a * std::log(f1);
+          const float tb0 = A.dw.b * std::log1p(-0.25f * f0), tb1 = A.dw.b * std::log1p(-0.25f * f1);
+          const float ta = std::max(ta0, ta1), tb = std::max(tb0, tb1);
+          const float ends = (A.dw.a <= 0.0f && A.dw.b <= 0.0f) ? std::max(ta0 + tb0, ta1 + tb1)
+                                                                : ta + tb;
+          const float ub = ends + kLogWeightSlack * (std::fabs(ta) + std::fabs(tb) + 1.0f);
           if (-acc_t(ub + kGumbelMax) > kth) continue;  // ub + G_MAX < the k-th key
+          wmin = min_noise_word(-double(kth), double(ub));
         }
         for (int64_t j = s; j < e; ++j) {
           const bool cand = (k.rl[j] != k.li) & !same_sample<acc_t, IDS>(k, j);
           if (!cand) continue;
+          const int64_t jg = A.j0 + j;
+          auto word = [&]() {  // the pair's Philox word, one call per quad (lazily)
+            if ((jg >> 2) != quad) {
+              quad = jg >> 2;
+              noise_words(A.dw.seed, uint32_t(A.i0 + i), uint32_t(quad), words);
+            }
+            return words[jg & 3];
+          };
+          // Integer test first when the list is full: g too small to enter,
+          // whatever lw (<= ub) is; then no logarithm at all.
+          if (wmin > 0 && (word() >> 9) < wmin) continue;
           const acc_t v = mining_value<acc_t>(k.dot[j], k.ai, k.b[j], false);
           const float lw = dw_log_weight<acc_t>(v, A.dw.lo, A.dw.hi, A.dw.a, A.dw.b);
           if (lw == -INFINITY) continue;  // w = 0: never picked
           // The prune: fl(lw + g) <= fl(lw + G_MAX) < the k-th key.
           if (-acc_t(lw + kGumbelMax) > kth) continue;
-          const int64_t jg = A.j0 + j;
-          if ((jg >> 2) != quad) {
-            quad = jg >> 2;
-            noise_words(A.dw.seed, uint32_t(A.i0 + i), uint32_t(quad), words);
-          }
-          const float key = lw + noise_gumbel(words[jg & 3]);
+          const float key = lw + noise_gumbel(word());
           const acc_t c = -acc_t(key);
           if (c < kth) {
             klist_insert(nk, ni, A.kn, c, jg);
