@@ -222,7 +222,7 @@ def _dw_keys(x, r, seed, cutoff=0.5, nzc=1.4):
     return rt.distance_weighted_keys(v, x.shape[1], cutoff, nzc, _philox.split_seed(seed))[0]
 
 
-@pytest.mark.parametrize("d", [3, 16, 128])
+@pytest.mark.parametrize("d", [2, 3, 16, 128])
 @pytest.mark.parametrize("refs", REFS)
 def test_distance_weighted_equals_reference(d, refs):
     bank = refs.startswith("bank")
