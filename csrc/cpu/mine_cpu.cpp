@@ -37,6 +37,10 @@
 // references default to the batch (ref_emb undefined); same-sample pairs are
 // then the diagonal (a flag, not a materialised arange) unless ids are given.
 // Data checks (NaN/Inf, admissible norms) come for free from the row terms.
+//
+// The tiles, row terms, per-pair keys and pair distances are in gram_tiles.h,
+// shared with the top-k kernel (mine_topk_cpu.cpp), which forms the same tiles
+// and computes the same keys.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
