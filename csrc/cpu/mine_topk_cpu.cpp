@@ -206,6 +206,8 @@ FASTMINE_CPU_CLONES void scan_tile_topk(const TopkTile<acc_t>& A) {
           mn = kn < mn ? kn : mn;
         }
         if constexpr (DW) {
+          // vc and the support w > 0 <=> vc < hi exactly as dw_log_weight
+          // (sampling.h) computes them, spelled out for the SIMD range.
           const acc_t v = mining_value<acc_t>(k.dot[j], k.ai, k.b[j], false);
           const acc_t vc = v < A.dw.lo ? A.dw.lo : v;
           const bool ok = (k.rl[j] != k.li) & !same_sample<acc_t, IDS>(k, j) & (vc < A.dw.hi);
