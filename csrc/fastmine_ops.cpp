@@ -191,29 +191,6 @@ using TopkSig = MineOut(const at::Tensor&, const at::Tensor&, const c10::optiona
                         const c10::optional<at::Tensor>&, int64_t, int64_t, int64_t, int64_t,
                         int64_t, c10::optional<double>, double, double, int64_t);
 
-// The checks every implementation relies on, for callers of the raw op
-// (fastmine.mine_topk has already raised the Python form, naming the argument,
-// fastmine/_contract.py); the tensors are checked by the implementation.
-void check_topk_args(int64_t k_pos, int64_t k_neg, int64_t neg_strategy, int64_t distance,
-                     c10::optional<double> margin, double cutoff, double nonzero_loss_cutoff) {
-  TORCH_CHECK_VALUE(k_pos >= 1, "fastmine::mine_topk: k_pos must be >= 1, got ", k_pos);
-  TORCH_CHECK_VALUE(k_neg >= 1, "fastmine::mine_topk: k_neg must be >= 1, got ", k_neg);
-  TORCH_CHECK_VALUE(neg_strategy >= 0 && neg_strategy <= 3,
-                    "fastmine::mine_topk: unknown neg_strategy code ", neg_strategy);
-  if (neg_strategy == static_cast<int64_t>(NegStrategy::DistanceWeighted)) {
-    TORCH_CHECK_VALUE(distance == static_cast<int64_t>(Distance::Euclidean),
-                      "fastmine::mine_topk: neg_strategy distance_weighted needs distance "
-                      "euclidean (code 0), got code ", distance);
-    TORCH_CHECK_VALUE(!margin.has_value(),
-                      "fastmine::mine_topk: margin is only used by neg_strategy semihard");
-    TORCH_CHECK_VALUE(std::isfinite(cutoff) && cutoff > 0,
-                      "fastmine::mine_topk: cutoff must be a finite number > 0, got ", cutoff);
-    TORCH_CHECK_VALUE(std::isfinite(nonzero_loss_cutoff) && nonzero_loss_cutoff > 0,
-                      "fastmine::mine_topk: nonzero_loss_cutoff must be a finite number > 0, got ",
-                      nonzero_loss_cutoff);
-  }
-}
-
 MineOut mine_topk_device(const at::Tensor& embeddings, const at::Tensor& labels,
                          const c10::optional<at::Tensor>& ref_emb,
                          const c10::optional<at::Tensor>& ref_labels,
