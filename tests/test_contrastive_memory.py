@@ -1,0 +1,52 @@
+"""The streaming contrastive losses never allocate an N x M tensor (issue #18).
+
+A TorchDispatchMode records the largest tensor any op returns during a forward
++ backward at N = 2048 with 256 x 256 tiles: it must be one tile or the rows
+(N x D), far below N x N; the same probe sees the full-matrix reference's
+matrix (so the probe can fail).
+"""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fastmine import contrastive as C
+
+SPECS = {"supcon": (C.SupConLoss, {}), "ntxent": (C.NTXentLoss, {}),
+         "ms_mined": (C.MultiSimilarityLoss, {"miner_epsilon": 0.1})}
+
+
+class _LargestAllocation(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("name,with_ref", [("supcon", False), ("ntxent", False),
+                                           ("ms_mined", True)])
+def test_no_n_by_m_allocation(name, with_ref):
+    """N = 2048 (and a bank of M = 2048), tiles of 256: forward + backward never
+    allocate more than one tile (256 x 256) or the rows (N x D)."""
+    cls, kw = SPECS[name]
+    n, d = 2048, 16
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(n, d, generator=g, requires_grad=True)
+    y = torch.randint(0, 64, (n,), generator=g)
+    ref = torch.randn(n, d, generator=g, requires_grad=True) if with_ref else None
+    ry = torch.randint(0, 64, (n,), generator=g) if with_ref else None
+    with _LargestAllocation() as mode:
+        loss = cls(**kw, backend="chunked", block_size=256)(emb, y, ref, ry)
+        loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(emb.grad).all()
+    assert mode.largest <= max(256 * 256, n * d) < n * n // 32
+    with _LargestAllocation() as full:  # the check sees the reference's matrix
+        cls(**kw, backend="torch")(emb[:512], y[:512])
+    assert full.largest >= 512 * 512
