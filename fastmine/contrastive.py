@@ -8,10 +8,12 @@ saved per-anchor statistics.  docs/contrastive.md has the definitions and the
 algorithm; ``fastmine.reference_contrastive`` the full-matrix oracle.
 
 Backends (``backend=``):
+    "cpu"      the compiled kernel (csrc/cpu/contrastive_cpu.cpp, the op
+               ``fastmine::contrastive`` with C++ autograd; CPU tensors)
     "chunked"  the streaming algorithm written in PyTorch (one ``torch.mm`` per
                tile; any device): the algorithm's executable specification
     "torch"    the full-matrix reference (O(N M) memory; plain autograd)
-    "auto"     "chunked" (the compiled kernels of issue #18 will take over here)
+    "auto"     "cpu" for CPU tensors when the extension is built, else "chunked"
 """
 from __future__ import annotations
 
@@ -21,11 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _extension, _ops
 from . import reference_contrastive as ref
 from ._contract import check_choice, check_positive_int, check_real, checked_references, compute_dtype
 from .reference_contrastive import pair_masks, softplus
 
-BACKENDS = ("auto", "chunked", "torch")
+BACKENDS = ("auto", "cpu", "chunked", "torch")
+# The op's loss codes (csrc/include/fastmine/schema.h: kContrastive*).
+LOSS_CODES = {"supcon": 0, "ntxent": 1, "multi_similarity": 2}
 DEFAULT_BLOCK = 256  # anchors x references per tile: a 256 x 256 tile, 256 KiB in float32
 
 
@@ -41,25 +46,42 @@ def prepare(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
     rules) and ``_contract.checked_references`` with the cosine bounds (NaN,
     Inf, rows without a direction).
 
-    Returns ``(q, r, labels, ref_labels, query_ids, ref_ids)``: q [N, D] and
-    r [M, D] the L2-normalised rows in the compute dtype (float64 stays,
-    everything else float32), differentiable; r is q itself when ``ref_emb``
-    is None (the ids are then ``arange(N)``, or the given ``query_ids``, for
-    both sides); labels / ids widened to a signed dtype; ids None when no pair
-    is same-sample.
+    Returns ``(q, r, labels, ref_labels, query_ids, ref_ids, self_ref, user_ids)``:
+    q [N, D] and r [M, D] the L2-normalised rows in the compute dtype (float64
+    stays, everything else float32), differentiable; r is q itself when
+    ``ref_emb`` is None (``self_ref``; the ids are then ``arange(N)``, or the
+    given ``query_ids``, for both sides); labels / ids widened to a signed
+    dtype; ids None when no pair is same-sample.  ``user_ids``: the caller
+    passed ids (the compiled kernel excludes self-pairs by a flag otherwise).
     """
     from .mine import _prepare as _mine_prepare  # fastmine.mine imports the op layer
 
     (embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids, *_) = _mine_prepare(
         embeddings, labels, ref_emb, ref_labels, "easy", "hard", "cosine", None,
         query_ids, ref_ids, "torch")
-    self_ref = ref_emb is None
+    self_ref, user_ids = ref_emb is None, query_ids is not None
     ref_emb, ref_labels, query_ids, ref_ids = checked_references(
         embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids, "cosine")
     cdt = compute_dtype(embeddings.dtype)
     q = F.normalize(embeddings.to(cdt), dim=1)
     r = q if self_ref else F.normalize(ref_emb.to(cdt), dim=1)
-    return q, r, labels, ref_labels, query_ids, ref_ids
+    return q, r, labels, ref_labels, query_ids, ref_ids, self_ref, user_ids
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """"auto" -> "cpu" (CPU tensors, extension built) or "chunked"; an explicit
+    "cpu" that cannot run raises RuntimeError("backend 'cpu' is not available: ...")."""
+    if backend == "auto":
+        return "cpu" if device.type == "cpu" and _ops.has_contrastive_ops() else "chunked"
+    if backend == "cpu":
+        if device.type != "cpu":
+            raise RuntimeError(f"backend 'cpu' is not available: it takes CPU tensors, got "
+                               f"{device.type} tensors")
+        if not _ops.has_contrastive_ops():
+            why = _extension.why_missing() if not _extension.loaded() else \
+                "the loaded fastmine._C has no fastmine::contrastive op (rebuild it)"
+            raise RuntimeError(f"backend 'cpu' is not available: {why}")
+    return backend
 
 
 # --------------------------------------------------------------------------- streaming
@@ -288,6 +310,10 @@ class _ContrastiveLoss(nn.Module):
     def _reference(self, *prepared) -> Tensor:
         raise NotImplementedError
 
+    def _op_args(self) -> tuple:
+        """(loss code, p0, p1, p2, epsilon) of the op fastmine::contrastive."""
+        raise NotImplementedError
+
     def forward(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
                 ref_labels: Optional[Tensor] = None, query_ids: Optional[Tensor] = None,
                 ref_ids: Optional[Tensor] = None) -> Tensor:
@@ -296,13 +322,20 @@ class _ContrastiveLoss(nn.Module):
         batch, self-pairs excluded) and query_ids [N] / ref_ids [M] (same-sample
         exclusion, docs/contract.md).  Returns the 0-d loss in embeddings' dtype
         (computed in float32 for float16/bfloat16)."""
-        q, r, labels, ref_labels, qid, rid = prepare(embeddings, labels, ref_emb, ref_labels,
-                                                     query_ids, ref_ids)
-        if self.backend == "torch":
+        q, r, labels, ref_labels, qid, rid, self_ref, user_ids = prepare(
+            embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids)
+        backend = resolve_backend(self.backend, q.device)
+        if backend == "torch":
             loss = self._reference(q, r, labels, ref_labels, qid, rid)
-        else:
-            loss = _StreamingLoss.apply(q, None if ref_emb is None else r, labels, ref_labels,
+        elif backend == "chunked":
+            loss = _StreamingLoss.apply(q, None if self_ref else r, labels, ref_labels,
                                         qid, rid, self._spec(), self.block_size, self.block_size)
+        else:
+            if self_ref and not user_ids:
+                qid = rid = None  # the kernel excludes i == j itself
+            loss, _ = torch.ops.fastmine.contrastive(
+                q, None if self_ref else r, labels, ref_labels, qid, rid, *self._op_args(),
+                self.block_size)
         return loss.to(embeddings.dtype)
 
 
@@ -316,7 +349,8 @@ class SupConLoss(_ContrastiveLoss):
 
     Args:
         temperature: tau > 0.
-        backend: "auto", "chunked" (streaming) or "torch" (full matrix).
+        backend: "auto", "cpu" (compiled kernel), "chunked" (streaming in
+            PyTorch) or "torch" (full matrix); see the module docstring.
         block_size: anchors and references per tile of the streaming backend.
     """
 
@@ -330,6 +364,9 @@ class SupConLoss(_ContrastiveLoss):
 
     def _reference(self, *prepared):
         return ref.supcon(*prepared, temperature=self.temperature)
+
+    def _op_args(self):
+        return LOSS_CODES["supcon"], self.temperature, 0.0, 0.0, None
 
 
 class NTXentLoss(_ContrastiveLoss):
@@ -349,6 +386,9 @@ class NTXentLoss(_ContrastiveLoss):
 
     def _reference(self, *prepared):
         return ref.ntxent(*prepared, temperature=self.temperature)
+
+    def _op_args(self):
+        return LOSS_CODES["ntxent"], self.temperature, 0.0, 0.0, None
 
 
 class MultiSimilarityLoss(_ContrastiveLoss):
@@ -381,3 +421,7 @@ class MultiSimilarityLoss(_ContrastiveLoss):
     def _reference(self, *prepared):
         return ref.multi_similarity(*prepared, alpha=self.alpha, beta=self.beta, base=self.base,
                                     miner_epsilon=self.miner_epsilon)
+
+    def _op_args(self):
+        return (LOSS_CODES["multi_similarity"], self.alpha, self.beta, self.base,
+                self.miner_epsilon)

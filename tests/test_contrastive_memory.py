@@ -1,14 +1,17 @@
 """The streaming contrastive losses never allocate an N x M tensor (issue #18).
 
-A TorchDispatchMode records the largest tensor any op returns during a forward
-+ backward at N = 2048 with 256 x 256 tiles: it must be one tile or the rows
-(N x D), far below N x N; the same probe sees the full-matrix reference's
-matrix (so the probe can fail).
+A TorchDispatchMode (the PyTorch streaming backend) or the profiler's
+allocation events (the compiled kernel) record the largest tensor allocated
+during a forward + backward at N = 2048 with 256 x 256 tiles: it must be one
+tile or the rows (N x D), far below N x N; the same probe sees the
+full-matrix reference's matrix (so the probe can fail).
 """
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fastmine import _ops
 from fastmine import contrastive as C
 
 SPECS = {"supcon": (C.SupConLoss, {}), "ntxent": (C.NTXentLoss, {}),
@@ -50,3 +53,33 @@ def test_no_n_by_m_allocation(name, with_ref):
     with _LargestAllocation() as full:  # the check sees the reference's matrix
         cls(**kw, backend="torch")(emb[:512], y[:512])
     assert full.largest >= 512 * 512
+
+
+@pytest.mark.skipif(not _ops.has_contrastive_ops(), reason="compiled extension not built")
+@pytest.mark.parametrize("name,with_ref", [("supcon", True), ("ntxent", False),
+                                           ("ms_mined", True)])
+def test_cpu_kernel_no_n_by_m_allocation(name, with_ref):
+    """The compiled kernel allocates inside the op, out of a dispatch mode's sight:
+    the profiler's allocation events (every thread) see each buffer.  The largest
+    is one 256 x 256 tile or an [N, D] gradient; the reference's N x N matrix
+    is seen by the same probe."""
+    cls, kw = SPECS[name]
+    n, d = 2048, 16
+    g = torch.Generator().manual_seed(1)
+    emb = torch.randn(n, d, generator=g, requires_grad=True)
+    y = torch.randint(0, 64, (n,), generator=g)
+    ref = torch.randn(n, d, generator=g, requires_grad=True) if with_ref else None
+    ry = torch.randint(0, 64, (n,), generator=g) if with_ref else None
+
+    def largest(fn):
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        return max(e.cpu_memory_usage for e in prof.events())
+
+    def step():
+        loss = cls(**kw, backend="cpu", block_size=256)(emb, y, ref, ry)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(emb.grad).all()
+
+    assert largest(step) <= 4 * max(256 * 256, n * d) < 4 * n * n // 32
+    assert largest(lambda: cls(**kw, backend="torch")(emb[:512], y[:512])) >= 4 * 512 * 512
