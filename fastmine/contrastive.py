@@ -25,12 +25,14 @@ from torch import Tensor, nn
 
 from . import _extension, _ops
 from . import reference_contrastive as ref
-from ._contract import check_choice, check_positive_int, check_real, checked_references, compute_dtype
+from ._contract import (check_choice, check_finite_async, check_positive_int, check_real,
+                        checked_references, compute_dtype)
 from .reference_contrastive import pair_masks, softplus
 
 BACKENDS = ("auto", "cpu", "chunked", "torch")
 # The op's loss codes (csrc/include/fastmine/schema.h: kContrastive*).
 LOSS_CODES = {"supcon": 0, "ntxent": 1, "multi_similarity": 2}
+_CPU_OPS = _ops.has_contrastive_ops()  # the extension registers fastmine::contrastive
 DEFAULT_BLOCK = 256  # anchors x references per tile: a 256 x 256 tile, 256 KiB in float32
 
 
@@ -60,8 +62,20 @@ def prepare(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
         embeddings, labels, ref_emb, ref_labels, "easy", "hard", "cosine", None,
         query_ids, ref_ids, "torch")
     self_ref, user_ids = ref_emb is None, query_ids is not None
-    ref_emb, ref_labels, query_ids, ref_ids = checked_references(
-        embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids, "cosine")
+    if torch.compiler.is_compiling():
+        # In a graph the data checks take their no-sync form (a device-side
+        # assertion, docs/contract.md "Errors"), and the references are resolved
+        # as checked_references does.
+        check_finite_async("embeddings", embeddings, "cosine")
+        if self_ref:
+            ids = torch.arange(embeddings.shape[0], device=embeddings.device) \
+                if query_ids is None else query_ids
+            ref_emb, ref_labels, query_ids, ref_ids = embeddings, labels, ids, ids
+        else:
+            check_finite_async("ref_emb", ref_emb, "cosine")
+    else:
+        ref_emb, ref_labels, query_ids, ref_ids = checked_references(
+            embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids, "cosine")
     cdt = compute_dtype(embeddings.dtype)
     q = F.normalize(embeddings.to(cdt), dim=1)
     r = q if self_ref else F.normalize(ref_emb.to(cdt), dim=1)
@@ -72,12 +86,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     """"auto" -> "cpu" (CPU tensors, extension built) or "chunked"; an explicit
     "cpu" that cannot run raises RuntimeError("backend 'cpu' is not available: ...")."""
     if backend == "auto":
-        return "cpu" if device.type == "cpu" and _ops.has_contrastive_ops() else "chunked"
+        return "cpu" if device.type == "cpu" and _CPU_OPS else "chunked"
     if backend == "cpu":
         if device.type != "cpu":
             raise RuntimeError(f"backend 'cpu' is not available: it takes CPU tensors, got "
                                f"{device.type} tensors")
-        if not _ops.has_contrastive_ops():
+        if not _CPU_OPS:
             why = _extension.why_missing() if not _extension.loaded() else \
                 "the loaded fastmine._C has no fastmine::contrastive op (rebuild it)"
             raise RuntimeError(f"backend 'cpu' is not available: {why}")
@@ -260,7 +274,8 @@ class _MultiSimilaritySpec(_Spec):
 
 
 class _StreamingLoss(torch.autograd.Function):
-    """loss = spec(q, r); r None: the references are q itself.
+    """loss = spec(q, r); r None: the references are q itself (ref_labels None:
+    ``labels``; ref_ids None: ``query_ids``).
 
     forward: ``spec.stats`` over the tiles, O(N + M) state.  backward: every
     tile again, g = dL/ds from the saved per-anchor statistics, then
@@ -269,6 +284,8 @@ class _StreamingLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, r, labels, ref_labels, query_ids, ref_ids, spec, block_q, block_r):
         refs = q if r is None else r
+        ref_labels = labels if ref_labels is None else ref_labels
+        ref_ids = query_ids if ref_ids is None else ref_ids
         tiles = lambda: _tiles(q, refs, labels, ref_labels, query_ids, ref_ids,  # noqa: E731
                                block_q, block_r)
         loss, saved = spec.stats(tiles, q, q.shape[0])
@@ -328,8 +345,12 @@ class _ContrastiveLoss(nn.Module):
         if backend == "torch":
             loss = self._reference(q, r, labels, ref_labels, qid, rid)
         elif backend == "chunked":
-            loss = _StreamingLoss.apply(q, None if self_ref else r, labels, ref_labels,
-                                        qid, rid, self._spec(), self.block_size, self.block_size)
+            # the references are the batch: one tensor each (no duplicate inputs, which
+            # torch.compile rejects for an autograd.Function)
+            loss = _StreamingLoss.apply(q, None if self_ref else r, labels,
+                                        None if self_ref else ref_labels, qid,
+                                        None if self_ref else rid, self._spec(), self.block_size,
+                                        self.block_size)
         else:
             if self_ref and not user_ids:
                 qid = rid = None  # the kernel excludes i == j itself
