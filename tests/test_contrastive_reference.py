@@ -6,6 +6,8 @@ singletons, one-class batches, repeated ids and a reference set; the mapping
 of same-sample ids onto PML (an explicit indices_tuple) is docs/contrastive.md,
 "Where PML and fastmine differ".
 """
+import math
+
 import pytest
 import torch
 
@@ -248,3 +250,22 @@ def test_checked_references_resolves_self_ids():
     emb, y, _, _ = _batch([0, 1, 0])
     _, _, qid, rid = checked_references(emb, y, None, None, None, None, "cosine")
     assert qid.tolist() == rid.tolist() == [0, 1, 2]
+
+
+def test_ntxent_fp32_pml_caps_at_minus_log_tiny():
+    """PML's -log(ratio + tiny) caps a pair term at -log(tiny) = 87.3 in float32;
+    fastmine computes softplus(N_i - s_ap/tau) without the cap (docs/contrastive.md)."""
+    emb = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [1.0, 0.01]])  # anchor, its positive, a negative
+    y = torch.tensor([0, 0, 1])
+    t = 0.01
+    theirs = float(pml_losses.NTXentLoss(temperature=t)(emb, y))
+    ours = float(C.NTXentLoss(temperature=t, backend="torch")(emb, y))
+    exact = float(C.NTXentLoss(temperature=t, backend="torch")(emb.double(), y))
+    # pairs (0, 1) and (1, 0): the first is ~200 (PML caps it at -log tiny), the
+    # second ~log 2 (anchor 1's negative is as far as its positive)
+    q = torch.nn.functional.normalize(emb.double(), dim=1)
+    s = q @ q.T / t
+    second = float(torch.logaddexp(s[1, 0], s[1, 2]) - s[1, 0])
+    assert exact > 100 and ours == pytest.approx(exact, rel=1e-5)
+    cap = -math.log(torch.finfo(torch.float32).tiny)
+    assert theirs == pytest.approx((cap + second) / 2, rel=1e-4)
