@@ -369,7 +369,7 @@ TORCH_LIBRARY_IMPL(fastmine, Autograd, m) {
 // Contrastive losses (issue #18; docs/contrastive.md).
 //   Python fastmine.contrastive.*Loss(backend="cpu") --> fastmine::contrastive
 //     Autograd key:  ContrastiveAutograd: forward = the op below autograd (the
-//                    loss and the per-anchor statistics), backward =
+//                    per-anchor terms and statistics), backward =
 //                    fastmine::contrastive_backward, recomputing the tiles.
 //     CPU key:       csrc/cpu/contrastive_cpu.cpp.
 //     Meta / fake:   fastmine/_ops.py.
@@ -393,7 +393,7 @@ namespace {
 using OptT = c10::optional<at::Tensor>;
 using ContrastiveOut = std::tuple<at::Tensor, at::Tensor>;
 
-// The loss is differentiable w.r.t. q and r; the statistics are not.
+// The terms are differentiable w.r.t. q and r; the statistics are not.
 class ContrastiveAutograd : public torch::autograd::Function<ContrastiveAutograd> {
  public:
   static torch::autograd::variable_list forward(

@@ -56,13 +56,14 @@ if _extension.loaded():
 # --------------------------------------------------------------------------- contrastive losses
 # (issue #18; docs/contrastive.md; schemas FASTMINE_CONTRASTIVE_* in schema.h)
 
-CONTRASTIVE_STATS = 5  # rows of the per-anchor statistics (csrc/cpu/contrastive_cpu.cpp)
+CONTRASTIVE_STATS = 6  # rows of the per-anchor statistics (csrc/cpu/contrastive_cpu.cpp)
 
 
 def _contrastive_fake(q, r, labels, ref_labels, query_ids, ref_ids, loss, p0, p1, p2, epsilon,
                       block):
-    """loss: 0-d in q's dtype; stats: float64 [5, N]."""
-    return q.new_empty(()), q.new_empty((CONTRASTIVE_STATS, q.shape[0]), dtype=torch.float64)
+    """terms: [N] in q's dtype; stats: float64 [6, N]."""
+    return q.new_empty((q.shape[0],)), q.new_empty((CONTRASTIVE_STATS, q.shape[0]),
+                                                   dtype=torch.float64)
 
 
 def _contrastive_backward_fake(grad, q, r, labels, ref_labels, query_ids, ref_ids, loss, p0, p1,

@@ -27,7 +27,7 @@ from . import _extension, _ops
 from . import reference_contrastive as ref
 from ._contract import (check_choice, check_finite_async, check_positive_int, check_real,
                         checked_references, compute_dtype)
-from .reference_contrastive import pair_masks, softplus
+from .reference_contrastive import pair_masks, reduce_terms, softplus
 
 BACKENDS = ("auto", "cpu", "chunked", "torch")
 # The op's loss codes (csrc/include/fastmine/schema.h: kContrastive*).
@@ -150,17 +150,24 @@ def _finite(x: Tensor) -> Tensor:
 
 
 class _Spec:
-    """One loss of the streaming family: its forward (``stats``) and its
-    dL/ds on a tile (``tile_grad``).  Subclasses hold the hyper-parameters."""
+    """One loss of the streaming family: its forward passes (``stats``) and
+    dterm_i/ds on a tile (``tile_grad``).  Subclasses hold the hyper-parameters."""
 
     def stats(self, tiles, q: Tensor, n: int):
         """Run the forward passes over ``tiles()`` (a fresh tile iterator per call).
-        Returns (loss 0-d, saved: tuple of per-anchor tensors for tile_grad)."""
+        Returns (terms [N], n_pos [N] int64, n_neg [N] int64, saved: a tuple of
+        per-anchor tensors for tile_grad)."""
         raise NotImplementedError
 
-    def tile_grad(self, s, pos, neg, saved, i0, i1) -> Tensor:
-        """dL/ds on one tile [bq, br] (upstream gradient 1), from ``saved`` rows i0:i1."""
+    def tile_grad(self, s, pos, neg, saved, gamma, i0, i1) -> Tensor:
+        """gamma_i dterm_i/ds on one tile [bq, br], from ``saved`` rows i0:i1 and the
+        upstream gradient gamma [bq, 1]."""
         raise NotImplementedError
+
+
+def _counts_state(n: int, q: Tensor) -> Tuple[Tensor, Tensor]:
+    return (torch.zeros(n, dtype=torch.int64, device=q.device),
+            torch.zeros(n, dtype=torch.int64, device=q.device))
 
 
 class _SupConSpec(_Spec):
@@ -170,31 +177,25 @@ class _SupConSpec(_Spec):
     def stats(self, tiles, q, n):
         mx, sm = _lse_state(n, q, add_one=False)
         sum_pos = q.new_zeros(n)  # sum over positives of s / tau
-        n_pos = torch.zeros(n, dtype=torch.int64, device=q.device)
-        any_neg = torch.zeros((), dtype=torch.bool, device=q.device)
+        n_pos, n_neg = _counts_state(n, q)
         for i0, i1, _, _, s, pos, neg in tiles():
             x = s / self.t
             _lse_update(mx[i0:i1], sm[i0:i1], x, pos | neg)
             sum_pos[i0:i1] += torch.where(pos, x, torch.zeros_like(x)).sum(dim=1)
             n_pos[i0:i1] += pos.sum(dim=1)
-            any_neg |= neg.any()
-        lse = _lse_finish(mx, sm)
+            n_neg[i0:i1] += neg.sum(dim=1)
+        lse = _finite(_lse_finish(mx, sm))  # -inf only without candidates (then P_i = 0)
         has_pos = n_pos > 0
-        terms = torch.where(has_pos, _finite(lse) - sum_pos / n_pos.clamp_min(1).to(q.dtype),
+        terms = torch.where(has_pos, lse - sum_pos / n_pos.clamp_min(1).to(q.dtype),
                             torch.zeros_like(lse))
-        keep = terms > 0  # AvgNonZeroReducer
-        count = keep.sum().clamp_min(1).to(q.dtype)
-        on = has_pos.any() & any_neg  # PML: 0 without a positive or a negative pair
-        w = torch.where(keep & on, 1.0 / count, torch.zeros_like(terms))
-        loss = torch.where(on, torch.where(keep, terms, torch.zeros_like(terms)).sum() / count,
-                           q.new_zeros(()))
-        return loss, (_finite(lse), w, n_pos.clamp_min(1).to(q.dtype))
+        return terms, n_pos, n_neg, (lse, n_pos.to(q.dtype))
 
-    def tile_grad(self, s, pos, neg, saved, i0, i1):
-        lse, w, n_pos = (t[i0:i1, None] for t in saved)
+    def tile_grad(self, s, pos, neg, saved, gamma, i0, i1):
+        lse, n_pos = (t[i0:i1, None] for t in saved)
         x = s / self.t
         soft = torch.where(pos | neg, torch.exp(x - lse), torch.zeros_like(x))
-        return (w / self.t) * (soft - pos.to(s.dtype) / n_pos)
+        g = (soft - pos.to(s.dtype) / n_pos.clamp_min(1)) * (gamma / self.t)
+        return torch.where(n_pos > 0, g, torch.zeros_like(g))  # term_i = 0 without positives
 
 
 class _NTXentSpec(_Spec):
@@ -203,32 +204,26 @@ class _NTXentSpec(_Spec):
 
     def stats(self, tiles, q, n):
         mx, sm = _lse_state(n, q, add_one=False)
-        n_pos = torch.zeros(n, dtype=torch.int64, device=q.device)
-        any_neg = torch.zeros((), dtype=torch.bool, device=q.device)
+        n_pos, n_neg = _counts_state(n, q)
         for i0, i1, _, _, s, pos, neg in tiles():  # pass 1: N_i = LSE over the negatives
             _lse_update(mx[i0:i1], sm[i0:i1], s / self.t, neg)
             n_pos[i0:i1] += pos.sum(dim=1)
-            any_neg |= neg.any()
+            n_neg[i0:i1] += neg.sum(dim=1)
         neg_lse = _lse_finish(mx, sm)  # -inf without negatives: every pair term is 0
-        total = q.new_zeros(n)  # sum over positives of softplus(N_i - s/tau)
-        dn = q.new_zeros(n)  # G_i = dL_i/dN_i = sum over positives of sigmoid(N_i - s/tau)
+        terms = q.new_zeros(n)  # sum over positives of softplus(N_i - s/tau)
+        dn = q.new_zeros(n)  # G_i = dterm_i/dN_i = sum over positives of sigmoid(N_i - s/tau)
         for i0, i1, _, _, s, pos, neg in tiles():  # pass 2: the positive pairs
             z = neg_lse[i0:i1, None] - s / self.t
-            total[i0:i1] += torch.where(pos, softplus(z), torch.zeros_like(z)).sum(dim=1)
+            terms[i0:i1] += torch.where(pos, softplus(z), torch.zeros_like(z)).sum(dim=1)
             dn[i0:i1] += torch.where(pos, torch.sigmoid(z), torch.zeros_like(z)).sum(dim=1)
-        pairs = n_pos.sum()
-        on = (pairs > 0) & any_neg
-        w = torch.where(on, 1.0 / pairs.clamp_min(1).to(q.dtype), q.new_zeros(()))
-        loss = torch.where(on, total.sum() / pairs.clamp_min(1).to(q.dtype), q.new_zeros(()))
-        return loss, (neg_lse, dn, w.expand(n))
+        return terms, n_pos, n_neg, (neg_lse, dn)
 
-    def tile_grad(self, s, pos, neg, saved, i0, i1):
-        neg_lse, dn, w = (t[i0:i1, None] for t in saved)
+    def tile_grad(self, s, pos, neg, saved, gamma, i0, i1):
+        neg_lse, dn = (t[i0:i1, None] for t in saved)
         x = s / self.t
-        safe = _finite(neg_lse)
-        g_neg = torch.where(neg, dn * torch.exp(x - safe), torch.zeros_like(x))
+        g_neg = torch.where(neg, dn * torch.exp(x - _finite(neg_lse)), torch.zeros_like(x))
         g_pos = torch.where(pos, torch.sigmoid(neg_lse - x), torch.zeros_like(x))
-        return (w / self.t) * (g_neg - g_pos)
+        return (gamma / self.t) * (g_neg - g_pos)
 
 
 class _MultiSimilaritySpec(_Spec):
@@ -245,6 +240,7 @@ class _MultiSimilaritySpec(_Spec):
 
     def stats(self, tiles, q, n):
         bounds = ()
+        n_pos, n_neg = _counts_state(n, q)
         if self.eps is not None:  # pass 0: min_P s and max_Q s per anchor
             min_pos = q.new_full((n,), float("inf"))
             max_neg = q.new_full((n,), float("-inf"))
@@ -257,29 +253,29 @@ class _MultiSimilaritySpec(_Spec):
         pmx, psm = _lse_state(n, q, add_one=True)
         nmx, nsm = _lse_state(n, q, add_one=True)
         for i0, i1, _, _, s, pos, neg in tiles():
+            n_pos[i0:i1] += pos.sum(dim=1)  # the counts before the miner
+            n_neg[i0:i1] += neg.sum(dim=1)
             pos, neg = self._select(s, pos, neg, bounds, i0, i1)
             _lse_update(pmx[i0:i1], psm[i0:i1], self.alpha * (self.base - s), pos)
             _lse_update(nmx[i0:i1], nsm[i0:i1], self.beta * (s - self.base), neg)
         a, b = _lse_finish(pmx, psm), _lse_finish(nmx, nsm)  # finite: both include e^0
-        terms = a / self.alpha + b / self.beta
-        loss = terms.sum() / max(n, 1)
-        return loss, (a, b, q.new_full((n,), 1.0 / max(n, 1))) + bounds
+        return a / self.alpha + b / self.beta, n_pos, n_neg, (a, b) + bounds
 
-    def tile_grad(self, s, pos, neg, saved, i0, i1):
-        a, b, w = (t[i0:i1, None] for t in saved[:3])
-        pos, neg = self._select(s, pos, neg, saved[3:], i0, i1)
+    def tile_grad(self, s, pos, neg, saved, gamma, i0, i1):
+        a, b = (t[i0:i1, None] for t in saved[:2])
+        pos, neg = self._select(s, pos, neg, saved[2:], i0, i1)
         g_pos = torch.where(pos, torch.exp(self.alpha * (self.base - s) - a), torch.zeros_like(s))
         g_neg = torch.where(neg, torch.exp(self.beta * (s - self.base) - b), torch.zeros_like(s))
-        return w * (g_neg - g_pos)
+        return gamma * (g_neg - g_pos)
 
 
-class _StreamingLoss(torch.autograd.Function):
-    """loss = spec(q, r); r None: the references are q itself (ref_labels None:
-    ``labels``; ref_ids None: ``query_ids``).
+class _StreamingTerms(torch.autograd.Function):
+    """(terms [N], n_pos [N], n_neg [N]) = spec(q, r); r None: the references are q
+    itself (ref_labels None: ``labels``; ref_ids None: ``query_ids``).
 
     forward: ``spec.stats`` over the tiles, O(N + M) state.  backward: every
-    tile again, g = dL/ds from the saved per-anchor statistics, then
-    dL/dq[i-block] += g r[j-block] and dL/dr[j-block] += g^T q[i-block]."""
+    tile again, g = gamma_i dterm_i/ds from the saved per-anchor statistics,
+    then dL/dq[i-block] += g r[j-block] and dL/dr[j-block] += g^T q[i-block]."""
 
     @staticmethod
     def forward(ctx, q, r, labels, ref_labels, query_ids, ref_ids, spec, block_q, block_r):
@@ -288,14 +284,15 @@ class _StreamingLoss(torch.autograd.Function):
         ref_ids = query_ids if ref_ids is None else ref_ids
         tiles = lambda: _tiles(q, refs, labels, ref_labels, query_ids, ref_ids,  # noqa: E731
                                block_q, block_r)
-        loss, saved = spec.stats(tiles, q, q.shape[0])
+        terms, n_pos, n_neg, saved = spec.stats(tiles, q, q.shape[0])
         ctx.save_for_backward(q, r, labels, ref_labels, query_ids, ref_ids, *saved)
         ctx.spec, ctx.blocks = spec, (block_q, block_r)
-        return loss
+        ctx.mark_non_differentiable(n_pos, n_neg)
+        return terms, n_pos, n_neg
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
+    def backward(ctx, grad, _grad_pos, _grad_neg):
         q, r, labels, ref_labels, query_ids, ref_ids, *saved = ctx.saved_tensors
         refs = q if r is None else r
         dq = torch.zeros_like(q)
@@ -303,7 +300,7 @@ class _StreamingLoss(torch.autograd.Function):
         dr = dq if r is None else (torch.zeros_like(r) if want_r else None)
         for i0, i1, j0, j1, s, pos, neg in _tiles(q, refs, labels, ref_labels, query_ids,
                                                   ref_ids, *ctx.blocks):
-            g = ctx.spec.tile_grad(s, pos, neg, saved, i0, i1) * grad
+            g = ctx.spec.tile_grad(s, pos, neg, saved, grad[i0:i1, None], i0, i1)
             dq[i0:i1].addmm_(g, refs[j0:j1])
             if dr is not None:
                 dr[j0:j1].addmm_(g.T, q[i0:i1])
@@ -321,15 +318,39 @@ class _ContrastiveLoss(nn.Module):
         self.backend = backend
         self.block_size = check_positive_int("block_size", block_size)
 
+    _loss = ""  # the LOSS_CODES / reduce_terms name
+
     def _spec(self) -> _Spec:
         raise NotImplementedError
 
-    def _reference(self, *prepared) -> Tensor:
+    def _reference(self, *prepared) -> Tuple[Tensor, Tensor, Tensor]:
+        """The full-matrix per-anchor (terms, n_pos, n_neg)."""
         raise NotImplementedError
 
     def _op_args(self) -> tuple:
         """(loss code, p0, p1, p2, epsilon) of the op fastmine::contrastive."""
         raise NotImplementedError
+
+    def _terms(self, embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids):
+        """(terms [N] in the compute dtype, n_pos [N], n_neg [N]) on the backend."""
+        q, r, labels, ref_labels, qid, rid, self_ref, user_ids = prepare(
+            embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids)
+        backend = resolve_backend(self.backend, q.device)
+        if backend == "torch":
+            return self._reference(q, r, labels, ref_labels, qid, rid)
+        if backend == "chunked":
+            # the references are the batch: one tensor each (no duplicate inputs, which
+            # torch.compile rejects for an autograd.Function)
+            return _StreamingTerms.apply(q, None if self_ref else r, labels,
+                                         None if self_ref else ref_labels, qid,
+                                         None if self_ref else rid, self._spec(),
+                                         self.block_size, self.block_size)
+        if self_ref and not user_ids:
+            qid = rid = None  # the kernel excludes i == j itself
+        terms, stats = torch.ops.fastmine.contrastive(
+            q, None if self_ref else r, labels, ref_labels, qid, rid, *self._op_args(),
+            self.block_size)
+        return terms, stats[2].to(torch.int64), stats[3].to(torch.int64)
 
     def forward(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
                 ref_labels: Optional[Tensor] = None, query_ids: Optional[Tensor] = None,
@@ -339,28 +360,42 @@ class _ContrastiveLoss(nn.Module):
         batch, self-pairs excluded) and query_ids [N] / ref_ids [M] (same-sample
         exclusion, docs/contract.md).  Returns the 0-d loss in embeddings' dtype
         (computed in float32 for float16/bfloat16)."""
-        q, r, labels, ref_labels, qid, rid, self_ref, user_ids = prepare(
-            embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids)
-        backend = resolve_backend(self.backend, q.device)
-        if backend == "torch":
-            loss = self._reference(q, r, labels, ref_labels, qid, rid)
-        elif backend == "chunked":
-            # the references are the batch: one tensor each (no duplicate inputs, which
-            # torch.compile rejects for an autograd.Function)
-            loss = _StreamingLoss.apply(q, None if self_ref else r, labels,
-                                        None if self_ref else ref_labels, qid,
-                                        None if self_ref else rid, self._spec(), self.block_size,
-                                        self.block_size)
+        terms, n_pos, n_neg = self._terms(embeddings, labels, ref_emb, ref_labels, query_ids,
+                                          ref_ids)
+        return reduce_terms(self._loss, terms, n_pos, n_neg).to(embeddings.dtype)
+
+
+class _PerAnchorMean:
+    """``per_anchor`` for the losses whose reduction is a mean over anchors
+    (``fastmine.distributed.DistributedLoss`` reads ``per_anchor``, ``reduction``
+    and ``average_nonzero``): SupCon (the mean of the non-zero terms) and
+    Multi-Similarity (the mean over all anchors).  NT-Xent averages over pairs,
+    which that interface cannot express: it has no ``per_anchor``."""
+
+    reduction = "mean"
+
+    def per_anchor(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
+                   ref_labels: Optional[Tensor] = None, *, query_ids: Optional[Tensor] = None,
+                   ref_ids: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """(terms [N] in embeddings' dtype, valid [N] bool), terms 0 where not valid:
+        the mean of the valid terms (> 0 with ``average_nonzero``) is ``forward``.
+
+        SupCon: valid = the anchor has a positive and this call's batch has a
+        negative pair (PML's batch-level condition, evaluated on this call's
+        anchors: under DistributedLoss, on the rank's anchors against the global
+        references -- the same as the global condition unless ids leave some
+        anchors of a multi-class batch without any negative).  MS: every anchor."""
+        terms, n_pos, n_neg = self._terms(embeddings, labels, ref_emb, ref_labels, query_ids,
+                                          ref_ids)
+        if self.average_nonzero:
+            valid = (n_pos > 0) & (n_neg > 0).any()
         else:
-            if self_ref and not user_ids:
-                qid = rid = None  # the kernel excludes i == j itself
-            loss, _ = torch.ops.fastmine.contrastive(
-                q, None if self_ref else r, labels, ref_labels, qid, rid, *self._op_args(),
-                self.block_size)
-        return loss.to(embeddings.dtype)
+            valid = torch.ones_like(n_pos, dtype=torch.bool)
+        terms = torch.where(valid, terms, torch.zeros_like(terms))
+        return terms.to(embeddings.dtype), valid
 
 
-class SupConLoss(_ContrastiveLoss):
+class SupConLoss(_PerAnchorMean, _ContrastiveLoss):
     """Supervised contrastive loss (Khosla et al. 2020; PML ``SupConLoss``).
 
     Per anchor, minus the mean over its positives of the log-softmax of s/tau
@@ -380,11 +415,14 @@ class SupConLoss(_ContrastiveLoss):
         super().__init__(backend, block_size)
         self.temperature = check_real("temperature", temperature, positive=True)
 
+    _loss = "supcon"
+    average_nonzero = True  # PML's AvgNonZeroReducer
+
     def _spec(self):
         return _SupConSpec(self.temperature)
 
     def _reference(self, *prepared):
-        return ref.supcon(*prepared, temperature=self.temperature)
+        return ref.supcon_terms(*prepared, temperature=self.temperature)
 
     def _op_args(self):
         return LOSS_CODES["supcon"], self.temperature, 0.0, 0.0, None
@@ -402,17 +440,19 @@ class NTXentLoss(_ContrastiveLoss):
         super().__init__(backend, block_size)
         self.temperature = check_real("temperature", temperature, positive=True)
 
+    _loss = "ntxent"
+
     def _spec(self):
         return _NTXentSpec(self.temperature)
 
     def _reference(self, *prepared):
-        return ref.ntxent(*prepared, temperature=self.temperature)
+        return ref.ntxent_terms(*prepared, temperature=self.temperature)
 
     def _op_args(self):
         return LOSS_CODES["ntxent"], self.temperature, 0.0, 0.0, None
 
 
-class MultiSimilarityLoss(_ContrastiveLoss):
+class MultiSimilarityLoss(_PerAnchorMean, _ContrastiveLoss):
     """Multi-Similarity loss (Wang et al. 2019; PML ``MultiSimilarityLoss``).
 
     Per anchor (1/alpha) log(1 + sum_p e^{-alpha (s_ap - base)})
@@ -436,12 +476,15 @@ class MultiSimilarityLoss(_ContrastiveLoss):
         self.miner_epsilon = (None if miner_epsilon is None
                               else check_real("miner_epsilon", miner_epsilon, minimum=0.0))
 
+    _loss = "multi_similarity"
+    average_nonzero = False
+
     def _spec(self):
         return _MultiSimilaritySpec(self.alpha, self.beta, self.base, self.miner_epsilon)
 
     def _reference(self, *prepared):
-        return ref.multi_similarity(*prepared, alpha=self.alpha, beta=self.beta, base=self.base,
-                                    miner_epsilon=self.miner_epsilon)
+        return ref.multi_similarity_terms(*prepared, alpha=self.alpha, beta=self.beta,
+                                          base=self.base, miner_epsilon=self.miner_epsilon)
 
     def _op_args(self):
         return (LOSS_CODES["multi_similarity"], self.alpha, self.beta, self.base,

@@ -16,7 +16,9 @@ that for the modules):
                                   batch, the caller passes arange(N) (or the
                                   user's query_ids) for both
 
-and returns a 0-d tensor in q's dtype.
+and the per-anchor functions return ``(terms [N] in q's dtype, n_pos [N], n_neg [N])``
+(int64 counts of positives / negatives), which ``reduce_terms`` turns into the
+loss (0-d): the one definition of the reductions, shared by every backend.
 """
 from __future__ import annotations
 
@@ -62,53 +64,64 @@ def softplus(z: Tensor) -> Tensor:
     return z.clamp_min(0) + torch.log1p(torch.exp(-z.abs()))
 
 
-def _batch_has_pairs(pos: Tensor, neg: Tensor) -> Tensor:
-    """0-d bool: the batch has a positive pair and a negative pair (SupCon's and
-    NT-Xent's batch-level condition, PML's ``_compute_loss``)."""
-    return pos.any() & neg.any()
+def reduce_terms(loss: str, terms: Tensor, n_pos: Tensor, n_neg: Tensor) -> Tensor:
+    """The reduction of each loss (PML's reducers), one definition for every backend.
+
+    terms [N]: the per-anchor terms (NT-Xent: the sum of the anchor's pair
+    terms); n_pos, n_neg [N] int: each anchor's positive / negative counts.
+        "supcon"            mean of the terms > 0 (AvgNonZeroReducer; the
+                            selection is not differentiated)
+        "ntxent"            sum of the terms / the number of positive pairs
+                            (MeanReducer over pairs)
+        "multi_similarity"  mean over all N anchors (MeanReducer)
+    SupCon and NT-Xent are 0 when the batch has no positive pair or no
+    negative pair (PML's ``_compute_loss``).  An empty denominator gives an
+    exact 0 (still attached to the graph), never NaN.  Returns a 0-d tensor.
+    """
+    if loss == "multi_similarity":
+        return terms.sum() / max(terms.shape[0], 1)
+    if loss == "supcon":
+        keep = terms > 0
+        value = torch.where(keep, terms, torch.zeros_like(terms)).sum() \
+            / keep.sum().clamp_min(1).to(terms.dtype)
+    elif loss == "ntxent":
+        value = terms.sum() / n_pos.sum().clamp_min(1).to(terms.dtype)
+    else:
+        raise ValueError(f"unknown loss {loss!r}")
+    on = (n_pos > 0).any() & (n_neg > 0).any()
+    return torch.where(on, value, torch.zeros_like(value))
+
+
+def _counts(pos: Tensor, neg: Tensor) -> Tuple[Tensor, Tensor]:
+    return pos.sum(dim=1), neg.sum(dim=1)
 
 
 def supcon_terms(q: Tensor, r: Tensor, labels: Tensor, ref_labels: Tensor,
                  query_ids: Optional[Tensor], ref_ids: Optional[Tensor],
                  temperature: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """SupCon per anchor: (terms [N], pos [N, M], neg [N, M]).
-
+    """SupCon per anchor: (terms [N], n_pos [N], n_neg [N]);
     terms_i = LSE_{P_i u Q_i}(s/tau) - sum_{P_i} s / (tau P_i), 0 when P_i = 0."""
     pos, neg = pair_masks(labels, ref_labels, query_ids, ref_ids)
     x = (q @ r.T) / temperature
     lse = masked_lse(x, pos | neg)
-    n_pos = pos.sum(dim=1)
+    n_pos, n_neg = _counts(pos, neg)
     mean_pos = torch.where(pos, x, torch.zeros_like(x)).sum(dim=1) / n_pos.clamp_min(1).to(x.dtype)
     terms = torch.where(n_pos > 0, lse.masked_fill(n_pos == 0, 0.0) - mean_pos,
                         torch.zeros_like(lse))
-    return terms, pos, neg
+    return terms, n_pos, n_neg
 
 
-def supcon(q: Tensor, r: Tensor, labels: Tensor, ref_labels: Tensor,
-           query_ids: Optional[Tensor], ref_ids: Optional[Tensor],
-           temperature: float = 0.1) -> Tensor:
-    """SupConLoss: the mean of the per-anchor terms > 0 (AvgNonZeroReducer); 0 when
-    none is > 0 or the batch has no positive or no negative pair."""
-    terms, pos, neg = supcon_terms(q, r, labels, ref_labels, query_ids, ref_ids, temperature)
-    keep = terms > 0
-    loss = torch.where(keep, terms, torch.zeros_like(terms)).sum() \
-        / keep.sum().clamp_min(1).to(terms.dtype)
-    return torch.where(_batch_has_pairs(pos, neg), loss, torch.zeros_like(loss))
-
-
-def ntxent(q: Tensor, r: Tensor, labels: Tensor, ref_labels: Tensor,
-           query_ids: Optional[Tensor], ref_ids: Optional[Tensor],
-           temperature: float = 0.07) -> Tensor:
-    """NTXentLoss: per positive pair (i, j), softplus(N_i - s_ij/tau) with
-    N_i = LSE_{Q_i}(s/tau) (0 when Q_i is empty); the mean over all positive
-    pairs, 0 when the batch has no positive or no negative pair."""
+def ntxent_terms(q: Tensor, r: Tensor, labels: Tensor, ref_labels: Tensor,
+                 query_ids: Optional[Tensor], ref_ids: Optional[Tensor],
+                 temperature: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """NT-Xent per anchor: (terms [N], n_pos, n_neg), terms_i = the sum over its
+    positives j of softplus(N_i - s_ij/tau), N_i = LSE_{Q_i}(s/tau) (0 without
+    negatives)."""
     pos, neg = pair_masks(labels, ref_labels, query_ids, ref_ids)
     x = (q @ r.T) / temperature
     n_i = masked_lse(x, neg)  # -inf without negatives: softplus(-inf) = 0
     pair = softplus(n_i[:, None] - x)
-    total = torch.where(pos, pair, torch.zeros_like(pair)).sum()
-    loss = total / pos.sum().clamp_min(1).to(x.dtype)
-    return torch.where(_batch_has_pairs(pos, neg), loss, torch.zeros_like(loss))
+    return (torch.where(pos, pair, torch.zeros_like(pair)).sum(dim=1),) + _counts(pos, neg)
 
 
 def ms_miner_masks(s: Tensor, pos: Tensor, neg: Tensor, epsilon: float) -> Tuple[Tensor, Tensor]:
@@ -122,18 +135,34 @@ def ms_miner_masks(s: Tensor, pos: Tensor, neg: Tensor, epsilon: float) -> Tuple
         return pos & (s - epsilon < max_neg), neg & (s + epsilon > min_pos)
 
 
-def multi_similarity(q: Tensor, r: Tensor, labels: Tensor, ref_labels: Tensor,
-                     query_ids: Optional[Tensor], ref_ids: Optional[Tensor],
-                     alpha: float = 2.0, beta: float = 50.0, base: float = 0.5,
-                     miner_epsilon: Optional[float] = None) -> Tensor:
-    """MultiSimilarityLoss: per anchor (1/alpha) log(1 + sum_P e^{-alpha (s - base)})
+def multi_similarity_terms(q: Tensor, r: Tensor, labels: Tensor, ref_labels: Tensor,
+                           query_ids: Optional[Tensor], ref_ids: Optional[Tensor],
+                           alpha: float = 2.0, beta: float = 50.0, base: float = 0.5,
+                           miner_epsilon: Optional[float] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """Multi-Similarity per anchor: (terms [N], n_pos, n_neg) with
+    terms_i = (1/alpha) log(1 + sum_P e^{-alpha (s - base)})
     + (1/beta) log(1 + sum_Q e^{beta (s - base)}), on the MS miner's pairs when
-    ``miner_epsilon`` is not None; the mean over all N anchors (0 when N = 0)."""
+    ``miner_epsilon`` is not None (the counts are those before the miner)."""
     pos, neg = pair_masks(labels, ref_labels, query_ids, ref_ids)
+    n_pos, n_neg = _counts(pos, neg)
     s = q @ r.T
     if miner_epsilon is not None:
         pos, neg = ms_miner_masks(s, pos, neg, miner_epsilon)
     pos_term = masked_lse(alpha * (base - s), pos, add_one=True) / alpha
     neg_term = masked_lse(beta * (s - base), neg, add_one=True) / beta
-    terms = pos_term + neg_term
-    return terms.sum() / max(terms.shape[0], 1)
+    return pos_term + neg_term, n_pos, n_neg
+
+
+def supcon(*prepared, temperature: float = 0.1) -> Tensor:
+    """SupConLoss: ``reduce_terms("supcon", *supcon_terms(...))``."""
+    return reduce_terms("supcon", *supcon_terms(*prepared, temperature))
+
+
+def ntxent(*prepared, temperature: float = 0.07) -> Tensor:
+    """NTXentLoss: ``reduce_terms("ntxent", *ntxent_terms(...))``."""
+    return reduce_terms("ntxent", *ntxent_terms(*prepared, temperature))
+
+
+def multi_similarity(*prepared, **kwargs) -> Tensor:
+    """MultiSimilarityLoss: ``reduce_terms("multi_similarity", *multi_similarity_terms(...))``."""
+    return reduce_terms("multi_similarity", *multi_similarity_terms(*prepared, **kwargs))

@@ -7,10 +7,13 @@
 //               for each pass the loss needs, for each block of references:
 //                 S = Q_blk R_blk^T          (at::mm_out into a per-thread buffer)
 //                 per anchor: the online log-sum-exp (max, sum) and counts
-//             then the global reduction (counts, the AvgNonZero selection, the
-//             mean) on one thread, in anchor order: deterministic.
-//   backward  recompute the tiles; g = dL/ds from the per-anchor statistics
-//             (the table in docs/contrastive.md) and
+//             The op returns the per-anchor loss terms and counts; the
+//             reduction (the AvgNonZero selection, the means, PML's
+//             batch-level conditions) is fastmine/contrastive.py's `reduce`,
+//             one definition for every backend.
+//   backward  recompute the tiles; g_ij = gamma_i dterm_i/ds_ij from the
+//             per-anchor statistics and the upstream gradient gamma [N] (the
+//             table in docs/contrastive.md) and
 //               pass 1 (anchor blocks own rows of dQ):      dQ_blk += G R_blk
 //               pass 2 (reference blocks own rows of dR):   dR_blk += G^T Q_blk
 //             pass 2 runs only when a reference gradient is needed; when the
@@ -93,17 +96,18 @@ void tile(const Rows& R, at::Tensor& buf, int64_t i0, int64_t bm, int64_t j0, in
   at::mm_out(dot, R.q.narrow(0, i0, bm), R.r.narrow(0, j0, bn).t());
 }
 
-// Per-anchor statistics, rows of the [5, N] stats tensor (docs/contrastive.md,
-// "Streaming forward"):
-//   SupCon   0 LSE over P u Q of s/tau, 1 w, 2 P_i
-//   NT-Xent  0 N_i (LSE over Q of s/tau), 1 G_i = dL_i/dN_i, 2 w (per pair)
-//   MS       0 A_i, 1 B_i, 2 w, 3 min over P of s, 4 max over Q of s
-constexpr int64_t kStats = 5;
+// Per-anchor statistics, rows of the float64 [6, N] stats tensor
+// (docs/contrastive.md, "Streaming forward"):
+//   0  SupCon: LSE over P u Q of s/tau;  NT-Xent: N_i (LSE over Q of s/tau);  MS: A_i
+//   1  NT-Xent: G_i = dterm_i/dN_i;  MS: B_i;  SupCon: 0
+//   2  P_i, the positive count;  3  Q_i, the negative count
+//   4, 5  MS with the miner: min over P of s, max over Q of s (+inf, -inf when empty)
+constexpr int64_t kStats = 6;
 
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> forward_impl(const Rows& R, const Loss& L) {
   const int64_t n = R.n, m = R.m, bs = R.block;
-  std::vector<acc> st0(n), st1(n), st2(n), st3(n, kInf), st4(n, -kInf);
+  std::vector<acc> st0(n), st1(n), st3(n, kInf), st4(n, -kInf);
   std::vector<acc> term(n, 0.0);       // per-anchor loss (NT-Xent: sum over its pairs)
   std::vector<int64_t> npos(n, 0), nneg(n, 0);
   const int64_t nblocks = (n + bs - 1) / bs;
@@ -147,6 +151,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const Rows& R, const Loss& L) {
           const int64_t i = i0 + a;
           st0[i] = l1[a].value();
           term[i] = npos[i] > 0 ? st0[i] - term[i] / acc(npos[i]) : 0.0;
+          if (!std::isfinite(st0[i])) st0[i] = 0.0;  // no candidate: never read
         }
       } else if (L.kind == kContrastiveNTXent) {
         const acc t = L.p0;
@@ -196,99 +201,65 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const Rows& R, const Loss& L) {
     }
   });
 
-  // Global reduction, one thread, anchor order.
-  acc loss = 0.0;
-  if (L.kind == kContrastiveSupCon) {
-    int64_t keep = 0, any_pos = 0, any_neg = 0;
-    acc total = 0.0;
-    for (int64_t i = 0; i < n; ++i) {
-      any_pos |= npos[i] > 0;
-      any_neg |= nneg[i] > 0;
-      if (term[i] > 0) {
-        ++keep;
-        total += term[i];
-      }
-    }
-    const bool on = any_pos && any_neg;  // PML: 0 without a positive or a negative pair
-    const acc count = acc(std::max<int64_t>(keep, 1));
-    loss = on ? total / count : 0.0;
-    for (int64_t i = 0; i < n; ++i) {
-      st1[i] = on && term[i] > 0 ? 1.0 / count : 0.0;
-      st2[i] = acc(std::max<int64_t>(npos[i], 1));
-      if (!std::isfinite(st0[i])) st0[i] = 0.0;
-    }
-  } else if (L.kind == kContrastiveNTXent) {
-    int64_t pairs = 0, any_neg = 0;
-    acc total = 0.0;
-    for (int64_t i = 0; i < n; ++i) {
-      pairs += npos[i];
-      any_neg |= nneg[i] > 0;
-      total += term[i];
-    }
-    const bool on = pairs > 0 && any_neg;
-    const acc w = on ? 1.0 / acc(pairs) : 0.0;
-    loss = total * w;
-    std::fill(st2.begin(), st2.end(), w);
-  } else {
-    acc total = 0.0;
-    for (int64_t i = 0; i < n; ++i) total += term[i];
-    const acc w = 1.0 / acc(std::max<int64_t>(n, 1));
-    loss = total * w;
-    std::fill(st2.begin(), st2.end(), w);
-  }
   at::Tensor stats = at::empty({kStats, n}, R.q.options().dtype(at::kDouble));
+  at::Tensor terms = at::empty({n}, R.q.options());
   double* sp = stats.data_ptr<double>();
+  T* tp = terms.data_ptr<T>();
   for (int64_t i = 0; i < n; ++i) {
     sp[i] = st0[i];
     sp[n + i] = st1[i];
-    sp[2 * n + i] = st2[i];
-    sp[3 * n + i] = st3[i];
-    sp[4 * n + i] = st4[i];
+    sp[2 * n + i] = acc(npos[i]);
+    sp[3 * n + i] = acc(nneg[i]);
+    sp[4 * n + i] = st3[i];
+    sp[5 * n + i] = st4[i];
+    tp[i] = T(term[i]);
   }
-  return {at::scalar_tensor(loss, R.q.options()), stats};
+  return {terms, stats};
 }
 
-// g = gamma dL/ds on the tile (bm x bn at s) of anchors i0.. and references j0..
+// g = gamma_i dterm_i/ds on the tile (bm x bn at s) of anchors i0.. and references j0..
 template <typename T>
-void tile_grad(const Rows& R, const Loss& L, const double* sp, acc gamma, const T* s, T* g,
+void tile_grad(const Rows& R, const Loss& L, const double* sp, const T* gamma, const T* s, T* g,
                int64_t i0, int64_t bm, int64_t j0, int64_t bn) {
   const int64_t n = R.n;
-  const double *st0 = sp, *st1 = sp + n, *st2 = sp + 2 * n, *st3 = sp + 3 * n, *st4 = sp + 4 * n;
+  const double *st0 = sp, *st1 = sp + n, *npos = sp + 2 * n, *st4 = sp + 4 * n,
+               *st5 = sp + 5 * n;
   for (int64_t a = 0; a < bm; ++a) {
     const int64_t i = i0 + a;
+    const acc w = acc(gamma[i]);
     for (int64_t c = 0; c < bn; ++c) {
       const int64_t j = j0 + c;
       acc v = 0.0;
-      if (!same_sample(R, i, j)) {
+      if (w != 0.0 && !same_sample(R, i, j)) {
         const bool pos = R.ql[i] == R.rl[j];
         const acc x = acc(s[a * bn + c]);
         if (L.kind == kContrastiveSupCon) {
-          const acc t = L.p0, w = st1[i];
-          if (w != 0.0) v = w / t * (std::exp(x / t - st0[i]) - (pos ? 1.0 / st2[i] : 0.0));
+          const acc t = L.p0;  // term_i = 0 without positives: no gradient
+          if (npos[i] > 0) v = w / t * (std::exp(x / t - st0[i]) - (pos ? 1.0 / npos[i] : 0.0));
         } else if (L.kind == kContrastiveNTXent) {
-          const acc t = L.p0, w = st2[i];
-          if (w != 0.0) {
-            v = pos ? -w / t * sigmoid(st0[i] - x / t) : w / t * st1[i] * std::exp(x / t - st0[i]);
-          }
+          const acc t = L.p0;
+          v = pos ? -w / t * sigmoid(st0[i] - x / t) : w / t * st1[i] * std::exp(x / t - st0[i]);
         } else {
-          const acc alpha = L.p0, beta = L.p1, base = L.p2, w = st2[i];
+          const acc alpha = L.p0, beta = L.p1, base = L.p2;
           if (pos) {
-            if (!L.mined || x - L.eps < st4[i]) v = -w * std::exp(alpha * (base - x) - st0[i]);
+            if (!L.mined || x - L.eps < st5[i]) v = -w * std::exp(alpha * (base - x) - st0[i]);
           } else {
-            if (!L.mined || x + L.eps > st3[i]) v = w * std::exp(beta * (x - base) - st1[i]);
+            if (!L.mined || x + L.eps > st4[i]) v = w * std::exp(beta * (x - base) - st1[i]);
           }
         }
       }
-      g[a * bn + c] = T(gamma * v);
+      g[a * bn + c] = T(v);
     }
   }
 }
 
 template <typename T>
-std::tuple<at::Tensor, at::Tensor> backward_impl(const Rows& R, const Loss& L, acc gamma,
-                                                 const at::Tensor& stats, bool ref_grad) {
+std::tuple<at::Tensor, at::Tensor> backward_impl(const Rows& R, const Loss& L,
+                                                 const at::Tensor& grad, const at::Tensor& stats,
+                                                 bool ref_grad) {
   const int64_t n = R.n, m = R.m, bs = R.block;
   const double* sp = stats.data_ptr<double>();
+  const T* gamma = grad.data_ptr<T>();
   at::Tensor dq = at::zeros_like(R.q);
   at::Tensor dr;
   const bool want_r = R.self || ref_grad;
@@ -405,11 +376,13 @@ std::tuple<at::Tensor, at::Tensor> contrastive_backward_cpu(
   const Loss L = loss_args(loss, p0, p1, p2, epsilon);
   TORCH_CHECK(stats.scalar_type() == at::kDouble && stats.dim() == 2 &&
                   stats.size(0) == kStats && stats.size(1) == R.n,
-              "fastmine::contrastive_backward: stats must be the forward's float64 [5, N]");
+              "fastmine::contrastive_backward: stats must be the forward's float64 [6, N]");
+  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == R.n,
+              "fastmine::contrastive_backward: grad must be [N] (one per anchor term)");
   const at::Tensor st = stats.contiguous();
-  const acc gamma = grad.item<double>();
-  if (R.q.scalar_type() == at::kDouble) return backward_impl<double>(R, L, gamma, st, ref_grad);
-  return backward_impl<float>(R, L, gamma, st, ref_grad);
+  const at::Tensor g = grad.to(R.q.scalar_type()).contiguous();
+  if (R.q.scalar_type() == at::kDouble) return backward_impl<double>(R, L, g, st, ref_grad);
+  return backward_impl<float>(R, L, g, st, ref_grad);
 }
 
 }  // namespace cpu
