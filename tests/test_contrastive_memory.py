@@ -85,3 +85,41 @@ def test_cpu_kernel_no_n_by_m_allocation(name, with_ref):
 
     assert largest(step) <= 4 * max(256 * 256, n * d) < 4 * n * n // 32
     assert largest(lambda: cls(**kw, backend="torch")(emb[:512], y[:512])) >= 4 * 512 * 512
+
+
+@pytest.mark.parametrize("name", ["supcon", "ntxent", "ms_mined"])
+def test_cross_batch_memory(name):
+    """CrossBatchMemory runs these losses on [batch; memory] with same-sample exclusion
+    by id: the values equal PML's CrossBatchMemory with PML's loss (which drops each
+    anchor's own enqueued copy), step after step, and the gradient is the loss's on the
+    concatenated references (the live batch rows are references too)."""
+    pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
+    pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
+    from fastmine import CrossBatchMemory
+
+    cls, kw = SPECS[name]
+    # 3 steps of 10 rows fit the memory: (PML enqueues the batch before the loss and
+    # so evicts rows before fastmine's CrossBatchMemory would; fastmine/memory.py)
+    ours = CrossBatchMemory(cls(**kw), embedding_size=5, memory_size=32)
+    pml_loss = {"supcon": pml_losses.SupConLoss, "ntxent": pml_losses.NTXentLoss,
+                "ms_mined": pml_losses.MultiSimilarityLoss}[name]()
+    miner = pml_miners.MultiSimilarityMiner(epsilon=0.1) if name == "ms_mined" else None
+    theirs = pml_losses.CrossBatchMemory(pml_loss, embedding_size=5, memory_size=32, miner=miner)
+    g = torch.Generator().manual_seed(4)
+    for step in range(3):
+        emb = torch.randn(10, 5, generator=g, dtype=torch.float64, requires_grad=True)
+        y = torch.randint(0, 4, (10,), generator=g)
+        memory = ours.embedding_memory[:ours.filled].clone()
+        memory_y, memory_ids = ours.label_memory[:ours.filled].clone(), \
+            ours.id_memory[:ours.filled].clone()
+        value = ours(emb, y)
+        (grad,) = torch.autograd.grad(value, emb)
+        expect_value = float(theirs(emb.detach(), y))
+        assert float(value.detach()) == pytest.approx(expect_value, rel=1e-10, abs=1e-12), step
+        # the gradient: the loss on the concatenated references with the memory's ids
+        e = emb.detach().clone().requires_grad_()
+        ids = memory_ids.max() + 1 + torch.arange(10) if memory_ids.numel() else torch.arange(10)
+        direct = cls(**kw)(e, y, torch.cat([e, memory]), torch.cat([y, memory_y]), ids,
+                           torch.cat([ids, memory_ids]))
+        (expect_grad,) = torch.autograd.grad(direct, e)
+        torch.testing.assert_close(grad, expect_grad, atol=1e-12, rtol=1e-10)
