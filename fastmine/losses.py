@@ -384,3 +384,8 @@ def margin_loss(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = 
     then a fresh parameter); ``kwargs`` are its constructor arguments."""
     return MarginLoss(**kwargs)(embeddings, labels, ref_emb, ref_labels,
                                 query_ids=query_ids, ref_ids=ref_ids)
+
+
+# The label-aware contrastive losses (issue #18): streamed in O((N + M) D) memory,
+# defined in fastmine/contrastive.py (docs/contrastive.md).
+from .contrastive import MultiSimilarityLoss, NTXentLoss, SupConLoss  # noqa: E402,F401
