@@ -228,7 +228,7 @@ def resolve(name: str, device: torch.device, needs: FrozenSet[str] = frozenset()
     if name == "auto":
         order = ("cpu", "torch") if device.type == "cpu" else ("triton", "cuda", "torch")
         for cand in order:
-            if cand in _REGISTRY and needs <= get(cand).rules \
+            if cand in _REGISTRY and (not needs or needs <= get(cand).rules) \
                     and not _REGISTRY[cand].unavailable(device):
                 return cand
         return "torch"

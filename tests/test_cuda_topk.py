@@ -74,11 +74,21 @@ def _assert_equal_to_reference(x, y, r, ry, backend, **kw):
     return got
 
 
-def test_backend_claims_the_rules():
+def test_backend_claims_the_rules(monkeypatch):
     assert _backends.get(EMU).rules == frozenset(_backends.RULES)
     # "cuda" claims them exactly when its loaded kernels registered the op
     has = _backends._op_registered("fastmine::mine_topk_cuda")
     assert (_backends.get("cuda").rules == frozenset(_backends.RULES)) == has
+    assert _backends._op_registered("fastmine::mine_topk_cuda_emulated")
+    assert not _backends._op_registered("fastmine::mine_topk_no_such_backend")
+    # a CUDA build loaded later (the JIT) is picked up on the next lookup
+    monkeypatch.setitem(_backends._REGISTRY, "cuda", _backends.Backend(
+        "cuda", _backends._REGISTRY["cuda"].unavailable))
+    monkeypatch.setattr(_backends, "_op_registered", lambda name: False)
+    assert _backends.get("cuda").rules == frozenset()
+    monkeypatch.setattr(_backends, "_op_registered",
+                        lambda name: name == "fastmine::mine_topk_cuda")
+    assert _backends.get("cuda").rules == frozenset(_backends.RULES)
 
 
 # ------------------------------------------------------------ every list bound
