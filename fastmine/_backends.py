@@ -87,6 +87,24 @@ def register(backend: Backend) -> None:
     _REGISTRY[backend.name] = backend
 
 
+def _select_and_measure(select: Callable, exact: Callable, embeddings: Tensor, labels: Tensor,
+                        ref_emb: Optional[Tensor], ref_labels: Optional[Tensor],
+                        query_ids: Optional[Tensor], ref_ids: Optional[Tensor],
+                        distance: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The body of a Python backend's forward op: the data checks and the explicit
+    reference set (``checked_references``), then ``select(x, labels, r, ref_labels,
+    query_ids, ref_ids, distance_name) -> (pos_idx, neg_idx)`` without gradient,
+    then the exact distances ``exact(x, r, idx, distance_name)`` of the picks."""
+    dist = _DISTANCE_NAMES[distance]
+    ref_emb, ref_labels, query_ids, ref_ids = checked_references(
+        embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids, dist)
+    with torch.no_grad():
+        pos_idx, neg_idx = select(embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids,
+                                  dist)
+        return (pos_idx, neg_idx, exact(embeddings, ref_emb, pos_idx, dist),
+                exact(embeddings, ref_emb, neg_idx, dist))
+
+
 def register_python(name: str, select: Callable, backward: Callable,
                     unavailable: Callable[[torch.device], str],
                     pair_distance: Optional[Callable] = None) -> None:
@@ -114,13 +132,11 @@ def register_python(name: str, select: Callable, backward: Callable,
                   ref_labels: Optional[Tensor], query_ids: Optional[Tensor],
                   ref_ids: Optional[Tensor], pos_strategy: int, neg_strategy: int,
                   distance: int, margin: Optional[float]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        dist = _DISTANCE_NAMES[distance]
-        ref_emb, ref_labels, query_ids, ref_ids = checked_references(
-            embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids, dist)
-        pos_idx, neg_idx = select(embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids,
-                                  _POS_NAMES[pos_strategy], _NEG_NAMES[neg_strategy], dist, margin)
-        return (pos_idx, neg_idx, exact(embeddings, ref_emb, pos_idx, dist),
-                exact(embeddings, ref_emb, neg_idx, dist))
+        return _select_and_measure(
+            lambda x, y, r, ry, qid, rid, dist: select(
+                x, y, r, ry, qid, rid, _POS_NAMES[pos_strategy], _NEG_NAMES[neg_strategy], dist,
+                margin),
+            exact, embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids, distance)
 
     @torch.library.custom_op(f"fastmine::mine_backward_{op_name}", mutates_args=())
     def mine_backward_impl(grad_pos_dist: Tensor, grad_neg_dist: Tensor, embeddings: Tensor,
@@ -168,20 +184,15 @@ def register_python_topk(name: str, select_topk: Callable, distance_weighted: bo
                        neg_strategy: int, distance: int, margin: Optional[float], cutoff: float,
                        nonzero_loss_cutoff: float,
                        seed: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        dist = _DISTANCE_NAMES[distance]
         neg = _NEG_NAMES[neg_strategy]
         if neg == DISTANCE_WEIGHTED and not distance_weighted:
             raise NotImplementedError(f"fastmine::mine_topk_{op_name}: backend {name!r} does not "
                                       "implement neg_strategy='distance_weighted'")
-        ref_emb, ref_labels, query_ids, ref_ids = checked_references(
-            embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids, dist)
-        with torch.no_grad():
-            pos_idx, neg_idx = select_topk(embeddings, labels, ref_emb, ref_labels, query_ids,
-                                           ref_ids, k_pos, k_neg, _POS_NAMES[pos_strategy], neg,
-                                           dist, margin, cutoff, nonzero_loss_cutoff,
-                                           seed_from_int64(seed))
-            return (pos_idx, neg_idx, exact(embeddings, ref_emb, pos_idx, dist),
-                    exact(embeddings, ref_emb, neg_idx, dist))
+        return _select_and_measure(
+            lambda x, y, r, ry, qid, rid, dist: select_topk(
+                x, y, r, ry, qid, rid, k_pos, k_neg, _POS_NAMES[pos_strategy], neg, dist, margin,
+                cutoff, nonzero_loss_cutoff, seed_from_int64(seed)),
+            exact, embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids, distance)
 
     new_rules = {"topk"} | ({"distance_weighted"} if distance_weighted else set())
     old = get(name)
@@ -240,7 +251,7 @@ def resolve(name: str, device: torch.device, needs: FrozenSet[str] = frozenset()
         raise NotImplementedError(f"backend {name!r} does not implement {what} yet; backends "
                                   f"that do: {able} (backend='auto' picks one)")
     if name == "cuda" and device.type == "cuda" and _extension.jit_enabled():
-        _extension.has_cuda_kernels()  # FASTMINE_JIT=1: build once on an explicit request
+        _extension.ensure_cuda_kernels()  # FASTMINE_JIT=1: build once on an explicit request
     reason = get(name).unavailable(device)
     if reason:
         raise RuntimeError(f"backend {name!r} is not available: {reason}")

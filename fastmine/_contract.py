@@ -19,6 +19,10 @@ POS_STRATEGIES = {"easy": 0, "hard": 1}
 # routes it there with k = 1); the kernels of fastmine::mine reject code 3.
 NEG_STRATEGIES = {"hard": 0, "semihard": 1, "easy": 2, "distance_weighted": 3}
 DISTANCE_WEIGHTED = "distance_weighted"
+# Its default cutoffs (PML's DistanceWeightedMiner and Wu et al. 2017): the
+# distance clamp and the distance from which the weight is 0.
+DW_CUTOFF = 0.5
+DW_NONZERO_LOSS_CUTOFF = 1.4
 DISTANCES = {"euclidean": 0, "squared_euclidean": 1, "cosine": 2}
 
 # Label and id dtypes: uint16/uint32 are widened to int64 at the boundary

@@ -10,7 +10,7 @@ Asking what is available (:func:`loaded`, :func:`why_missing`,
 :func:`cuda_kernels_loaded`, :func:`cuda_why_missing`, hence
 ``fastmine.available_backends()`` and ``backend="auto"``) never builds
 anything.  Only an explicit ``backend="cuda"`` on CUDA tensors under
-``FASTMINE_JIT=1`` calls :func:`has_cuda_kernels`, which compiles the missing
+``FASTMINE_JIT=1`` calls :func:`ensure_cuda_kernels`, which compiles the missing
 kernels once per process (:func:`load_cuda_extension`, also callable
 directly): ``torch.utils.cpp_extension.load`` with ninja, cached in torch's
 extension directory (``TORCH_EXTENSIONS_DIR``) under a name that carries the
@@ -236,7 +236,7 @@ def cuda_kernels_loaded() -> bool:
     return _built_with_cuda() or _jit_loaded
 
 
-def has_cuda_kernels() -> bool:
+def ensure_cuda_kernels() -> bool:
     """The explicit request for the CUDA kernels (``backend="cuda"``): True when
     they are registered; otherwise, with FASTMINE_JIT=1, a CUDA torch and a
     visible GPU, JIT-build them once (a failure is remembered, see

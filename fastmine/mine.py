@@ -7,10 +7,10 @@ import torch
 from torch import Tensor
 
 from . import _backends, _extension, _ops, _philox, reference  # noqa: F401  (_ops: fake kernels)
-from ._contract import (DISTANCE_WEIGHTED, DISTANCES, NEG_STRATEGIES, POS_STRATEGIES,
-                        check_backend_name, check_embeddings, check_index_vector, check_strategy,
-                        check_sampling_args, check_topk_args, seed_as_int64,
-                        seed_from_int64, widen_index_vector)
+from ._contract import (DISTANCE_WEIGHTED, DISTANCES, DW_CUTOFF, DW_NONZERO_LOSS_CUTOFF,
+                        NEG_STRATEGIES, POS_STRATEGIES, check_backend_name, check_embeddings,
+                        check_index_vector, check_strategy, check_sampling_args, check_topk_args,
+                        seed_as_int64, seed_from_int64, widen_index_vector)
 from .reference_topk import TopKResult
 
 
@@ -131,7 +131,7 @@ def mine_topk(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = No
               ref_labels: Optional[Tensor] = None, *, k_pos: int = 1, k_neg: int = 1,
               pos_strategy: str = "easy", neg_strategy: str = "hard",
               distance: str = "euclidean", margin: Optional[float] = None,
-              cutoff: float = 0.5, nonzero_loss_cutoff: float = 1.4,
+              cutoff: float = DW_CUTOFF, nonzero_loss_cutoff: float = DW_NONZERO_LOSS_CUTOFF,
               seed: Optional[int] = None, query_ids: Optional[Tensor] = None,
               ref_ids: Optional[Tensor] = None, backend: str = "auto") -> TopKResult:
     """Select, per anchor, k_pos positives and k_neg negatives (issue #17).
@@ -178,8 +178,9 @@ def mine(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
          ref_labels: Optional[Tensor] = None, *, pos_strategy: str = "easy",
          neg_strategy: str = "hard", distance: str = "euclidean",
          margin: Optional[float] = None, query_ids: Optional[Tensor] = None,
-         ref_ids: Optional[Tensor] = None, backend: str = "auto", cutoff: float = 0.5,
-         nonzero_loss_cutoff: float = 1.4, seed: Optional[int] = None) -> MiningResult:
+         ref_ids: Optional[Tensor] = None, backend: str = "auto", cutoff: float = DW_CUTOFF,
+         nonzero_loss_cutoff: float = DW_NONZERO_LOSS_CUTOFF,
+         seed: Optional[int] = None) -> MiningResult:
     """Select, per anchor, one positive and one negative reference.
 
     Args:
@@ -220,7 +221,7 @@ def mine(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
                             (pos_idx >= 0) & (neg_idx >= 0))
     args = _prepare(embeddings, labels, ref_emb, ref_labels, pos_strategy, neg_strategy,
                     distance, margin, query_ids, ref_ids, backend)
-    if seed is not None or cutoff != 0.5 or nonzero_loss_cutoff != 1.4:
+    if seed is not None or cutoff != DW_CUTOFF or nonzero_loss_cutoff != DW_NONZERO_LOSS_CUTOFF:
         check_sampling_args(cutoff, nonzero_loss_cutoff, seed)  # unused here, but never wrong
     return MiningResult._make(_mine_op(args))
 

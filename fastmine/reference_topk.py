@@ -40,8 +40,8 @@ import torch
 from torch import Tensor
 
 from . import _philox
-from ._contract import (DISTANCE_WEIGHTED, NEG_STRATEGIES, check_seed, checked_references,
-                        check_topk_args, semihard_window)
+from ._contract import (DISTANCE_WEIGHTED, DW_CUTOFF, DW_NONZERO_LOSS_CUTOFF, NEG_STRATEGIES,
+                        check_seed, checked_references, check_topk_args, semihard_window)
 from ._pairs import pair_distance
 from .reference import mining_values
 
@@ -190,7 +190,7 @@ def mine_topk(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = No
               ref_labels: Optional[Tensor] = None, *, k_pos: int = 1, k_neg: int = 1,
               pos_strategy: str = "easy", neg_strategy: str = "hard",
               distance: str = "euclidean", margin: Optional[float] = None,
-              cutoff: float = 0.5, nonzero_loss_cutoff: float = 1.4,
+              cutoff: float = DW_CUTOFF, nonzero_loss_cutoff: float = DW_NONZERO_LOSS_CUTOFF,
               seed: Optional[int] = None, query_ids: Optional[Tensor] = None,
               ref_ids: Optional[Tensor] = None) -> TopKResult:
     """The reference for ``fastmine.mine_topk`` (issue #17's API, minus ``backend``).

@@ -346,3 +346,35 @@ def test_call_overhead_benchmark_runs():
     for r in rows:
         assert all(r[k] > 0 for k in ("raw_op_us", "mine_us", "mine_fwd_bwd_us", "loss_fwd_bwd_us",
                                       "pml_fwd_bwd_us"))
+
+
+def test_topk_benchmark_runs(tmp_path):
+    """benchmarks.topk (issue #17's table) at a tiny size: every row timed, ratios
+    against the floor, mine k=1 and PML's DistanceWeightedMiner of the same cell,
+    the distance-weighted and PML rows' peak memory from fresh processes."""
+    from benchmarks import topk as T
+    from fastmine import _backends
+    result = T.main(["--device", "cpu", "--n", "96", "--d", "16", "--repeats", "1",
+                     "--warmup", "0", "--out", str(tmp_path / "topk")])
+    rows = {(r["row"], r["backend"]): r for r in result["results"]}
+    has_kernel = {"topk", "distance_weighted"} <= _backends.get("cpu").rules
+    want = {("floor", ""), (T.PML_DW, "")}
+    if has_kernel:
+        want |= {("mine k=1", "cpu"), ("distance_weighted k=1", "cpu"),
+                 (f"distance_weighted k={T.DW_K}", "cpu")}
+        want |= {(f"mine_topk k={k}", "cpu") for k in T.KS}
+    else:
+        assert "cpu" in result["missing"]
+    assert set(rows) == want
+    for r in rows.values():
+        assert r["time_s"] > 0 and r["t_over_floor"] == pytest.approx(
+            r["time_s"] / rows[("floor", "")]["time_s"])
+    pml = rows[(T.PML_DW, "")]
+    assert pml["peak_mem_bytes"] is not None and pml["peak_mem_bytes"] > 0
+    if has_kernel:
+        dw = rows[("distance_weighted k=1", "cpu")]
+        assert dw["t_over_mine"] == pytest.approx(dw["time_s"] / rows[("mine k=1", "cpu")]["time_s"])
+        assert dw["pml_over_t"] == pytest.approx(pml["time_s"] / dw["time_s"])
+        assert dw["peak_mem_bytes"] is not None
+    table = (tmp_path / "topk" / "table.md").read_text()
+    assert T.PML_DW in table and "x mine" in table

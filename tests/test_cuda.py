@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MANIFEST = _extension.manifest()
 HAS_GPU = torch.cuda.is_available()
 needs_cuda_backend = pytest.mark.skipif(
-    not (HAS_GPU and _extension.has_cuda_kernels()),
+    not (HAS_GPU and _extension.ensure_cuda_kernels()),
     reason="needs a CUDA device and fastmine's CUDA kernels")
 
 DISTANCES = ["euclidean", "squared_euclidean", "cosine"]
@@ -288,7 +288,7 @@ def test_bad_rows_fail_asynchronously_on_cuda():
 
 
 def _graph_backends():
-    out = ["cuda"] if (HAS_GPU and _extension.has_cuda_kernels()) else []
+    out = ["cuda"] if (HAS_GPU and _extension.ensure_cuda_kernels()) else []
     if HAS_GPU and "triton" in fastmine.available_backends("cuda"):
         out.append("triton")
     return out or ["cuda"]  # (skipped below without a GPU)
@@ -351,7 +351,7 @@ def test_cuda_backend_reports_why(monkeypatch):
     monkeypatch.setenv("FASTMINE_JIT", "1")
     monkeypatch.setattr(_extension, "_jit_error", None)
     monkeypatch.setattr(_extension, "_jit_loaded", False)
-    assert not _extension.has_cuda_kernels()
+    assert not _extension.ensure_cuda_kernels()
     assert "CPU-only build" in _extension.cuda_why_missing()
     monkeypatch.setenv("FASTMINE_JIT", "0")
     assert "FASTMINE_JIT=1" in _extension.cuda_why_missing()
