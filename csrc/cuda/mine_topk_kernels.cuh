@@ -206,39 +206,43 @@ __global__ void __launch_bounds__(TileConfig<T, P>::NT)
     dot_tile<T, P>(smem, F.x, F.r, i0, j0, F.n, F.m, F.d);
     if (row_active) {
       for (int q = lane_col; q < C::BN / 4; q += C::TPR) {
-        uint32_t words[4];
+        uint32_t w0 = 0, w1 = 0, w2 = 0, w3 = 0;
         bool have_words = false;  // the quad's noise, drawn at most once
-#pragma unroll
+        // Not unrolled, and one insertion site per list: the K-slot insertion
+        // is the bulk of the code (compile time, instruction cache).
+#pragma unroll 1
         for (int e = 0; e < 4; ++e) {
           const int c = 4 * q + e;
           const int64_t j = j0 + c;
           if (j >= F.m) break;
           const acc_t v = mining_value<acc_t>(Cs[row * C::LDC + c], ai, F.b[j], A.cosine);
-          const bool same = same_sample(F.ids, i, j, qi, explicit_ids ? F.rid[j] : 0);
-          if (same) continue;
+          if (same_sample(F.ids, i, j, qi, explicit_ids ? F.rid[j] : 0)) continue;
           const bool same_label = F.rl[j] == li;
           if (DO_POS && same_label) {
             const acc_t k = F.ps * v;
             if (k < pos.last()) pos.insert(k, j);
           }
           if (DO_NEG && !same_label) {
+            acc_t k = inf;  // inf: not a candidate
             if (A.dw) {
               const float lw = dw_log_weight<acc_t>(v, A.w.lo, A.w.hi, A.w.a, A.w.b);
-              if (lw == -INFINITY) continue;  // w = 0: never picked
-              // The last slot's lw + g (-inf while the list has room).
-              const float kth = -float(neg.last());
-              if (lw + kGumbelMax < kth) continue;  // prune: cannot beat or tie it
-              if (!have_words) {
-                noise_words(A.seed, uint32_t(i), uint32_t(j >> 2), words);
-                have_words = true;
+              // w > 0, and not pruned: fl(lw + kGumbelMax) >= the last slot's
+              // lw + g (-inf while the list has room), else the pair can
+              // neither beat nor tie it.
+              if (lw != -INFINITY && !(lw + kGumbelMax < -float(neg.last()))) {
+                if (!have_words) {
+                  uint32_t wd[4];
+                  noise_words(A.seed, uint32_t(i), uint32_t(j >> 2), wd);
+                  w0 = wd[0]; w1 = wd[1]; w2 = wd[2]; w3 = wd[3];
+                  have_words = true;
+                }
+                const uint32_t word = e == 0 ? w0 : e == 1 ? w1 : e == 2 ? w2 : w3;  // j & 3
+                k = -acc_t(lw + noise_gumbel(word));
               }
-              const acc_t k = -acc_t(lw + noise_gumbel(words[e]));  // e == j & 3
-              if (k < neg.last()) neg.insert(k, j);
-            } else {
-              if (WINDOW && !in_semihard_window(v, lo, hi)) continue;
-              const acc_t k = F.ns * v;
-              if (k < neg.last()) neg.insert(k, j);
+            } else if (!WINDOW || in_semihard_window(v, lo, hi)) {
+              k = F.ns * v;
             }
+            if (k < neg.last()) neg.insert(k, j);
           }
         }
       }
@@ -345,8 +349,9 @@ inline int64_t topk_splits(int64_t n, int64_t m, int sm_count, int64_t kmax) {
 
 // The list bounds (KP, KN) of a call, which size its workspace and select
 // its kernels.  Semi-hard: each sweep has one list, the bound of its k.
-// Fused: 1 for a k of 1, else B = the larger bound -- a single positive (or
-// negative) costs one slot, without instantiating every (KP, KN) pair.
+// Fused: (1, B) for a single positive (the common case: one positive, k
+// negatives), else (B, B), B = the larger bound -- not every (KP, KN) pair is
+// instantiated (compile time).
 struct TopkBounds {
   int kp, kn;
 };
@@ -354,7 +359,7 @@ inline TopkBounds topk_bounds(int64_t k_pos, int64_t k_neg, NegStrategy neg) {
   const int bp = topk_bound(k_pos), bn = topk_bound(k_neg);
   if (neg == NegStrategy::SemiHard) return {bp, bn};
   const int big = bp > bn ? bp : bn;
-  return {bp == 1 ? 1 : big, bn == 1 ? 1 : big};
+  return {bp == 1 ? 1 : big, big};
 }
 
 // Workspace layout (bytes): a[n], b[m], lo[n], hi[n] (acc_t); the lists
@@ -459,11 +464,9 @@ cudaError_t mine_topk_launch(const TopkParams& tp, const T* x, const T* r, const
     });
   } else {
     constexpr auto fused = std::integral_constant<Pass, Pass::Fused>{};
-    with_bound(kp > kn ? kp : kn, [&](auto b_tag) {  // kp, kn in {1, B}
+    with_bound(kn, [&](auto b_tag) {  // (kp, kn) is (1, B) or (B, B)
       using B = decltype(b_tag);
-      if (kp == 1 && kn == 1) sweep(fused, One{}, One{});
-      else if (kp == 1) sweep(fused, One{}, B{});
-      else if (kn == 1) sweep(fused, B{}, One{});
+      if (kp == 1) sweep(fused, One{}, B{});
       else sweep(fused, B{}, B{});
     });
   }
