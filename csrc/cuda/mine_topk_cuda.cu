@@ -39,7 +39,7 @@ void topk_variant(const TopkParams& tp, const Inputs& in, at::Tensor& pos_idx,
   const SelectParams& sp = tp.s;
   at::Tensor ws = at::empty(
       {int64_t(topk_workspace_bytes<acc_t>(sp.n, sp.m, sp.splits,
-                                           topk_bounds(tp.k_pos, tp.k_neg, sp.neg)))},
+                                           topk_bounds(tp.k_pos, tp.k_neg)))},
       in.x.options().dtype(at::kByte));
   poison(ws);
   const T* xp = ptr<T>(in.x);

@@ -45,7 +45,8 @@
 //     writes the first k entries (-1 for empty slots) and, after a
 //     positive-only sweep, the semi-hard window of positive 0.
 // Semi-hard runs two sweeps as in mine: positives (PosOnly), then negatives
-// inside the window (NegWindow).  Every other rule is one fused sweep.
+// inside the window (NegWindow).  Every other rule is one fused sweep.  The
+// pass is a kernel argument (uniform branches), so both use the same kernels.
 #pragma once
 
 #include "mine_kernels.cuh"
@@ -165,16 +166,17 @@ struct TopkArgs {
 };
 
 // One block: BM anchors x one split of the reference axis; lists of KP
-// positives and KN negatives per thread (a pass without one: its bound is 1
-// and the list is unused).
-template <typename T, DotPath P, Pass PASS, int KP, int KN>
+// positives and KN negatives per thread (a semi-hard pass leaves one unused).
+template <typename T, DotPath P, int KP, int KN>
 __global__ void __launch_bounds__(TileConfig<T, P>::NT)
-    mine_topk_forward_kernel(const TopkArgs<T> A) {
+    mine_topk_forward_kernel(const TopkArgs<T> A, const Pass pass) {
   using C = TileConfig<T, P>;
   using acc_t = typename C::acc_t;
-  constexpr bool DO_POS = PASS != Pass::NegWindow;
-  constexpr bool DO_NEG = PASS != Pass::PosOnly;
-  constexpr bool WINDOW = PASS == Pass::NegWindow;
+  // The pass is a kernel argument (uniform branches), not a template
+  // parameter: the semi-hard sweeps reuse the fused sweep's kernels.
+  const bool do_pos = pass != Pass::NegWindow;
+  const bool do_neg = pass != Pass::PosOnly;
+  const bool window = pass == Pass::NegWindow;
   static_assert(C::BN % (4 * C::TPR) == 0, "whole quads per thread");
   __shared__ __align__(128) unsigned char smem[C::kSmemBytes];
   const ForwardArgs<T>& F = A.f;
@@ -189,9 +191,9 @@ __global__ void __launch_bounds__(TileConfig<T, P>::NT)
   const bool explicit_ids = F.ids == Ids::Explicit;
   const int64_t qi = (row_ok && explicit_ids) ? F.qid[i] : 0;
   acc_t lo = inf, hi = inf;
-  if (WINDOW && row_ok) { lo = F.lo[i]; hi = F.hi[i]; }
+  if (window && row_ok) { lo = F.lo[i]; hi = F.hi[i]; }
   // A semi-hard row without a positive has lo = +inf: nothing is admissible.
-  const bool row_active = row_ok && (!WINDOW || lo < inf);
+  const bool row_active = row_ok && (!window || lo < inf);
 
   TopkList<acc_t, KP> pos;
   TopkList<acc_t, KN> neg;
@@ -218,11 +220,11 @@ __global__ void __launch_bounds__(TileConfig<T, P>::NT)
           const acc_t v = mining_value<acc_t>(Cs[row * C::LDC + c], ai, F.b[j], A.cosine);
           if (same_sample(F.ids, i, j, qi, explicit_ids ? F.rid[j] : 0)) continue;
           const bool same_label = F.rl[j] == li;
-          if (DO_POS && same_label) {
+          if (do_pos && same_label) {
             const acc_t k = F.ps * v;
             if (k < pos.last()) pos.insert(k, j);
           }
-          if (DO_NEG && !same_label) {
+          if (do_neg && !same_label) {
             acc_t k = inf;  // inf: not a candidate
             if (A.dw) {
               const float lw = dw_log_weight<acc_t>(v, A.w.lo, A.w.hi, A.w.a, A.w.b);
@@ -239,7 +241,7 @@ __global__ void __launch_bounds__(TileConfig<T, P>::NT)
                 const uint32_t word = e == 0 ? w0 : e == 1 ? w1 : e == 2 ? w2 : w3;  // j & 3
                 k = -acc_t(lw + noise_gumbel(word));
               }
-            } else if (!WINDOW || in_semihard_window(v, lo, hi)) {
+            } else if (!window || in_semihard_window(v, lo, hi)) {
               k = F.ns * v;
             }
             if (k < neg.last()) neg.insert(k, j);
@@ -252,18 +254,18 @@ __global__ void __launch_bounds__(TileConfig<T, P>::NT)
   // Merge the TPR lanes of a row (adjacent lanes of one warp).
 #pragma unroll
   for (int off = C::TPR / 2; off > 0; off /= 2) {
-    if (DO_POS) merge_with_lane(pos, off);
-    if (DO_NEG) merge_with_lane(neg, off);
+    if (do_pos) merge_with_lane(pos, off);
+    if (do_neg) merge_with_lane(neg, off);
   }
   if (row_ok && lane_col == 0) {
     const int64_t o = int64_t(blockIdx.y) * F.n + i;
 #pragma unroll
     for (int s = 0; s < KP; ++s) {
-      if (DO_POS) { F.part_pkey[o * KP + s] = pos.key[s]; F.part_pidx[o * KP + s] = pos.idx[s]; }
+      if (do_pos) { F.part_pkey[o * KP + s] = pos.key[s]; F.part_pidx[o * KP + s] = pos.idx[s]; }
     }
 #pragma unroll
     for (int s = 0; s < KN; ++s) {
-      if (DO_NEG) { F.part_nkey[o * KN + s] = neg.key[s]; F.part_nidx[o * KN + s] = neg.idx[s]; }
+      if (do_neg) { F.part_nkey[o * KN + s] = neg.key[s]; F.part_nidx[o * KN + s] = neg.idx[s]; }
     }
   }
 }
@@ -310,23 +312,23 @@ __device__ inline bool merge_splits(const acc_t* keys, const int64_t* idxs, int6
 
 // Merge the splits of one sweep (one thread per row).  PosOnly also derives
 // the semi-hard window (lo, hi) from positive 0's key (key = ps * v_ap).
-template <typename acc_t, Pass PASS, int KP, int KN>
+template <typename acc_t, int KP, int KN>
 __global__ void topk_merge_kernel(int64_t n, int64_t splits, int64_t k_pos, int64_t k_neg,
                                   const acc_t* part_pkey, const int64_t* part_pidx,
                                   const acc_t* part_nkey, const int64_t* part_nidx,
                                   int64_t* pos_idx, int64_t* neg_idx, acc_t ps, double margin,
-                                  Distance dist, acc_t* lo, acc_t* hi) {
+                                  Distance dist, acc_t* lo, acc_t* hi, Pass pass) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
   acc_t key;
-  if (PASS != Pass::NegWindow) {
+  if (pass != Pass::NegWindow) {
     const bool has = merge_splits<acc_t, KP>(part_pkey, part_pidx, n, splits, i, k_pos, pos_idx,
                                              key);
-    if (PASS == Pass::PosOnly) {
+    if (pass == Pass::PosOnly) {
       semihard_window<acc_t>(has, key, ps, margin, dist, acc_inf<acc_t>(), lo[i], hi[i]);
     }
   }
-  if (PASS != Pass::PosOnly) {
+  if (pass != Pass::PosOnly) {
     merge_splits<acc_t, KN>(part_nkey, part_nidx, n, splits, i, k_neg, neg_idx, key);
   }
 }
@@ -348,18 +350,16 @@ inline int64_t topk_splits(int64_t n, int64_t m, int sm_count, int64_t kmax) {
 }
 
 // The list bounds (KP, KN) of a call, which size its workspace and select
-// its kernels.  Semi-hard: each sweep has one list, the bound of its k.
-// Fused: (1, B) for a single positive (the common case: one positive, k
-// negatives), else (B, B), B = the larger bound -- not every (KP, KN) pair is
-// instantiated (compile time).
+// its kernels: (1, B) for a single positive (the common case: one positive, k
+// negatives), else (B, B), with B the bound of max(k_pos, k_neg).  Only these
+// pairs are instantiated, and the semi-hard sweeps (the pass is a kernel
+// argument) use the same kernels: 13 per dot-path variant (compile time).
 struct TopkBounds {
   int kp, kn;
 };
-inline TopkBounds topk_bounds(int64_t k_pos, int64_t k_neg, NegStrategy neg) {
-  const int bp = topk_bound(k_pos), bn = topk_bound(k_neg);
-  if (neg == NegStrategy::SemiHard) return {bp, bn};
-  const int big = bp > bn ? bp : bn;
-  return {bp == 1 ? 1 : big, big};
+inline TopkBounds topk_bounds(int64_t k_pos, int64_t k_neg) {
+  const int big = topk_bound(k_pos > k_neg ? k_pos : k_neg);
+  return {k_pos == 1 ? 1 : big, big};
 }
 
 // Workspace layout (bytes): a[n], b[m], lo[n], hi[n] (acc_t); the lists
@@ -377,7 +377,7 @@ inline size_t topk_workspace_bytes(int64_t n, int64_t m, int64_t splits, TopkBou
 // is the reference set), labels and ids int64 (ids read only for
 // Ids::Explicit); outputs pos_idx int64 [n, k_pos], neg_idx [n, k_neg]
 // (row-major, trailing -1).  `workspace`: topk_workspace_bytes(n, m, splits,
-// topk_bounds(k_pos, k_neg, neg)) bytes.  bad: as in mine_select_launch.  1 <= k <= kTopkMaxK.
+// topk_bounds(k_pos, k_neg)) bytes.  bad: as in mine_select_launch.  1 <= k <= kTopkMaxK.
 // Never synchronises.  Returns the first launch error.
 template <typename T, DotPath P>
 cudaError_t mine_topk_launch(const TopkParams& tp, const T* x, const T* r, const int64_t* ql,
@@ -389,7 +389,7 @@ cudaError_t mine_topk_launch(const TopkParams& tp, const T* x, const T* r, const
   const SelectParams& p = tp.s;
   if (p.n == 0) return cudaSuccess;
   auto up = [](size_t b) { return (b + 255) / 256 * 256; };
-  const TopkBounds kb = topk_bounds(tp.k_pos, tp.k_neg, p.neg);
+  const TopkBounds kb = topk_bounds(tp.k_pos, tp.k_neg);
   const int kp = kb.kp, kn = kb.kn;
   unsigned char* w = static_cast<unsigned char*>(workspace);
   acc_t* a = reinterpret_cast<acc_t*>(w);
@@ -432,43 +432,34 @@ cudaError_t mine_topk_launch(const TopkParams& tp, const T* x, const T* r, const
                 dw_params<acc_t>(tp.cutoff, tp.nonzero_loss_cutoff, p.d), tp.seed};
   const dim3 grid(unsigned((p.n + C::BM - 1) / C::BM), unsigned(splits));
   const unsigned mgrid = unsigned((p.n + 255) / 256);
-  // One sweep with list bounds KP, KN (compile time), then its merge.
-  auto sweep = [&](auto pass_tag, auto kp_tag, auto kn_tag) {
-    constexpr Pass PASS = decltype(pass_tag)::value;
+  // The sweeps (one, or semi-hard's two), each with its merge, with list
+  // bounds KP, KN (compile time).
+  auto sweeps = [&](auto kp_tag, auto kn_tag) {
     constexpr int KP = decltype(kp_tag)::value, KN = decltype(kn_tag)::value;
-    launch_kernel(mine_topk_forward_kernel<T, P, PASS, KP, KN>, grid, dim3(C::NT), stream,
-                  "mine_topk_forward_kernel", A);
-    launch_kernel(topk_merge_kernel<acc_t, PASS, KP, KN>, dim3(mgrid), dim3(256), stream,
-                  "topk_merge_kernel", p.n, splits, tp.k_pos, tp.k_neg, pkey, pidx, nkey, nidx,
-                  pos_idx, neg_idx, ps, p.margin, p.dist, lo, hi);
-  };
-  // f(std::integral_constant<int, topk_bound(k)>) for k's bound.
-  auto with_bound = [](int bound, auto&& f) {
-    switch (bound) {
-      case 1: f(std::integral_constant<int, 1>{}); break;
-      case 2: f(std::integral_constant<int, 2>{}); break;
-      case 4: f(std::integral_constant<int, 4>{}); break;
-      case 8: f(std::integral_constant<int, 8>{}); break;
-      case 16: f(std::integral_constant<int, 16>{}); break;
-      case 32: f(std::integral_constant<int, 32>{}); break;
-      default: f(std::integral_constant<int, kTopkMaxK>{}); break;
+    const bool semihard = p.neg == NegStrategy::SemiHard;
+    for (const Pass pass : {semihard ? Pass::PosOnly : Pass::Fused, Pass::NegWindow}) {
+      launch_kernel(mine_topk_forward_kernel<T, P, KP, KN>, grid, dim3(C::NT), stream,
+                    "mine_topk_forward_kernel", A, pass);
+      launch_kernel(topk_merge_kernel<acc_t, KP, KN>, dim3(mgrid), dim3(256), stream,
+                    "topk_merge_kernel", p.n, splits, tp.k_pos, tp.k_neg, pkey, pidx, nkey, nidx,
+                    pos_idx, neg_idx, ps, p.margin, p.dist, lo, hi, pass);
+      if (!semihard) break;
     }
   };
-  using One = std::integral_constant<int, 1>;
-  if (p.neg == NegStrategy::SemiHard) {
-    with_bound(kp, [&](auto kp_tag) {
-      sweep(std::integral_constant<Pass, Pass::PosOnly>{}, kp_tag, One{});
-    });
-    with_bound(kn, [&](auto kn_tag) {
-      sweep(std::integral_constant<Pass, Pass::NegWindow>{}, One{}, kn_tag);
-    });
-  } else {
-    constexpr auto fused = std::integral_constant<Pass, Pass::Fused>{};
-    with_bound(kn, [&](auto b_tag) {  // (kp, kn) is (1, B) or (B, B)
-      using B = decltype(b_tag);
-      if (kp == 1) sweep(fused, One{}, B{});
-      else sweep(fused, B{}, B{});
-    });
+  // (KP, KN) = (1, B) or (B, B) (topk_bounds), B in {1, 2, 4, ..., kTopkMaxK}.
+  auto with_bound = [&](auto b_tag) {
+    using B = decltype(b_tag);
+    if (kp == 1) sweeps(std::integral_constant<int, 1>{}, B{});
+    else sweeps(B{}, B{});
+  };
+  switch (kn) {
+    case 1: with_bound(std::integral_constant<int, 1>{}); break;
+    case 2: with_bound(std::integral_constant<int, 2>{}); break;
+    case 4: with_bound(std::integral_constant<int, 4>{}); break;
+    case 8: with_bound(std::integral_constant<int, 8>{}); break;
+    case 16: with_bound(std::integral_constant<int, 16>{}); break;
+    case 32: with_bound(std::integral_constant<int, 32>{}); break;
+    default: with_bound(std::integral_constant<int, kTopkMaxK>{}); break;
   }
   return cudaGetLastError();
 }
