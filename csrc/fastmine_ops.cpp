@@ -191,29 +191,6 @@ using TopkSig = MineOut(const at::Tensor&, const at::Tensor&, const c10::optiona
                         const c10::optional<at::Tensor>&, int64_t, int64_t, int64_t, int64_t,
                         int64_t, c10::optional<double>, double, double, int64_t);
 
-// The checks every implementation relies on, for callers of the raw op
-// (fastmine.mine_topk has already raised the Python form, naming the argument,
-// fastmine/_contract.py); the tensors are checked by the implementation.
-void check_topk_args(int64_t k_pos, int64_t k_neg, int64_t neg_strategy, int64_t distance,
-                     c10::optional<double> margin, double cutoff, double nonzero_loss_cutoff) {
-  TORCH_CHECK_VALUE(k_pos >= 1, "fastmine::mine_topk: k_pos must be >= 1, got ", k_pos);
-  TORCH_CHECK_VALUE(k_neg >= 1, "fastmine::mine_topk: k_neg must be >= 1, got ", k_neg);
-  TORCH_CHECK_VALUE(neg_strategy >= 0 && neg_strategy <= 3,
-                    "fastmine::mine_topk: unknown neg_strategy code ", neg_strategy);
-  if (neg_strategy == static_cast<int64_t>(NegStrategy::DistanceWeighted)) {
-    TORCH_CHECK_VALUE(distance == static_cast<int64_t>(Distance::Euclidean),
-                      "fastmine::mine_topk: neg_strategy distance_weighted needs distance "
-                      "euclidean (code 0), got code ", distance);
-    TORCH_CHECK_VALUE(!margin.has_value(),
-                      "fastmine::mine_topk: margin is only used by neg_strategy semihard");
-    TORCH_CHECK_VALUE(std::isfinite(cutoff) && cutoff > 0,
-                      "fastmine::mine_topk: cutoff must be a finite number > 0, got ", cutoff);
-    TORCH_CHECK_VALUE(std::isfinite(nonzero_loss_cutoff) && nonzero_loss_cutoff > 0,
-                      "fastmine::mine_topk: nonzero_loss_cutoff must be a finite number > 0, got ",
-                      nonzero_loss_cutoff);
-  }
-}
-
 MineOut mine_topk_device(const at::Tensor& embeddings, const at::Tensor& labels,
                          const c10::optional<at::Tensor>& ref_emb,
                          const c10::optional<at::Tensor>& ref_labels,
@@ -363,4 +340,117 @@ TORCH_LIBRARY_IMPL(fastmine, CUDA, m) {
 TORCH_LIBRARY_IMPL(fastmine, Autograd, m) {
   m.impl("mine", &fastmine::mine_autograd);
   m.impl("mine_topk", &fastmine::mine_topk_autograd);
+}
+
+// ---------------------------------------------------------------------------
+// Contrastive losses (issue #18; docs/contrastive.md).
+//   Python fastmine.contrastive.*Loss(backend="cpu") --> fastmine::contrastive
+//     Autograd key:  ContrastiveAutograd: forward = the op below autograd (the
+//                    per-anchor terms and statistics), backward =
+//                    fastmine::contrastive_backward, recomputing the tiles.
+//     CPU key:       csrc/cpu/contrastive_cpu.cpp.
+//     Meta / fake:   fastmine/_ops.py.
+namespace fastmine {
+namespace cpu {
+std::tuple<at::Tensor, at::Tensor> contrastive_cpu(
+    const at::Tensor& q, const c10::optional<at::Tensor>& r, const at::Tensor& labels,
+    const at::Tensor& ref_labels, const c10::optional<at::Tensor>& query_ids,
+    const c10::optional<at::Tensor>& ref_ids, int64_t loss, double p0, double p1, double p2,
+    c10::optional<double> epsilon, int64_t block);
+std::tuple<at::Tensor, at::Tensor> contrastive_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& q, const c10::optional<at::Tensor>& r,
+    const at::Tensor& labels, const at::Tensor& ref_labels,
+    const c10::optional<at::Tensor>& query_ids, const c10::optional<at::Tensor>& ref_ids,
+    int64_t loss, double p0, double p1, double p2, c10::optional<double> epsilon, int64_t block,
+    const at::Tensor& stats, bool ref_grad);
+}  // namespace cpu
+
+namespace {
+
+using OptT = c10::optional<at::Tensor>;
+using ContrastiveOut = std::tuple<at::Tensor, at::Tensor>;
+
+// The terms are differentiable w.r.t. q and r; the statistics are not.
+class ContrastiveAutograd : public torch::autograd::Function<ContrastiveAutograd> {
+ public:
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext* ctx, const at::Tensor& q, const OptT& r,
+      const at::Tensor& labels, const at::Tensor& ref_labels, const OptT& query_ids,
+      const OptT& ref_ids, int64_t loss, double p0, double p1, double p2,
+      c10::optional<double> epsilon, int64_t block) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("fastmine::contrastive", "")
+                         .typed<ContrastiveOut(const at::Tensor&, const OptT&, const at::Tensor&,
+                                               const at::Tensor&, const OptT&, const OptT&,
+                                               int64_t, double, double, double,
+                                               c10::optional<double>, int64_t)>();
+    auto [value, stats] = op.call(q, r, labels, ref_labels, query_ids, ref_ids, loss, p0, p1, p2,
+                                  epsilon, block);
+    auto opt = [](const OptT& t) { return t.has_value() ? *t : at::Tensor(); };
+    ctx->save_for_backward({q, opt(r), labels, ref_labels, opt(query_ids), opt(ref_ids), stats});
+    ctx->saved_data["loss"] = loss;
+    ctx->saved_data["p0"] = p0;
+    ctx->saved_data["p1"] = p1;
+    ctx->saved_data["p2"] = p2;
+    ctx->saved_data["mined"] = epsilon.has_value();
+    ctx->saved_data["epsilon"] = epsilon.value_or(0.0);
+    ctx->saved_data["block"] = block;
+    ctx->mark_non_differentiable({stats});
+    return {value, stats};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const bool self_refs = !saved[1].defined();
+    const bool need_q = ctx->needs_input_grad(0);
+    const bool need_r = !self_refs && ctx->needs_input_grad(1);
+    torch::autograd::variable_list out(12);
+    if ((!need_q && !need_r) || !grads[0].defined()) return out;
+    auto opt = [](const at::Tensor& t) { return t.defined() ? OptT(t) : c10::nullopt; };
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("fastmine::contrastive_backward", "")
+                         .typed<ContrastiveOut(const at::Tensor&, const at::Tensor&, const OptT&,
+                                               const at::Tensor&, const at::Tensor&, const OptT&,
+                                               const OptT&, int64_t, double, double, double,
+                                               c10::optional<double>, int64_t, const at::Tensor&,
+                                               bool)>();
+    const auto& d = ctx->saved_data;
+    const c10::optional<double> epsilon =
+        d.at("mined").toBool() ? c10::optional<double>(d.at("epsilon").toDouble()) : c10::nullopt;
+    auto [gq, gr] = op.call(grads[0], saved[0], opt(saved[1]), saved[2], saved[3], opt(saved[4]),
+                            opt(saved[5]), d.at("loss").toInt(), d.at("p0").toDouble(),
+                            d.at("p1").toDouble(), d.at("p2").toDouble(), epsilon,
+                            d.at("block").toInt(), saved[6], need_r);
+    if (need_q) out[0] = gq;
+    if (need_r) out[1] = gr;
+    return out;
+  }
+};
+
+ContrastiveOut contrastive_autograd(const at::Tensor& q, const OptT& r, const at::Tensor& labels,
+                                    const at::Tensor& ref_labels, const OptT& query_ids,
+                                    const OptT& ref_ids, int64_t loss, double p0, double p1,
+                                    double p2, c10::optional<double> epsilon, int64_t block) {
+  auto out = ContrastiveAutograd::apply(q, r, labels, ref_labels, query_ids, ref_ids, loss, p0, p1,
+                                        p2, epsilon, block);
+  return {out[0], out[1]};
+}
+
+}  // namespace
+}  // namespace fastmine
+
+TORCH_LIBRARY_FRAGMENT(fastmine, m) {
+  m.def(FASTMINE_CONTRASTIVE_SCHEMA);
+  m.def(FASTMINE_CONTRASTIVE_BACKWARD_SCHEMA);
+}
+
+TORCH_LIBRARY_IMPL(fastmine, CPU, m) {
+  m.impl("contrastive", &fastmine::cpu::contrastive_cpu);
+  m.impl("contrastive_backward", &fastmine::cpu::contrastive_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(fastmine, Autograd, m) {
+  m.impl("contrastive", &fastmine::contrastive_autograd);
 }

@@ -75,9 +75,18 @@ def _cuda_unavailable(device: torch.device) -> str:
     return _extension.cuda_why_missing()
 
 
+def _compiled_rules(op_name: str) -> FrozenSet[str]:
+    """RULES of a compiled backend whose top-k kernel is the C++ op
+    fastmine::<op_name>: all of them when the loaded extension registers that op
+    (csrc/cpu/mine_topk_cpu.cpp samples distance_weighted too), none otherwise,
+    so an extension built before the kernel existed does not claim them.  Asks
+    torch's op registry only (builds nothing)."""
+    return frozenset(RULES) if hasattr(torch.ops.fastmine, op_name) else frozenset()
+
+
 _REGISTRY: Dict[str, Backend] = {
     "torch": Backend("torch", lambda device: ""),
-    "cpu": Backend("cpu", _cpu_unavailable),
+    "cpu": Backend("cpu", _cpu_unavailable, _compiled_rules("mine_topk_cpu")),
     "cuda": Backend("cuda", _cuda_unavailable),
 }
 

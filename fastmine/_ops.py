@@ -51,3 +51,34 @@ if _extension.loaded():
     torch.library.register_fake("fastmine::mine_backward")(_mine_backward_fake)
     torch.library.register_fake("fastmine::mine_select")(_mine_select_fake)
     torch.library.register_fake("fastmine::mine_topk")(_mine_topk_fake)
+
+
+# --------------------------------------------------------------------------- contrastive losses
+# (issue #18; docs/contrastive.md; schemas FASTMINE_CONTRASTIVE_* in schema.h)
+
+CONTRASTIVE_STATS = 6  # rows of the per-anchor statistics (csrc/cpu/contrastive_cpu.cpp)
+
+
+def _contrastive_fake(q, r, labels, ref_labels, query_ids, ref_ids, loss, p0, p1, p2, epsilon,
+                      block):
+    """terms: [N] in q's dtype; stats: float64 [6, N]."""
+    return q.new_empty((q.shape[0],)), q.new_empty((CONTRASTIVE_STATS, q.shape[0]),
+                                                   dtype=torch.float64)
+
+
+def _contrastive_backward_fake(grad, q, r, labels, ref_labels, query_ids, ref_ids, loss, p0, p1,
+                               p2, epsilon, block, stats, ref_grad):
+    """dL/dq [N, D]; dL/dr [M, D], or [0, D] when r is None or ref_grad is false."""
+    if r is None or not ref_grad:
+        return torch.empty_like(q), q.new_empty((0, q.shape[1]))
+    return torch.empty_like(q), torch.empty_like(r)
+
+
+def has_contrastive_ops() -> bool:
+    """The loaded extension registers fastmine::contrastive (a build of this checkout)."""
+    return _extension.loaded() and hasattr(torch.ops.fastmine, "contrastive")
+
+
+if has_contrastive_ops():
+    torch.library.register_fake("fastmine::contrastive")(_contrastive_fake)
+    torch.library.register_fake("fastmine::contrastive_backward")(_contrastive_backward_fake)

@@ -128,6 +128,57 @@ if triton is not None:
         tl.store(OUT + rows, acc, mask=row_ok)
 
     @triton.jit
+    def _mining_tile(x_rows, row_ok, a, ql, qid, R, RT, RL, RID, cols, col_ok, D,
+                     stride_xd, stride_rm, stride_rd, DISTANCE: tl.constexpr,
+                     HAS_IDS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One [BLOCK_M, BLOCK_N] tile of the mining pass (shared with the top-k
+        kernels of fastmine/_triton_topk.py).
+
+        x_rows [BLOCK_M, 1]: pointers to the anchor rows (int64 offsets);
+        row_ok [BLOCK_M], a [BLOCK_M] (row terms, acc dtype), ql / qid
+        [BLOCK_M] (labels / ids, int64; qid read only if HAS_IDS); cols
+        [BLOCK_N] reference indices, col_ok their mask.  Returns (v, same, ok),
+        each [BLOCK_M, BLOCK_N]: the mining value (acc dtype, clamped at 0),
+        "same label", and "a pair that may be selected" (in range, and not a
+        same-sample pair).
+        """
+        acc_t = a.dtype
+        r_cols = R + cols.to(tl.int64)[None, :] * stride_rm
+
+        # dot = X_blk @ R_tile^T, streamed over D.
+        dot = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_t)
+        for k0 in range(0, D, BLOCK_K):
+            # Column offsets stay int32: the launcher guarantees unit stride
+            # along D, and the int64 row offsets are already in the pointers.
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < D
+            x = tl.load(x_rows + ks[None, :] * stride_xd,
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            r = tl.load(r_cols + ks[:, None] * stride_rd,   # [BLOCK_K, BLOCK_N]
+                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if UPCAST:
+                x = x.to(tl.float32)
+                r = r.to(tl.float32)
+            dot = tl.dot(x, r, dot, input_precision=DOT_PRECISION, out_dtype=acc_t)
+
+        # Mining value in registers.
+        b = tl.load(RT + cols, mask=col_ok, other=0.0)
+        if DISTANCE == 2:  # cosine
+            v = 1.0 - dot * a[:, None] * b[None, :]
+        else:
+            v = (a[:, None] + b[None, :]) - 2.0 * dot
+        v = tl.maximum(v, 0.0)
+
+        rl = tl.load(RL + cols, mask=col_ok, other=0)
+        same = ql[:, None] == rl[None, :]
+        ok = row_ok[:, None] & col_ok[None, :]
+        if HAS_IDS:
+            rid = tl.load(RID + cols, mask=col_ok, other=0)
+            ok = ok & (qid[:, None] != rid[None, :])  # same-sample pairs never selected
+        return v, same, ok
+
+    @triton.jit
     def _mine_fwd_kernel(
         X, R,                   # [N, D] anchors, [M, D] references (same dtype, any row stride)
         XT, RT,                 # [N], [M] row terms: |.|^2 (Gram) or 1/|.| (cosine), acc dtype
@@ -160,6 +211,8 @@ if triton is not None:
         ql = tl.load(QL + rows, mask=row_ok, other=0)
         if HAS_IDS:
             qid = tl.load(QID + rows, mask=row_ok, other=0)
+        else:
+            qid = ql  # never read
         if PASS == 2:  # NEG_WINDOW: no positive -> lo = +inf -> nothing admissible
             lo = tl.load(LO + rows, mask=row_ok, other=float("inf"))
             hi = tl.load(HI + rows, mask=row_ok, other=float("inf"))
@@ -173,38 +226,9 @@ if triton is not None:
         for j0 in range(j_begin, j_end, BLOCK_N):
             cols = j0 + tl.arange(0, BLOCK_N)
             col_ok = cols < j_end
-            r_cols = R + cols.to(tl.int64)[None, :] * stride_rm
-
-            # dot = X_blk @ R_tile^T, streamed over D.
-            dot = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_t)
-            for k0 in range(0, D, BLOCK_K):
-                # Column offsets stay int32: the launcher guarantees unit stride
-                # along D, and the int64 row offsets are already in the pointers.
-                ks = k0 + tl.arange(0, BLOCK_K)
-                k_ok = ks < D
-                x = tl.load(x_rows + ks[None, :] * stride_xd,
-                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                r = tl.load(r_cols + ks[:, None] * stride_rd,   # [BLOCK_K, BLOCK_N]
-                            mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                if UPCAST:
-                    x = x.to(tl.float32)
-                    r = r.to(tl.float32)
-                dot = tl.dot(x, r, dot, input_precision=DOT_PRECISION, out_dtype=acc_t)
-
-            # Mining value in registers.
-            b = tl.load(RT + cols, mask=col_ok, other=0.0)
-            if DISTANCE == 2:  # cosine
-                v = 1.0 - dot * a[:, None] * b[None, :]
-            else:
-                v = (a[:, None] + b[None, :]) - 2.0 * dot
-            v = tl.maximum(v, 0.0)
-
-            rl = tl.load(RL + cols, mask=col_ok, other=0)
-            same = ql[:, None] == rl[None, :]
-            ok = row_ok[:, None] & col_ok[None, :]
-            if HAS_IDS:
-                rid = tl.load(RID + cols, mask=col_ok, other=0)
-                ok = ok & (qid[:, None] != rid[None, :])  # same-sample pairs never selected
+            v, same, ok = _mining_tile(x_rows, row_ok, a, ql, qid, R, RT, RL, RID, cols, col_ok, D,
+                                       stride_xd, stride_rm, stride_rd, DISTANCE, HAS_IDS,
+                                       DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
 
             if PASS != 2:  # positives
                 if POS_NEAREST:
@@ -501,9 +525,12 @@ if triton is not None:
         k = c.kwargs
         return (k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], c.num_warps, c.num_stages)
 
-    def _fwd_configs():
+    def _fwd_configs(table=None):
+        """triton.Config of every (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) key of
+        ``table`` (default _FWD_CONFIG_PATHS)."""
+        table = _FWD_CONFIG_PATHS if table is None else table
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-                for (bm, bn, bk, w, st) in _FWD_CONFIG_PATHS]
+                for (bm, bn, bk, w, st) in table]
 
     def dot_path(dtype: torch.dtype, dot_precision: str) -> str:
         """Which of the _FWD_CONFIG_PATHS paths a launch takes."""
@@ -513,15 +540,17 @@ if triton is not None:
             return "tf32" if dot_precision == "tf32" else "fma32"
         return "tc16"
 
-    def prune_fwd_configs(configs, named_args, **kwargs):
+    def prune_fwd_configs(configs, named_args, table=None, **kwargs):
         """Keep the configs meant for this launch's dot path (see
-        _FWD_CONFIG_PATHS) whose BLOCK_K does not exceed D rounded up to a
-        power of two (>= 16: tl.dot's minimum); on tensor cores BLOCK_K = 16
-        only when D <= 16.  Never empty; a first call times at most 7 configs."""
+        _FWD_CONFIG_PATHS, or ``table`` of the same form) whose BLOCK_K does
+        not exceed D rounded up to a power of two (>= 16: tl.dot's minimum);
+        on tensor cores BLOCK_K = 16 only when D <= 16.  Never empty; a first
+        call times at most 7 configs."""
+        table = _FWD_CONFIG_PATHS if table is None else table
         path = dot_path(named_args["X"].dtype, kwargs.get("DOT_PRECISION", "ieee"))
         k_cap = max(16, triton.next_power_of_2(named_args["D"]))
         k_min = 32 if path in ("tc16", "tf32") and k_cap >= 32 else 16
-        mine = [c for c in configs if path in _FWD_CONFIG_PATHS[_config_key(c)]]
+        mine = [c for c in configs if path in table[_config_key(c)]]
         return [c for c in mine if k_min <= c.kwargs["BLOCK_K"] <= k_cap] or mine[-1:]
 
     _mine_fwd_tuned = triton.autotune(
@@ -780,3 +809,10 @@ def why_unavailable(device: torch.device) -> str:
 
 
 _backends.register_python("triton", select, backward, why_unavailable, pair_distance=pair_distance)
+
+# Top-k mining and distance-weighted sampling (issue #17): the kernels of
+# fastmine/_triton_topk.py, registered as the op fastmine::mine_topk_triton
+# (rules "topk" and "distance_weighted").
+from . import _triton_topk  # noqa: E402
+
+_triton_topk.register()

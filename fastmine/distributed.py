@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._contract import _FLOAT_DTYPES, check_embeddings, check_index_vector
-from .losses import _REDUCTIONS, MarginLoss
+from .losses import _REDUCTIONS, MarginLoss, _per_triplet
 
 __all__ = ["gather", "GatheredBatch", "DistributedLoss"]
 
@@ -229,10 +229,11 @@ class DistributedLoss(nn.Module):
     Args:
         loss: a fastmine loss (``fastmine.losses.TripletMarginLoss``,
             ``MarginLoss``), or any module with ``per_anchor(embeddings,
-            labels, ref_emb, ref_labels, *, query_ids, ref_ids) -> (terms [n],
-            valid [n] bool)`` and attributes ``reduction`` ("mean", "sum" or
-            "none") and optionally ``average_nonzero``; a module with another
-            ``regularizer`` is refused (it cannot be normalised globally).
+            labels, ref_emb, ref_labels, *, query_ids, ref_ids) -> (terms [n]
+            or [n, k_pos, k_neg], valid bool of the same shape)`` and
+            attributes ``reduction`` ("mean", "sum" or "none") and optionally
+            ``average_nonzero``; a module with another ``regularizer`` is
+            refused (it cannot be normalised globally).
         group: process group (default: the world); DDP must average over the
             same group.
 
@@ -244,8 +245,9 @@ class DistributedLoss(nn.Module):
     to every rank's rows), so that DDP's average over ranks is exactly
     ``dL/dtheta``:
 
-    * "mean": terms of local anchors / the *global* number of valid anchors
-      (with ``average_nonzero``: of valid anchors with a non-zero term);
+    * "mean": terms of local anchors / the *global* number of valid triplets
+      (one per valid anchor when k_pos = k_neg = 1; with ``average_nonzero``:
+      of valid triplets with a non-zero term);
     * "sum": the sum of local terms;
     * MarginLoss with ``learn_beta`` and ``nu``: the global-beta regulariser
       ``nu * beta`` is added once per rank (DDP's average keeps it once); the
@@ -253,6 +255,9 @@ class DistributedLoss(nn.Module):
       anchors / the global number of valid anchors.
     * "none": this rank's terms [n_r] (against the global references),
       unscaled; reducing them is then up to you (no exactness guarantee).
+    * neg_strategy="distance_weighted": the noise is counted by the anchor's
+      local row, so the draws are not those of one process on the
+      concatenated batch (each draw's law is the same; docs/usage.md).
 
     Parameters of ``loss`` (learnable beta) get gradients that must be averaged
     over ranks like the model's: make this module part of the DDP-wrapped
@@ -293,7 +298,7 @@ class DistributedLoss(nn.Module):
         kind = _regularizer_kind(self.loss)
         reg_sum = terms.new_zeros(())  # sum of beta[label] over local valid anchors
         if kind == "per_class":
-            b = self.loss._beta_for(labels, self.loss.beta.dtype)
+            b = _per_triplet(self.loss._beta_for(labels, self.loss.beta.dtype), valid)
             reg_sum = torch.where(valid, b, torch.zeros_like(b)).sum()
 
         # One all_reduce for the forward statistics.  float64 keeps counts exact

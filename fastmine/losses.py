@@ -4,14 +4,24 @@ Every loss module exposes the same two-level interface (a distributed wrapper
 relies on these names):
 
 ``per_anchor(embeddings, labels, ref_emb=None, ref_labels=None, *, query_ids=None, ref_ids=None)``
-    -> ``(terms [N], valid [N] bool)``: one loss term per anchor, 0 where the
-    anchor has no admissible positive/negative (``valid`` False).
+    -> ``(terms, valid bool)``: one loss term per triplet (anchor i, its s-th
+    mined positive, its t-th mined negative), 0 where the triplet does not
+    exist (a -1 slot: ``valid`` False).  Shapes: [N] with k_pos = k_neg = 1
+    (the default: one triplet per anchor), else [N, k_pos, k_neg].
 ``forward(...)`` (same arguments)
     -> ``reduce_terms(terms, valid, reduction, average_nonzero)`` (+ any
     regulariser, see MarginLoss).
 
-When no anchor is valid the reduced loss is an exact 0 that is still attached
-to the graph (its gradient is zero), never NaN.
+So every reduction counts triplets: "mean" divides by the number of valid
+triplets (= valid anchors when k = 1), ``average_nonzero`` by the number of
+triplets with a non-zero term (pytorch-metric-learning's AvgNonZeroReducer
+over the same triplets).  When no triplet is valid the reduced loss is an
+exact 0 that is still attached to the graph (its gradient is zero), never NaN.
+
+Mining: k_pos = k_neg = 1 runs ``fastmine.mine`` (the op ``fastmine::mine``,
+or its k = 1 top-k path for neg_strategy="distance_weighted"); otherwise
+``fastmine.mine_topk``.  Both pick the backend with ``backend`` ("auto": the
+fastest one that implements the rule).
 """
 from __future__ import annotations
 
@@ -22,9 +32,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _backends
-from ._contract import (DISTANCES, check_backend_name, check_choice, check_positive_int, check_real,
-                        check_strategy)
-from .mine import mine
+from ._contract import (DISTANCES, DW_CUTOFF, DW_NONZERO_LOSS_CUTOFF, check_backend_name,
+                        check_choice, check_positive_int, check_real, check_topk_args)
+from .mine import mine, mine_topk
+from .reference_topk import TopKResult
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -34,16 +45,18 @@ def reduce_terms(terms: Tensor, valid: Tensor, reduction: str = "mean",
     """Reduce per-anchor loss terms.
 
     Args:
-        terms: [N] float, 0 for invalid anchors.
-        valid: [N] bool, anchors that had a positive and a negative.
-        reduction: "mean": average over valid anchors (valid anchors whose
-            term is 0 count in the denominator), or over anchors with a
+        terms: float, one term per triplet, 0 for invalid ones: [N] (one
+            triplet per anchor) or [N, k_pos, k_neg] (any shape works).
+        valid: bool, the shape of ``terms``: triplets whose positive and
+            negative exist.
+        reduction: "mean": average over valid triplets (valid triplets whose
+            term is 0 count in the denominator), or over triplets with a
             non-zero term when ``average_nonzero`` (pytorch-metric-learning's
             AvgNonZeroReducer behaviour); "sum"; "none": ``terms`` unchanged.
         average_nonzero: see ``reduction``; ignored unless reduction="mean".
 
     Returns:
-        A scalar (or [N] for "none") in ``terms.dtype``.  With an empty
+        A scalar (or ``terms`` for "none") in ``terms.dtype``.  With an empty
         denominator the result is ``terms.sum() * 0`` = 0, still attached to
         the graph, never NaN.
     """
@@ -62,43 +75,80 @@ def reduce_terms(terms: Tensor, valid: Tensor, reduction: str = "mean",
     return total / count
 
 
-def _check_common(reduction: str, distance: str, pos_strategy: str, neg_strategy: str,
-                  backend: str) -> None:
-    """Constructor checks shared by the loss modules (the errors ``mine`` would raise later)."""
+def _check_common(loss: "_MinedLoss", reduction: str, distance: str, pos_strategy: str,
+                  neg_strategy: str, backend: str, k_pos, k_neg, cutoff, nonzero_loss_cutoff,
+                  seed) -> None:
+    """Constructor checks shared by the loss modules (the errors ``mine`` /
+    ``mine_topk`` would raise later, each naming its argument); stores the
+    mining settings on ``loss``."""
     check_choice("reduction", reduction, _REDUCTIONS)
     check_choice("distance", distance, DISTANCES)
-    check_strategy(pos_strategy, neg_strategy, distance, None)
-    if neg_strategy == "distance_weighted":
-        raise NotImplementedError("the losses do not take neg_strategy='distance_weighted' yet; "
-                                  "sample with fastmine.mine_topk and compute the loss from "
-                                  "its distances")
+    k_pos, k_neg, _, cutoff, nonzero_loss_cutoff, seed = check_topk_args(
+        k_pos, k_neg, pos_strategy, neg_strategy, distance, None, cutoff, nonzero_loss_cutoff,
+        seed)
     check_backend_name(backend, _backends._REGISTRY)
+    loss.distance, loss.pos_strategy, loss.neg_strategy = distance, pos_strategy, neg_strategy
+    loss.k_pos, loss.k_neg, loss.backend = k_pos, k_neg, backend
+    loss.cutoff, loss.nonzero_loss_cutoff, loss.seed = cutoff, nonzero_loss_cutoff, seed
+    loss.reduction = reduction
+
+
+def _per_triplet(values: Tensor, valid: Tensor) -> Tensor:
+    """A per-anchor [N] tensor broadcast to the triplet shape of ``valid``
+    ([N], or [N, k_pos, k_neg]): triplet (i, s, t) gets values[i]."""
+    return values.reshape(values.shape[:1] + (1,) * (valid.dim() - 1)).expand(valid.shape)
 
 
 class _MinedLoss(nn.Module):
-    """Shared plumbing: optional normalisation, fastmine.mine, then the loss of the mined pairs.
+    """Shared plumbing: optional normalisation, mining, then the loss of the mined triplets.
 
-    The loss formula has one definition, ``_anchor_terms(pos_dist, neg_dist,
-    labels)``, and the reduction one, ``_reduce(terms, valid, labels)``; both
+    Mining has one definition, ``_select`` ([N, k] picks, whatever k); the
+    loss formula one, ``_anchor_terms(pos_dist, neg_dist, labels)`` (on
+    broadcast [N, k_pos, 1] and [N, 1, k_neg] distances: every triplet of an
+    anchor); the triplets' validity and shape one, ``_triplet_terms``; and the
+    reduction one, ``_reduce(terms, valid, labels)``.  Both
     ``forward``/``per_anchor`` and ``_loss_from_mined`` (the internal entry
     point of ``CrossBatchMemory``, which mines against its ring buffer in
     place and recomputes the selected distances itself) go through them.
     """
 
     _mining_margin = None  # the semi-hard window passed to mine (TripletMarginLoss)
+    # Mining settings (set by _check_common; these class defaults are k = 1 and
+    # the contract's sampling defaults, for subclasses that set their own).
+    k_pos = k_neg = 1
+    cutoff, nonzero_loss_cutoff, seed = DW_CUTOFF, DW_NONZERO_LOSS_CUTOFF, None
 
     def _mining_kwargs(self) -> dict:
-        """The keyword arguments this loss passes to ``fastmine.mine``."""
+        """The keyword arguments this loss passes to ``fastmine.mine`` /
+        ``fastmine.mine_topk`` (besides k_pos, k_neg and the tensors)."""
         return dict(pos_strategy=self.pos_strategy, neg_strategy=self.neg_strategy,
-                    distance=self.distance, margin=self._mining_margin, backend=self.backend)
+                    distance=self.distance, margin=self._mining_margin, backend=self.backend,
+                    cutoff=self.cutoff, nonzero_loss_cutoff=self.nonzero_loss_cutoff,
+                    seed=self.seed)
 
-    def _mine(self, embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids):
+    def _select(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
+                ref_labels: Optional[Tensor], query_ids: Optional[Tensor],
+                ref_ids: Optional[Tensor]) -> TopKResult:
+        """The mined picks as TopKResult (pos_idx [N, k_pos], neg_idx [N, k_neg]
+        int64, -1 for an empty slot; pos_dist, neg_dist the same shapes,
+        differentiable).  k_pos = k_neg = 1 runs ``fastmine.mine`` (its
+        columns, so that k = 1 is exactly the op and backends it always ran),
+        otherwise ``fastmine.mine_topk`` (equal to ``mine`` at k = 1)."""
+        kw = self._mining_kwargs()
+        if self.k_pos == 1 and self.k_neg == 1:
+            r = mine(embeddings, labels, ref_emb, ref_labels, query_ids=query_ids,
+                     ref_ids=ref_ids, **kw)
+            return TopKResult(r.pos_idx[:, None], r.neg_idx[:, None], r.pos_dist[:, None],
+                              r.neg_dist[:, None])
+        return mine_topk(embeddings, labels, ref_emb, ref_labels, k_pos=self.k_pos,
+                         k_neg=self.k_neg, query_ids=query_ids, ref_ids=ref_ids, **kw)
+
+    def _mine(self, embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids) -> TopKResult:
         if self.normalize_embeddings:
             embeddings = F.normalize(embeddings, dim=1)
             if ref_emb is not None:
                 ref_emb = F.normalize(ref_emb, dim=1)
-        return mine(embeddings, labels, ref_emb, ref_labels, query_ids=query_ids,
-                    ref_ids=ref_ids, **self._mining_kwargs())
+        return self._select(embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids)
 
     def _anchor_terms(self, pos_dist: Tensor, neg_dist: Tensor, labels: Tensor) -> Tensor:
         raise NotImplementedError
@@ -106,22 +156,30 @@ class _MinedLoss(nn.Module):
     def _reduce(self, terms: Tensor, valid: Tensor, labels: Tensor) -> Tensor:
         return reduce_terms(terms, valid, self.reduction, self.average_nonzero)
 
-    def _masked_terms(self, pos_dist: Tensor, neg_dist: Tensor, valid: Tensor,
-                      labels: Tensor) -> Tensor:
-        terms = self._anchor_terms(pos_dist, neg_dist, labels)
-        return torch.where(valid, terms, torch.zeros_like(terms))
+    def _triplet_terms(self, sel: TopKResult, labels: Tensor) -> Tuple[Tensor, Tensor]:
+        """(terms, valid) of every triplet (i, s, t) = (anchor i, positive
+        sel.pos_idx[i, s], negative sel.neg_idx[i, t]): valid iff both slots
+        hold a reference (not -1); terms 0 where not valid.  [N] when
+        k_pos = k_neg = 1 (a view of the [N, 1, 1] result: bit for bit the one
+        triplet per anchor), else [N, k_pos, k_neg]."""
+        valid = (sel.pos_idx >= 0)[:, :, None] & (sel.neg_idx >= 0)[:, None, :]
+        terms = self._anchor_terms(sel.pos_dist[:, :, None], sel.neg_dist[:, None, :], labels)
+        terms = torch.where(valid, terms, torch.zeros_like(terms))
+        if valid.shape[1:] == (1, 1):
+            return terms.reshape(-1), valid.reshape(-1)
+        return terms, valid
 
-    def _loss_from_mined(self, pos_dist: Tensor, neg_dist: Tensor, valid: Tensor,
-                         labels: Tensor) -> Tensor:
-        """What ``forward`` returns, given the mined distances [N] and ``valid`` [N]."""
-        return self._reduce(self._masked_terms(pos_dist, neg_dist, valid, labels), valid, labels)
+    def _loss_from_mined(self, sel: TopKResult, labels: Tensor) -> Tensor:
+        """What ``forward`` returns, given the mined picks and distances (see ``_select``)."""
+        return self._reduce(*self._triplet_terms(sel, labels), labels)
 
     def per_anchor(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
                    ref_labels: Optional[Tensor] = None, *, query_ids: Optional[Tensor] = None,
                    ref_ids: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-        """(terms [N], valid [N] bool); terms are 0 for invalid anchors."""
-        res = self._mine(embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids)
-        return self._masked_terms(res.pos_dist, res.neg_dist, res.valid, labels), res.valid
+        """(terms, valid bool): [N] with k_pos = k_neg = 1, else [N, k_pos, k_neg]
+        (one per triplet); terms are 0 where valid is False."""
+        sel = self._mine(embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids)
+        return self._triplet_terms(sel, labels)
 
     def forward(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
                 ref_labels: Optional[Tensor] = None, *, query_ids: Optional[Tensor] = None,
@@ -142,31 +200,50 @@ def _mines_through_hooks(loss) -> bool:
 
 
 class TripletMarginLoss(_MinedLoss):
-    """Triplet margin loss with fused exact mining: per anchor
+    """Triplet margin loss with fused exact mining: per triplet
     ``relu(d(a, p) - d(a, n) + margin)`` for the mined (p, n).
+
+    Each anchor contributes all k_pos x k_neg triplets of its k_pos mined
+    positives and k_neg mined negatives (default one each); a -1 slot (fewer
+    admissible references than k) contributes nothing.
 
     Args:
         margin: the triplet margin.
         distance: "euclidean", "squared_euclidean" or "cosine" (1 - cos).
-        pos_strategy, neg_strategy: see ``fastmine.mine``.
+        pos_strategy, neg_strategy: see ``fastmine.mine_topk``; neg_strategy
+            "distance_weighted" samples the negatives (Wu et al. 2017;
+            Euclidean only, meant for L2-normalised embeddings: set
+            ``normalize_embeddings=True`` or normalise them yourself).
         reduction, average_nonzero: see ``reduce_terms``.  Default "mean" over
-            valid anchors, zero-loss valid anchors included.
+            valid triplets, zero-loss ones included; ``average_nonzero``: over
+            non-zero triplets (PML's AvgNonZeroReducer).
         normalize_embeddings: L2-normalise embeddings (and ref_emb) first.
         semihard_margin: upper window of semihard negatives
             (d_an < d_ap + semihard_margin); only with neg_strategy="semihard".
         backend: fastmine backend.
+        k_pos, k_neg: integers >= 1, positives / negatives mined per anchor.
+        cutoff, nonzero_loss_cutoff: the distance-weighted clamp and zero-weight
+            bound (finite reals > 0; used by "distance_weighted" only).
+        seed: "distance_weighted" noise: None (default) draws a fresh seed
+            from torch's default CPU generator at every call (so
+            ``torch.manual_seed`` makes training reproducible); an int in
+            [0, 2^64) uses that seed at every call (the same noise each call).
 
     Inputs: embeddings [N, D] float, labels [N] int, optional ref_emb [M, D],
     ref_labels [M], query_ids [N], ref_ids [M] (same-sample exclusion).
+    ``reduction="none"`` returns [N] terms (k = 1) or [N, k_pos, k_neg].
     """
 
     def __init__(self, margin: float = 0.1, distance: str = "euclidean",
                  pos_strategy: str = "easy", neg_strategy: str = "semihard",
                  reduction: str = "mean", normalize_embeddings: bool = False,
                  average_nonzero: bool = False, semihard_margin: Optional[float] = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", *, k_pos: int = 1, k_neg: int = 1,
+                 cutoff: float = DW_CUTOFF, nonzero_loss_cutoff: float = DW_NONZERO_LOSS_CUTOFF,
+                 seed: Optional[int] = None):
         super().__init__()
-        _check_common(reduction, distance, pos_strategy, neg_strategy, backend)
+        _check_common(self, reduction, distance, pos_strategy, neg_strategy, backend, k_pos,
+                      k_neg, cutoff, nonzero_loss_cutoff, seed)
         self.margin = check_real("margin", margin, minimum=0.0)
         if semihard_margin is not None:
             if neg_strategy != "semihard":
@@ -174,23 +251,31 @@ class TripletMarginLoss(_MinedLoss):
                                  f"semihard_margin={semihard_margin!r} with "
                                  f"neg_strategy={neg_strategy!r}")
             semihard_margin = check_real("semihard_margin", semihard_margin, minimum=0.0)
-        self.distance, self.pos_strategy, self.neg_strategy = distance, pos_strategy, neg_strategy
-        self.reduction, self.average_nonzero = reduction, bool(average_nonzero)
+        self.average_nonzero = bool(average_nonzero)
         self.normalize_embeddings = bool(normalize_embeddings)
         self.semihard_margin = semihard_margin
-        self.backend = backend
 
     @property
     def _mining_margin(self):
         return self.semihard_margin
 
     def _anchor_terms(self, pos_dist: Tensor, neg_dist: Tensor, labels: Tensor) -> Tensor:
+        """pos_dist [N, k_pos, 1], neg_dist [N, 1, k_neg] -> [N, k_pos, k_neg]."""
         return F.relu(pos_dist - neg_dist + self.margin)
 
 
 class MarginLoss(_MinedLoss):
-    """Margin loss of Wu et al. 2017 ("Sampling matters") with fused mining: per anchor
+    """Margin loss of Wu et al. 2017 ("Sampling matters") with fused mining: per triplet
     ``relu(d_ap - beta + margin) + relu(beta - d_an + margin)``.
+
+    Each anchor contributes all k_pos x k_neg triplets of its k_pos mined
+    positives and k_neg mined negatives (default one each), the term of a
+    triplet being its positive pair's term plus its negative pair's term, as
+    in Wu et al.'s code and pytorch-metric-learning's MarginLoss.  So the
+    "mean" over an anchor's triplets is the mean of its positive pairs' terms
+    plus the mean of its negative pairs' terms, and k = 1 is one triplet (one
+    positive and one negative pair) per anchor.  A -1 slot contributes
+    nothing.
 
     Args:
         margin: the margin around the boundary beta.
@@ -202,7 +287,10 @@ class MarginLoss(_MinedLoss):
         nu: weight of the beta regulariser ``nu * beta`` (only when learn_beta,
             as in pytorch-metric-learning); see ``regularizer``.
         pos_strategy, neg_strategy, distance, reduction, normalize_embeddings,
-        average_nonzero, backend: as in TripletMarginLoss.
+        average_nonzero, backend, k_pos, k_neg, cutoff, nonzero_loss_cutoff,
+        seed: as in TripletMarginLoss ("mean" counts valid triplets,
+        ``average_nonzero`` triplets with a non-zero term).  neg_strategy
+        "distance_weighted" is the sampler MarginLoss was designed with.
 
     ``forward`` returns ``reduce_terms(...) + regularizer(labels, valid)``
     (for reduction="none", the regulariser is not added: add it yourself).
@@ -213,9 +301,12 @@ class MarginLoss(_MinedLoss):
                  pos_strategy: str = "easy", neg_strategy: str = "semihard",
                  distance: str = "euclidean", reduction: str = "mean",
                  normalize_embeddings: bool = False, average_nonzero: bool = False,
-                 backend: str = "auto"):
+                 backend: str = "auto", *, k_pos: int = 1, k_neg: int = 1,
+                 cutoff: float = DW_CUTOFF, nonzero_loss_cutoff: float = DW_NONZERO_LOSS_CUTOFF,
+                 seed: Optional[int] = None):
         super().__init__()
-        _check_common(reduction, distance, pos_strategy, neg_strategy, backend)
+        _check_common(self, reduction, distance, pos_strategy, neg_strategy, backend, k_pos,
+                      k_neg, cutoff, nonzero_loss_cutoff, seed)
         if num_classes is not None:
             num_classes = check_positive_int("num_classes", num_classes)
         self.margin = check_real("margin", margin, minimum=0.0)
@@ -227,10 +318,8 @@ class MarginLoss(_MinedLoss):
             self.beta = nn.Parameter(init)
         else:
             self.register_buffer("beta", init)
-        self.distance, self.pos_strategy, self.neg_strategy = distance, pos_strategy, neg_strategy
-        self.reduction, self.average_nonzero = reduction, bool(average_nonzero)
+        self.average_nonzero = bool(average_nonzero)
         self.normalize_embeddings = bool(normalize_embeddings)
-        self.backend = backend
 
     def _beta_for(self, labels: Tensor, dtype) -> Tensor:
         """[N] beta of each anchor (global beta broadcast, or beta[label])."""
@@ -252,21 +341,24 @@ class MarginLoss(_MinedLoss):
         return beta.expand(labels.shape[0])
 
     def _anchor_terms(self, pos_dist: Tensor, neg_dist: Tensor, labels: Tensor) -> Tensor:
-        beta = self._beta_for(labels, pos_dist.dtype)
+        """pos_dist [N, k_pos, 1], neg_dist [N, 1, k_neg] -> [N, k_pos, k_neg]."""
+        beta = self._beta_for(labels, pos_dist.dtype)[:, None, None]
         return F.relu(pos_dist - beta + self.margin) + F.relu(beta - neg_dist + self.margin)
 
     def regularizer(self, labels: Tensor, valid: Tensor) -> Tensor:
         """``nu * beta`` term (scalar); 0 unless learn_beta.
 
+        labels [N]; valid: the triplets' mask ([N], or [N, k_pos, k_neg]).
         Global beta: ``nu * beta`` (as pytorch-metric-learning).  Per-class
-        beta: mean of ``nu * beta[label]`` over valid anchors (PML divides the
-        sum by its non-zero pair count instead).
+        beta: mean of ``nu * beta[label of the anchor]`` over valid triplets
+        (= valid anchors when k = 1; PML sums it over its triplets and divides
+        by its non-zero pair count instead).
         """
         if not self.learn_beta or self.nu == 0.0:
             return self.beta.sum() * 0.0
         if not self.num_classes:
             return self.nu * self.beta.sum()
-        b = self._beta_for(labels, self.beta.dtype)
+        b = _per_triplet(self._beta_for(labels, self.beta.dtype), valid)
         b = torch.where(valid, b, torch.zeros_like(b))
         return self.nu * b.sum() / valid.sum().clamp_min(1).to(b.dtype)
 
@@ -292,3 +384,8 @@ def margin_loss(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = 
     then a fresh parameter); ``kwargs`` are its constructor arguments."""
     return MarginLoss(**kwargs)(embeddings, labels, ref_emb, ref_labels,
                                 query_ids=query_ids, ref_ids=ref_ids)
+
+
+# The label-aware contrastive losses (issue #18): streamed in O((N + M) D) memory,
+# defined in fastmine/contrastive.py (docs/contrastive.md).
+from .contrastive import MultiSimilarityLoss, NTXentLoss, SupConLoss  # noqa: E402,F401

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ._contract import check_embeddings, check_index_vector, check_positive_int, widen_index_vector
 from ._pairs import pair_distance
 from .losses import _MinedLoss, _mines_through_hooks
-from .mine import mine
+from .reference_topk import TopKResult
 
 # The two loss protocols CrossBatchMemory drives (told apart by the forward's parameters).
 _FASTMINE = "fastmine"  # forward(embeddings, labels, ref_emb, ref_labels, *, query_ids, ref_ids)
@@ -82,8 +82,9 @@ class CrossBatchMemory(nn.Module):
         memory_size: capacity of the ring buffer (rows), >= 1.
         miner: PML losses only.  None: every positive and negative pair
             (PML's default, O(N * (N + memory)) pairs); a fastmine miner
-            (``fastmine.miners.BatchEasyHardMiner`` / ``BatchHardMiner``):
-            fused mining with same-sample exclusion; any other PML miner:
+            (``fastmine.miners.BatchEasyHardMiner`` / ``BatchHardMiner`` /
+            ``DistanceWeightedMiner``): fused mining with same-sample
+            exclusion; any other PML miner:
             called as ``miner(embeddings, labels, ref_emb, ref_labels)``, then
             its same-sample pairs are removed.  A fastmine loss mines itself,
             so a miner is an error there.
@@ -109,13 +110,18 @@ class CrossBatchMemory(nn.Module):
     ``enqueue_mask`` arguments are not supported.
 
     Cost of a step (fastmine's ``TripletMarginLoss`` / ``MarginLoss``, not
-    subclassed in ``forward``, ``per_anchor`` or ``_mine``): O(N * D) memory
-    beyond the bank, never a copy of it.  The three buffers are views into
+    subclassed in ``forward``, ``per_anchor`` or ``_mine``): O(N * k * D)
+    memory beyond the bank (k = k_pos + k_neg, 2 by default), never a copy of
+    it (plus what the mining backend needs: O(N * M) for the ``torch``
+    reference).  The three buffers are views into
     storage with ``S`` spare rows in front (S = the largest batch so far);
     the (detached) batch is written into the last N spare rows, so that the
     references above are one contiguous view ``[batch; memory[:filled]]``,
-    mined in place without gradient.  The selected distances are then
-    recomputed from the N gathered rows (``fastmine._pairs.pair_distance``),
+    mined in place without gradient by the loss's own rule (``loss._select``:
+    its strategies, k_pos x k_neg, distance-weighted sampling with its cutoffs
+    and seed; with seed=None one seed per step from torch's generator, as its
+    forward draws).  The selected distances [N, k] are then recomputed from
+    the N * k gathered rows (``fastmine._pairs.pair_distance``),
     taking the live batch rows for references j < N, so the batch gets its
     gradient both as anchor and as reference; the loss is
     ``loss._loss_from_mined`` (the formula its ``forward`` uses).  The spare
@@ -277,35 +283,41 @@ class CrossBatchMemory(nn.Module):
             st.emb[lo:st.slack].copy_(x)
             st.labels[lo:st.slack].copy_(labels)
             st.ids[lo:st.slack].copy_(ids)
-            kw = loss._mining_kwargs()
             # references [batch; memory[:filled]]: one view, mined without gradient
-            res = mine(x, labels, st.emb[lo:hi], st.labels[lo:hi], query_ids=ids,
-                       ref_ids=st.ids[lo:hi], **kw)
-        pos_dist = self._selected_distance(x, st.emb[lo:hi], res.pos_idx, kw["distance"])
-        neg_dist = self._selected_distance(x, st.emb[lo:hi], res.neg_idx, kw["distance"])
-        out = loss._loss_from_mined(pos_dist, neg_dist, res.valid, labels)
+            # by the loss's own rule (its k_pos / k_neg, strategies, sampling
+            # settings; a distance_weighted seed=None draws its seed here, once
+            # per step, as the loss's forward would)
+            sel = loss._select(x, labels, st.emb[lo:hi], st.labels[lo:hi], ids, st.ids[lo:hi])
+        distance = loss._mining_kwargs()["distance"]
+        pos_dist = self._selected_distance(x, st.emb[lo:hi], sel.pos_idx, distance)
+        neg_dist = self._selected_distance(x, st.emb[lo:hi], sel.neg_idx, distance)
+        out = loss._loss_from_mined(TopKResult(sel.pos_idx, sel.neg_idx, pos_dist, neg_dist),
+                                    labels)
         self._enqueue(x.detach(), labels, ids)
         return out
 
     @staticmethod
     def _selected_distance(x: Tensor, refs: Tensor, idx: Tensor, distance: str) -> Tensor:
-        """d(x[i], ref idx[i]) [N], 0 where idx[i] = -1; references idx < N are the
-        live rows of x (gradient flows to them), the others rows of ``refs``
-        (no gradient).  Gathers N rows: O(N * D), and the gathered rows are a
-        copy, so later writes into the ring cannot touch this step's backward."""
-        n = x.shape[0]
-        live = (idx >= 0) & (idx < n)
-        b = torch.where(live[:, None], x.index_select(0, torch.where(live, idx, 0)),
-                        refs.index_select(0, idx.clamp_min(0)))
-        rows = torch.where(idx >= 0, torch.arange(n, device=idx.device), -1)
-        return pair_distance(x, b, rows, distance)
+        """d(x[i], ref idx[i, s]) [N, k] for idx [N, k] int64, 0 where idx[i, s] = -1;
+        references idx < N are the live rows of x (gradient flows to them), the
+        others rows of ``refs`` (no gradient).  Gathers N * k rows: O(N * k * D),
+        and the gathered rows are a copy, so later writes into the ring cannot
+        touch this step's backward."""
+        n, k = idx.shape
+        flat = idx.reshape(-1)  # pair (i, s) is row i * k + s
+        live = (flat >= 0) & (flat < n)
+        b = torch.where(live[:, None], x.index_select(0, torch.where(live, flat, 0)),
+                        refs.index_select(0, flat.clamp_min(0)))
+        a = x[:, None, :].expand(n, k, x.shape[1]).reshape(n * k, x.shape[1])  # a view at k = 1
+        rows = torch.where(flat >= 0, torch.arange(n * k, device=idx.device), -1)
+        return pair_distance(a, b, rows, distance).reshape(n, k)
 
     def _pml_indices(self, embeddings, labels, ids, ref_emb, ref_labels, ref_ids):
-        from .miners import BatchEasyHardMiner  # fastmine's own miners take ids
+        from .miners import FASTMINE_MINERS  # fastmine's own miners take ids
 
         if self.miner is None:
             return all_pairs_indices(labels, ref_labels, ids, ref_ids)
-        if isinstance(self.miner, BatchEasyHardMiner):
+        if isinstance(self.miner, FASTMINE_MINERS):
             return self.miner(embeddings, labels, ref_emb, ref_labels, query_ids=ids, ref_ids=ref_ids)
         return _drop_same_sample(self.miner(embeddings, labels, ref_emb, ref_labels), ids, ref_ids)
 

@@ -158,7 +158,7 @@ def mine_topk(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = No
             generator (so ``torch.manual_seed`` makes runs reproducible).
         query_ids, ref_ids: [N], [M] integer sample ids, as in ``fastmine.mine``.
         backend: "auto", "torch" (the reference), or a backend that implements
-            top-k (``auto`` picks one; on others NotImplementedError).
+            top-k, e.g. "cpu" (``auto`` picks one; on others NotImplementedError).
 
     Returns:
         TopKResult(pos_idx int64 [N, k_pos], neg_idx int64 [N, k_neg],

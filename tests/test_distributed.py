@@ -77,6 +77,13 @@ CONFIGS = {
         backend="cpu"), "plain", "ddp_separate"),
     "triplet_dup_with_ids": (lambda: losses.TripletMarginLoss(
         margin=0.3, pos_strategy="easy", neg_strategy="hard", backend="cpu"), "dup", "ddp_model"),
+    # top-k: the counts are triplets, and the per-class regulariser runs per triplet
+    "triplet_topk_nonzero": (lambda: losses.TripletMarginLoss(
+        margin=0.3, pos_strategy="hard", neg_strategy="hard", k_pos=2, k_neg=3,
+        average_nonzero=True), "plain", "ddp_model"),
+    "margin_topk_perclass_beta": (lambda: losses.MarginLoss(
+        margin=0.2, beta=0.6, learn_beta=True, num_classes=5, nu=0.1, neg_strategy="easy",
+        k_pos=3, k_neg=2), "plain", "ddp_both"),
 }
 
 

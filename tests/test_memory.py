@@ -2,7 +2,10 @@
 import torch
 
 import fastmine
-from fastmine import CrossBatchMemory, losses
+from fastmine import CrossBatchMemory, _backends, losses
+
+TOPK_BACKENDS = [b for b in fastmine.available_backends() if "topk" in _backends.get(b).rules]
+DW_BACKENDS = [b for b in TOPK_BACKENDS if "distance_weighted" in _backends.get(b).rules]
 
 
 class _Spy(losses.TripletMarginLoss):
@@ -122,13 +125,16 @@ def test_memory_rejects_bad_constructor_arguments():
 _CHECKPOINT_SCRIPT = textwrap.dedent("""
     import sys, torch, fastmine
     from fastmine import CrossBatchMemory, losses
-    mode, path = sys.argv[1], sys.argv[2]
+    mode, path, kind = sys.argv[1], sys.argv[2], sys.argv[3]
     torch.manual_seed(0)
     batches = [(torch.randn(4, 3, dtype=torch.bfloat16), torch.randint(0, 3, (4,))) for _ in range(6)]
     def make():
-        return CrossBatchMemory(losses.MarginLoss(learn_beta=True, nu=0.1, neg_strategy="hard",
-                                                  backend="cpu"),
-                                embedding_size=3, memory_size=10)
+        if kind == "topk_dw":  # k_pos x k_neg triplets, negatives sampled (seed=None)
+            loss = losses.MarginLoss(learn_beta=True, nu=0.1, neg_strategy="distance_weighted",
+                                     k_pos=2, k_neg=3, normalize_embeddings=True)
+        else:
+            loss = losses.MarginLoss(learn_beta=True, nu=0.1, neg_strategy="hard", backend="cpu")
+        return CrossBatchMemory(loss, embedding_size=3, memory_size=10)
     xbm = make()
     if mode == "save":
         for x, y in batches[:3]:
@@ -137,16 +143,20 @@ _CHECKPOINT_SCRIPT = textwrap.dedent("""
     else:
         xbm.load_state_dict(torch.load(path))
         assert xbm.embedding_memory.dtype == torch.bfloat16
+    torch.manual_seed(1)  # the sampler's seeds come from torch's generator, the user's state
     if mode in ("save", "load"):
         print([xbm(x, y).double().item().hex() for x, y in batches[3:]])
 """)
 
 
-def test_checkpoint_round_trip_in_a_new_process(tmp_path):
+@pytest.mark.parametrize("kind", ["margin", "topk_dw"])
+def test_checkpoint_round_trip_in_a_new_process(tmp_path, kind):
+    if kind == "topk_dw" and not DW_BACKENDS:
+        pytest.skip("no backend samples distance_weighted")
     script = tmp_path / "xbm.py"
     script.write_text(_CHECKPOINT_SCRIPT)
     ckpt = str(tmp_path / "xbm.pt")
-    run = lambda mode: subprocess.run([sys.executable, str(script), mode, ckpt], check=True,
+    run = lambda mode: subprocess.run([sys.executable, str(script), mode, ckpt, kind], check=True,
                                       capture_output=True, text=True).stdout.strip()
     before = run("save")
     after = run("load")
@@ -190,7 +200,14 @@ def test_pml_loss_all_pairs_matches_pml_crossbatchmemory(make_loss):
         torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-8, atol=1e-12)
 
 
-def test_pml_loss_with_fastmine_miner_never_pairs_a_sample_with_its_stored_copy():
+@pytest.mark.parametrize("make_miner", [
+    pytest.param(lambda: fastmine.miners.BatchEasyHardMiner(pos_strategy="easy",
+                                                            neg_strategy="hard"), id="easy_hard"),
+    pytest.param(lambda: fastmine.miners.DistanceWeightedMiner(k_pos=2, k_neg=2,
+                                                               nonzero_loss_cutoff=2.0),
+                 id="distance_weighted",
+                 marks=pytest.mark.skipif(not DW_BACKENDS, reason="no distance_weighted"))])
+def test_pml_loss_with_fastmine_miner_never_pairs_a_sample_with_its_stored_copy(make_miner):
     seen = []
 
     class Spy(pml_losses.TripletMarginLoss):
@@ -199,8 +216,7 @@ def test_pml_loss_with_fastmine_miner_never_pairs_a_sample_with_its_stored_copy(
             return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     xbm = CrossBatchMemory(Spy(margin=0.2), embedding_size=5, memory_size=16,
-                           miner=fastmine.miners.BatchEasyHardMiner(pos_strategy="easy",
-                                                                    neg_strategy="hard"))
+                           miner=make_miner())
     g = torch.Generator().manual_seed(3)
     base = torch.randn(10, 5, generator=g, dtype=torch.float64)
     lab = torch.randint(0, 2, (10,), generator=g)
@@ -211,8 +227,12 @@ def test_pml_loss_with_fastmine_miner_never_pairs_a_sample_with_its_stored_copy(
         x = (base[idx] + 1e-4 * torch.randn(6, 5, generator=g, dtype=torch.float64)).requires_grad_()
         xbm(x, lab[idx], ids=idx).backward()
         ref_ids = xbm.id_memory[:xbm.filled]  # PML order: the references are the memory
-        a, p, a2, n = seen[-1]
-        assert len(a) > 0 and torch.equal(a, a2)
+        if len(seen[-1]) == 4:
+            a, p, a2, n = seen[-1]
+            assert torch.equal(a, a2)
+        else:
+            a, p, n = seen[-1]
+        assert len(a) > 0
         assert (ref_ids[p] != idx[a]).all() and (ref_ids[n] != idx[a]).all()
         assert torch.isfinite(x.grad).all()
 
@@ -316,6 +336,61 @@ def test_in_place_step_equals_the_cat_formulation(backend, kind, distance, datas
         torch.testing.assert_close(ours_loss.beta.grad, ref_loss.beta.grad, rtol=1e-10, atol=1e-13)
 
 
+def _make_topk_loss(kind, backend, seed):
+    common = dict(k_pos=2, k_neg=3, backend=backend, seed=seed)
+    if kind == "triplet_dw":
+        return losses.TripletMarginLoss(margin=0.3, neg_strategy="distance_weighted",
+                                        cutoff=0.4, nonzero_loss_cutoff=1.6, **common)
+    if kind == "margin_dw":
+        return losses.MarginLoss(margin=0.1, beta=0.8, learn_beta=True, nu=0.01, num_classes=3,
+                                 pos_strategy="hard", neg_strategy="distance_weighted",
+                                 average_nonzero=True, **common)
+    return losses.MarginLoss(margin=0.1, beta=0.8, learn_beta=True, nu=0.01, num_classes=3,
+                             pos_strategy="hard", neg_strategy="easy", k_pos=3, k_neg=2,
+                             backend=backend)
+
+
+@pytest.mark.parametrize("backend", TOPK_BACKENDS)
+@pytest.mark.parametrize("kind,seed", [("triplet_dw", 987654321), ("triplet_dw", None),
+                                       ("margin_dw", 987654321), ("margin_dw", None),
+                                       ("margin_topk_easy", None)])
+@pytest.mark.parametrize("dataset_ids", [False, True])
+def test_in_place_topk_step_equals_the_cat_formulation(backend, kind, seed, dataset_ids):
+    """k_pos x k_neg triplets and distance-weighted sampling: the in-place step
+    ([N, k] distances recomputed from gathered rows) equals the loss's own
+    forward on torch.cat([batch, memory]) over steps that wrap the ring.  The
+    sampler's noise is counted by (anchor row, reference row), and the
+    references are in the same order in both, so a fixed seed, or seed=None
+    with torch's generator seeded alike before each step, gives the same draws."""
+    if "dw" in kind and backend not in DW_BACKENDS:
+        pytest.skip(f"{backend} does not sample distance_weighted")
+    ours_loss, ref_loss = _make_topk_loss(kind, backend, seed), _make_topk_loss(kind, backend, seed)
+    ours = CrossBatchMemory(ours_loss, embedding_size=5, memory_size=20)
+    ref = _CatXBM(ref_loss, 5, 20)
+    with_grad = 0
+    for step, (x, y, ids) in enumerate(_steps(dataset_ids)):
+        x = F.normalize(x, dim=1)  # unit rows: the sampler's domain (distances < 2)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        torch.manual_seed(step)
+        la = ours(xa, y, ids)
+        torch.manual_seed(step)
+        lb = ref(xb, y, ids)
+        la.backward()
+        lb.backward()
+        torch.testing.assert_close(la, lb, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-10, atol=1e-13)
+        with_grad += bool(xa.grad.abs().sum() > 0)
+        assert torch.equal(ours.embedding_memory, ref.emb)
+    assert with_grad >= 4
+    assert ours._fused.slack == 8  # the in-place path ran
+    if kind != "triplet_dw":
+        torch.testing.assert_close(ours_loss.beta.grad, ref_loss.beta.grad, rtol=1e-10,
+                                   atol=1e-13)
+    # against such a memory, anchors have several positives and negatives
+    _, valid = ours_loss.per_anchor(x, y, ours.embedding_memory, ours.label_memory)
+    assert valid.dim() == 3 and bool((valid.sum((1, 2)) >= 4).any())
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_in_place_step_with_normalisation_and_reduction_none(backend):
     ours_loss = losses.TripletMarginLoss(margin=0.2, normalize_embeddings=True,
@@ -407,11 +482,19 @@ def _full_memory(loss, m, d, dtype, seed=0):
     return xbm, g
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+_BANK_LOSSES = [
+    (b, make) for b in CPU_BACKENDS for make in (
+        lambda b: losses.TripletMarginLoss(margin=0.1, backend=b),
+        lambda b: losses.MarginLoss(learn_beta=True, nu=0.1, neg_strategy="hard", backend=b))
+] + [(b, lambda b: losses.TripletMarginLoss(margin=0.1, k_pos=2, k_neg=4, neg_strategy="hard",
+                                            backend=b)) for b in TOPK_BACKENDS] + [
+    (b, lambda b: losses.MarginLoss(learn_beta=True, nu=0.1, k_pos=3, k_neg=2, seed=5,
+                                    neg_strategy="distance_weighted", normalize_embeddings=True,
+                                    backend=b)) for b in DW_BACKENDS]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("make_loss", [
-    lambda b: losses.TripletMarginLoss(margin=0.1, backend=b),
-    lambda b: losses.MarginLoss(learn_beta=True, nu=0.1, neg_strategy="hard", backend=b)])
+@pytest.mark.parametrize("backend,make_loss", _BANK_LOSSES)
 def test_a_step_never_copies_the_bank(backend, dtype, make_loss):
     """Forward + backward of a step allocate nothing with as many elements as the
     bank has rows (so no copy of the bank, nor of its labels or ids): checked on

@@ -348,13 +348,26 @@ def test_raw_op_checks():
 
 
 # ------------------------------------------------------------------ choice of backend
-def test_auto_picks_a_backend_with_the_rule():
+def _cpu_without_topk(monkeypatch):
+    """The "cpu" backend as an extension built before its top-k kernel: no rules."""
+    old = _backends.get("cpu")
+    monkeypatch.setitem(_backends._REGISTRY, "cpu", _backends.Backend("cpu", old.unavailable))
+
+
+def test_auto_picks_a_backend_with_the_rule(monkeypatch):
     x, y, _, _ = _data(n=8, d=3, seed=13, normalize=True)
+    cpu_rules = _backends.get("cpu").rules
+    cpu_ok = "cpu" in fastmine.available_backends()
     for neg, topk in (("hard", True), ("semihard", True), ("distance_weighted", True),
                       ("distance_weighted", False)):
         needs = _backends.rules_needed(neg, topk)
         assert needs <= _backends.get("torch").rules
-        assert _backends.resolve("auto", CPU, needs) == "torch"  # cpu has no top-k yet
+        expected = "cpu" if cpu_ok and needs <= cpu_rules else "torch"
+        assert _backends.resolve("auto", CPU, needs) == expected
+    _cpu_without_topk(monkeypatch)
+    for neg, topk in (("hard", True), ("distance_weighted", False)):
+        needs = _backends.rules_needed(neg, topk)
+        assert _backends.resolve("auto", CPU, needs) == "torch"  # cpu lacks the rule
         assert not needs <= _backends.get("cpu").rules
     args = mine_module._prepare_topk(x, y, None, None, 2, 2, "easy", "hard", "euclidean", None,
                                      0.5, 1.4, None, None, None, "auto", topk=True)
@@ -373,7 +386,8 @@ def test_auto_picks_a_backend_with_the_rule():
     (lambda x, y: fastmine.mine(x, y, neg_strategy="distance_weighted", backend="cpu"),
      "distance_weighted sampling"),
 ])
-def test_explicit_backend_without_the_rule_raises(call, what):
+def test_explicit_backend_without_the_rule_raises(call, what, monkeypatch):
+    _cpu_without_topk(monkeypatch)
     x, y, _, _ = _data(n=8, d=3, seed=14, normalize=True)
     with pytest.raises(NotImplementedError, match=f"backend 'cpu' does not implement {what}"):
         call(x, y)
@@ -382,7 +396,7 @@ def test_explicit_backend_without_the_rule_raises(call, what):
 @needs_op
 def test_kernels_reject_distance_weighted_by_name():
     # The raw ops, below fastmine.mine's routing: fastmine::mine and mine_select
-    # carry no seed, and no C++ top-k kernel is registered for cpu yet.
+    # carry no seed; fastmine::mine_topk runs the backend's op, or names it.
     x, y, _, _ = _data(n=6, d=3, seed=15)
     dw = NEG_STRATEGIES["distance_weighted"]
     with pytest.raises(NotImplementedError, match="backend 'cpu'.*mined by fastmine::mine_topk"):
@@ -391,9 +405,9 @@ def test_kernels_reject_distance_weighted_by_name():
         torch.ops.fastmine.mine(x, y, None, None, None, None, 0, dw, 0, None, "torch")
     with pytest.raises(NotImplementedError, match="distance_weighted.*CPU mine / mine_select"):
         torch.ops.fastmine.mine_select(x, y, x, y, None, None, 0, dw, 0, None)
-    with pytest.raises(NotImplementedError, match="backend 'cpu' does not implement top-k"):
+    with pytest.raises(NotImplementedError, match="backend 'nope' does not implement top-k"):
         torch.ops.fastmine.mine_topk(x, y, None, None, None, None, 1, 1, 0, 0, 0, None, 0.5,
-                                     1.4, 0, "cpu")
+                                     1.4, 0, "nope")
 
 
 def test_codes_mirror_strategies_h():

@@ -93,12 +93,9 @@ def test_compiled_op_checks_its_arguments():
         op(X, Y, R, RY, torch.arange(6), None, 0, 0, 0, None)
 
 
-def test_losses_and_miners_reject_distance_weighted_until_supported():
-    """The sampling rule is reachable through mine/mine_topk only; the loss and
-    miner modules refuse it by name rather than running it untested."""
-    from fastmine import losses, miners
-    for make in (lambda: losses.TripletMarginLoss(neg_strategy="distance_weighted"),
-                 lambda: losses.MarginLoss(neg_strategy="distance_weighted"),
-                 lambda: miners.BatchEasyHardMiner(neg_strategy="distance_weighted")):
-        with pytest.raises(NotImplementedError, match="distance_weighted"):
-            make()
+def test_batch_easy_hard_miner_points_distance_weighted_to_its_miner():
+    """The losses take the sampling rule (tests/test_losses_topk.py); the
+    deterministic PML drop-in refuses it by name and names the miner that has it."""
+    from fastmine import miners
+    with pytest.raises(ValueError, match="DistanceWeightedMiner"):
+        miners.BatchEasyHardMiner(neg_strategy="distance_weighted")

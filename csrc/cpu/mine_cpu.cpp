@@ -37,6 +37,10 @@
 // references default to the batch (ref_emb undefined); same-sample pairs are
 // then the diagonal (a flag, not a materialised arange) unless ids are given.
 // Data checks (NaN/Inf, admissible norms) come for free from the row terms.
+//
+// The tiles, row terms, per-pair keys and pair distances are in gram_tiles.h,
+// shared with the top-k kernel (mine_topk_cpu.cpp), which forms the same tiles
+// and computes the same keys.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -56,82 +60,13 @@
 #include "fastmine/op_checks.h"
 #include "fastmine/ops.h"
 #include "fastmine/strategies.h"
+#include "gram_tiles.h"  // tiles, row terms, keys, pair distances (shared with mine_topk_cpu.cpp)
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-// One clone per ISA, chosen at load time; keeps the build portable.
-#define FASTMINE_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FASTMINE_CPU_CLONES
-#endif
 
 namespace fastmine {
 namespace cpu {
 namespace {
 
-// Tile sizes, chosen by a sweep of BM in {64, 128, 256, 512} x buffer in
-// {256 KiB, 1 MiB, 4 MiB} (N = 8192, D = 32/128/512, and N = 16384, D = 128;
-// 2-core AMD EPYC with AVX-512, benchmarks/results/amd-epyc-2026-12-03-cpu-kernel/
-// block_sweep.md): 64-row blocks with a 1 MiB buffer were among the slowest at
-// D >= 128 (up to 1.3x the floor at D = 512), 128 rows with 256 KiB (BN = 512
-// references per chunk: the R chunk, 128 x D of X and the 256 KiB tile stay in
-// the 1 MiB L2 at D <= 128) among the fastest everywhere.
-constexpr int64_t kBlockRows = 128;        // anchors per task (BM)
-constexpr int64_t kBufferBytes = 1 << 18;  // BM x BN dot buffer per thread (BN = 512 in fp32)
-constexpr int64_t kSub = 64;            // width of one min-reduction sub-chunk
-
-// Pass (the sweeps), Ids (same-sample rule), the mining value, the admissible
-// row norms and the semi-hard window are the shared definitions of
-// fastmine/strategies.h (the CUDA kernels use the same ones).
-
-template <typename acc_t>
-struct Best {
-  acc_t key;
-  int64_t idx;
-};
-
-// Everything one anchor row needs to turn dot products into keys.
-template <typename acc_t>
-struct RowKeys {
-  const acc_t* dot;     // [cn]
-  const acc_t* b;       // [cn] reference terms
-  const int64_t* rl;    // [cn] reference labels
-  const int64_t* rid;   // [cn] reference ids (Ids::Explicit)
-  int64_t j0;           // global index of dot[0]
-  acc_t ai;
-  int64_t li, qi;       // anchor label; anchor id (Explicit) or global row (Self)
-  acc_t ps, ns;         // +1 nearest / -1 farthest
-  acc_t lo, hi;         // semi-hard window on v (NegWindow only)
-};
-
-// strategies.h same_sample, with the rule fixed at compile time (so that the
-// vectorised loop carries no branch on it).  For Self, qi is the anchor's row.
-template <typename acc_t, Ids IDS>
-inline bool same_sample(const RowKeys<acc_t>& k, int64_t j) {
-  if constexpr (IDS == Ids::None) return false;
-  return fastmine::same_sample(IDS, k.qi, k.j0 + j, k.qi, IDS == Ids::Explicit ? k.rid[j] : 0);
-}
-
-template <typename acc_t, bool COS, Ids IDS>
-inline acc_t pos_key(const RowKeys<acc_t>& k, int64_t j) {
-  const acc_t inf = std::numeric_limits<acc_t>::infinity();
-  const acc_t v = mining_value<acc_t>(k.dot[j], k.ai, k.b[j], COS);
-  const bool ok = (k.rl[j] == k.li) & !same_sample<acc_t, IDS>(k, j);
-  return ok ? k.ps * v : inf;
-}
-
-template <typename acc_t, bool COS, Ids IDS, bool WINDOW>
-inline acc_t neg_key(const RowKeys<acc_t>& k, int64_t j) {
-  const acc_t inf = std::numeric_limits<acc_t>::infinity();
-  const acc_t v = mining_value<acc_t>(k.dot[j], k.ai, k.b[j], COS);
-  bool ok = (k.rl[j] != k.li) & !same_sample<acc_t, IDS>(k, j);
-  // in_semihard_window(v, lo, hi) of strategies.h, spelled with '&' instead of
-  // '&&': the same value, but GCC then keeps the omp simd loop branch-free (with
-  // '&&' it ran the scalar fallback and the NegWindow pass cost ~3x the Fused one).
-  if (WINDOW) ok = ok & (v > k.lo) & (v < k.hi);
-  return ok ? k.ns * v : inf;
-}
-
-// First index in [s, e) whose key equals `key` (it exists: `key` came from there).
 template <typename acc_t, typename KeyFn>
 inline int64_t first_index_of(KeyFn key_fn, int64_t s, int64_t e, acc_t key) {
   for (int64_t j = s; j < e; ++j) {
@@ -288,96 +223,6 @@ void scan_ids(Ids ids, Pass pass, const BlockArgs<acc_t>& A) {
   }
 }
 
-template <typename acc_t, typename scalar_t>
-inline acc_t squared_norm(const scalar_t* row, int64_t d) {
-  acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t k = 0; k < d; ++k) {
-    const acc_t v = static_cast<acc_t>(row[k]);
-    s += v * v;
-  }
-  return s;
-}
-
-// Per-row terms of the mining value (strategies.h mining_value), computed from
-// the rows in their own dtype, with the contract's data checks:
-//   a NaN/Inf element, or |x|^2 above sqnorm_max, or (cosine) below
-//   cosine_sqnorm_min is a ValueError naming `name` and the row.
-// Returns |x|^2 (Euclidean) or 1/|x| (cosine), [rows] in acc_t.
-template <typename acc_t>
-at::Tensor row_terms(const at::Tensor& rows, bool cosine, const char* name) {
-  const int64_t n = rows.size(0), d = rows.size(1);
-  at::Tensor out = at::empty({n}, rows.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-  acc_t* o = out.data_ptr<acc_t>();
-  std::atomic<int64_t> first_bad{n};  // first row failing a check (n: none)
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "row_terms", [&] {
-    const scalar_t* p = rows.data_ptr<scalar_t>();
-    const int64_t stride = rows.stride(0);
-    at::parallel_for(0, n, 256, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const acc_t s = squared_norm<acc_t>(p + i * stride, d);
-        if (!row_admissible(s, cosine)) {  // NaN fails every comparison
-          int64_t cur = first_bad.load();
-          while (i < cur && !first_bad.compare_exchange_weak(cur, i)) {}
-        }
-        o[i] = row_term(s, cosine);
-      }
-    });
-    const int64_t i = first_bad.load();
-    if (i == n) return;
-    raise_row_error<acc_t>(p + i * stride, d, i, cosine, name);
-  });
-  return out;
-}
-
-struct SelectArgs {
-  at::Tensor x, r;            // [N, D], [M, D] contiguous, any float dtype (r may be x)
-  at::Tensor a, b;            // row terms [N], [M] in acc_t
-  at::Tensor ql, rl;          // int64 [N], [M]
-  at::Tensor qid, rid;        // int64 [N], [M] (Ids::Explicit)
-  Ids ids;
-  PosStrategy pos;
-  NegStrategy neg;
-  Distance dist;
-  double margin;              // < 0: none
-};
-
-// Tiles smaller than this many multiply-adds are formed by small_gram below
-// instead of BLAS: for them a BLAS call costs more than the arithmetic (at 16
-// x 16 x 64, at::mm_out took 8.8 us with 2 threads, most of it waking the BLAS
-// thread pool, against ~2 us for the whole tile here).  Any rounding of the
-// dot products is allowed by the contract (ranking precision); on integer-
-// valued rows both are exact.
-constexpr int64_t kSmallGramFmas = 1 << 15;
-
-// x . r with sixteen partial sums, so the loop vectorises (and hides the add
-// latency) without reassociation flags.  One fixed order per pair: the same
-// bits wherever a pair is computed (small_gram tiles, the one-pass direct d_ap).
-template <typename acc_t, typename xs_t, typename rs_t>
-inline acc_t lane_dot(const xs_t* x, const rs_t* r, int64_t d) {
-  constexpr int kLanes = 16;
-  acc_t part[kLanes] = {};
-  int64_t k = 0;
-  for (; k + kLanes <= d; k += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      part[l] += static_cast<acc_t>(x[k + l]) * static_cast<acc_t>(r[k + l]);
-    }
-  }
-  for (; k < d; ++k) part[0] += static_cast<acc_t>(x[k]) * static_cast<acc_t>(r[k]);
-  acc_t s = 0;
-  for (int l = 0; l < kLanes; ++l) s += part[l];
-  return s;
-}
-
-// dot[i, j] = x[i, :] . r[j, :] for a bm x cn tile, row-major, acc_t operands.
-template <typename acc_t>
-FASTMINE_CPU_CLONES void small_gram(const acc_t* x, const acc_t* r, int64_t bm, int64_t cn,
-                                    int64_t d, acc_t* dot) {
-  for (int64_t i = 0; i < bm; ++i) {
-    for (int64_t j = 0; j < cn; ++j) dot[i * cn + j] = lane_dot<acc_t>(x + i * d, r + j * d, d);
-  }
-}
-
 // ------------------------------------------------------ semi-hard in one sweep
 // The semi-hard rule needs v_ap (the positive's mining value) before it can
 // judge a negative.  Two ways:
@@ -508,47 +353,13 @@ bool resolve_band(acc_t lo, acc_t hi, acc_t l1, acc_t l2, const std::vector<Best
   return true;
 }
 
-// Tile sizes: BM anchors per task, BN references per chunk, with the BM x BN
-// dot buffer sized for L2 (see kBlockRows/kBufferBytes).  FASTMINE_CPU_BLOCK =
-// "BM,BUFFER_KIB" overrides them (the block-size sweep of the benchmark notes;
-// read per call).  Both paths of the semi-hard rule use the same tiles.
-struct Tiles {
-  int64_t bm, buffer_bytes;
-  bool forced;  // set by FASTMINE_CPU_BLOCK: used exactly as given
-};
-Tiles tiles_for_call() {
-  Tiles t{kBlockRows, kBufferBytes, false};
-  if (const char* e = std::getenv("FASTMINE_CPU_BLOCK")) {
-    long long bm = 0, kib = 0;
-    if (std::sscanf(e, "%lld,%lld", &bm, &kib) == 2 && bm > 0 && kib > 0) {
-      t.bm = bm;
-      t.buffer_bytes = kib * 1024;
-      t.forced = true;
-    }
-  }
-  return t;
-}
-
 template <typename acc_t>
 void select_impl(const SelectArgs& S, at::Tensor& pos_idx, at::Tensor& neg_idx) {
   const at::Tensor& x = S.x;
   const at::Tensor& r = S.r;
   const int64_t n = x.size(0), m = r.size(0), d = x.size(1);
-  const auto acc = c10::CppTypeToScalarType<acc_t>::value;
-  const bool upcast = x.scalar_type() != acc;  // fp16/bf16: convert tiles, never the bank
-  const Tiles T = tiles_for_call();
-  int64_t block_rows = std::min(T.bm, n);
-  if (!T.forced) {
-    // Small batches: one block per thread at least (a single 128-row block
-    // left the second core idle at N = 128: 137 us against 57 us with two
-    // 64-row blocks), but never below 32 rows, where starting a task costs
-    // more than it computes.  Large N (>= 128 rows per thread) is unchanged.
-    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-    block_rows = std::min(block_rows, std::max<int64_t>(32, (n + threads - 1) / threads));
-  }
-  const int64_t bn_cap = std::max<int64_t>(kSub, T.buffer_bytes / int64_t(sizeof(acc_t)) / block_rows);
-  const int64_t chunk = std::min(m, bn_cap);
-  const int64_t nblocks = (n + block_rows - 1) / block_rows;
+  const TileLayout L = tile_layout<acc_t>(n, m);
+  const int64_t block_rows = L.block_rows, chunk = L.chunk, nblocks = L.nblocks;
   const acc_t inf = std::numeric_limits<acc_t>::infinity();
   const acc_t ps = pos_sign<acc_t>(S.pos);
   const acc_t ns = neg_sign<acc_t>(S.neg);
@@ -579,38 +390,20 @@ void select_impl(const SelectArgs& S, at::Tensor& pos_idx, at::Tensor& neg_idx) 
     // Worker threads do not inherit the caller's dispatch state: operands are
     // plain data and grad mode is off here so mm_out never sees autograd.
     at::NoGradGuard no_grad;
-    at::Tensor buf = at::empty({block_rows * chunk}, x.options().dtype(acc));
-    at::Tensor xbuf, rbuf;
-    if (upcast) {
-      xbuf = at::empty({block_rows, d}, x.options().dtype(acc));
-      rbuf = at::empty({chunk, d}, x.options().dtype(acc));
-    }
+    TileWorkspace<acc_t> W(x, L);
     std::vector<Best<acc_t>> bp(block_rows), bn(block_rows);
     std::vector<acc_t> lo(block_rows), hi(block_rows), lo2(block_rows);
     std::vector<std::vector<Best<acc_t>>> band(one_sweep ? block_rows : 0);
     for (int64_t blk = blk0; blk < blk1; ++blk) {
       const int64_t i0 = blk * block_rows, bm = std::min(block_rows, n - i0);
-      at::Tensor xb = x.narrow(0, i0, bm);
-      if (upcast) xb = xbuf.narrow(0, 0, bm).copy_(xb);
+      const at::Tensor xb = W.anchors(x, i0, bm);
       std::fill(bp.begin(), bp.end(), Best<acc_t>{inf, -1});
       std::fill(bn.begin(), bn.end(), Best<acc_t>{inf, -1});
       // One sweep over all reference chunks with the given pass (band: the
       // one-pass semi-hard scan).  Every sweep forms the same tiles.
       auto sweep = [&](Pass pass, bool band_pass, bool reuse_buffer) {
-        for (int64_t j0 = 0; j0 < m; j0 += chunk) {
-          const int64_t cn = std::min(chunk, m - j0);
-          at::Tensor dot = buf.narrow(0, 0, bm * cn).view({bm, cn});
-          if (!reuse_buffer) {
-            at::Tensor rc = r.narrow(0, j0, cn);
-            if (upcast) rc = rbuf.narrow(0, 0, cn).copy_(rc);
-            if (bm * cn * d <= kSmallGramFmas) {
-              small_gram<acc_t>(xb.data_ptr<acc_t>(), rc.contiguous().data_ptr<acc_t>(), bm, cn, d,
-                                dot.data_ptr<acc_t>());
-            } else {
-              at::mm_out(dot, xb, rc.t());
-            }
-          }
-          BlockArgs<acc_t> A{dot.data_ptr<acc_t>(), bm, cn, i0, j0,
+        W.sweep(xb, r, reuse_buffer, [&](const acc_t* dot, int64_t j0, int64_t cn) {
+          BlockArgs<acc_t> A{dot, bm, cn, i0, j0,
                              S.a.data_ptr<acc_t>() + i0, S.b.data_ptr<acc_t>() + j0,
                              qlp + i0, rlp + j0,
                              qidp ? qidp + i0 : nullptr, ridp ? ridp + j0 : nullptr,
@@ -628,7 +421,7 @@ void select_impl(const SelectArgs& S, at::Tensor& pos_idx, at::Tensor& neg_idx) 
           } else {
             scan_ids<acc_t, false>(S.ids, pass, A);
           }
-        }
+        });
       };
       if (!semihard) {
         sweep(Pass::Fused, false, false);
@@ -680,90 +473,6 @@ void select_impl(const SelectArgs& S, at::Tensor& pos_idx, at::Tensor& neg_idx) 
   });
 }
 
-// ---------------------------------------------------------------- pair distances
-// d(x[i], r[idx[i]]) by direct difference, in acc_t, from the rows in their own
-// dtype (gather, then upcast: only the selected rows are read).  The formulas
-// and their gradients are those of fastmine/_pairs.py:
-//   squared_euclidean  d = |u|^2, u = a - b          dd/da = 2u             dd/db = -dd/da
-//   euclidean          d = |u|                       dd/da = u/|u| (0 at u = 0)
-//   cosine             d = |a^ - b^|^2 / 2, a^ = a/|a|, w = a^ - b^
-//                      dd/da = (w - (a^.w) a^)/|a|   dd/db = (-w + (b^.w) b^)/|b|
-template <typename acc_t, typename scalar_t>
-inline acc_t squared_difference(const scalar_t* a, const scalar_t* b, int64_t d) {
-  acc_t s = 0;
-  for (int64_t k = 0; k < d; ++k) {
-    const acc_t u = static_cast<acc_t>(a[k]) - static_cast<acc_t>(b[k]);
-    s += u * u;
-  }
-  return s;
-}
-
-template <typename acc_t, typename scalar_t>
-acc_t pair_value(const scalar_t* a, const scalar_t* b, int64_t d, Distance dist) {
-  if (dist == Distance::Cosine) {
-    const acc_t na = std::sqrt(squared_norm<acc_t>(a, d)), nb = std::sqrt(squared_norm<acc_t>(b, d));
-    acc_t s = 0;
-    for (int64_t k = 0; k < d; ++k) {
-      const acc_t w = static_cast<acc_t>(a[k]) / na - static_cast<acc_t>(b[k]) / nb;
-      s += w * w;
-    }
-    return acc_t(0.5) * s;
-  }
-  const acc_t s = squared_difference<acc_t>(a, b, d);
-  return dist == Distance::Euclidean ? std::sqrt(s) : s;
-}
-
-// ga, gb [d]: dd/da and dd/db of one pair, scaled by g.
-template <typename acc_t, typename scalar_t>
-void pair_grad(const scalar_t* a, const scalar_t* b, int64_t d, Distance dist, acc_t g, acc_t* ga,
-               acc_t* gb) {
-  if (dist == Distance::Cosine) {
-    const acc_t na = std::sqrt(squared_norm<acc_t>(a, d)), nb = std::sqrt(squared_norm<acc_t>(b, d));
-    acc_t aw = 0, bw = 0;
-    for (int64_t k = 0; k < d; ++k) {
-      const acc_t ah = static_cast<acc_t>(a[k]) / na, bh = static_cast<acc_t>(b[k]) / nb;
-      const acc_t w = ah - bh;
-      aw += ah * w;
-      bw += bh * w;
-    }
-    for (int64_t k = 0; k < d; ++k) {
-      const acc_t ah = static_cast<acc_t>(a[k]) / na, bh = static_cast<acc_t>(b[k]) / nb;
-      const acc_t w = ah - bh;
-      ga[k] = g * ((w - aw * ah) / na);
-      gb[k] = g * ((-w + bw * bh) / nb);
-    }
-    return;
-  }
-  acc_t scale = 2;
-  if (dist == Distance::Euclidean) {
-    const acc_t s = squared_difference<acc_t>(a, b, d);
-    scale = s > 0 ? acc_t(1) / std::sqrt(s) : acc_t(0);  // subgradient 0 at u = 0
-  }
-  for (int64_t k = 0; k < d; ++k) {
-    const acc_t u = static_cast<acc_t>(a[k]) - static_cast<acc_t>(b[k]);
-    ga[k] = g * (scale * u);
-    gb[k] = -ga[k];
-  }
-}
-
-template <typename acc_t, typename scalar_t>
-void pair_distances(const at::Tensor& x, const at::Tensor& r, const at::Tensor& idx,
-                    Distance dist, at::Tensor& out) {
-  const int64_t n = x.size(0), d = x.size(1);
-  const scalar_t* xp = x.data_ptr<scalar_t>();
-  const scalar_t* rp = r.data_ptr<scalar_t>();
-  const int64_t* ip = idx.data_ptr<int64_t>();
-  scalar_t* op = out.data_ptr<scalar_t>();
-  at::parallel_for(0, n, 64, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      op[i] = ip[i] < 0 ? scalar_t(0)
-                        : static_cast<scalar_t>(
-                              pair_value<acc_t>(xp + i * d, rp + ip[i] * d, d, dist));
-    }
-  });
-}
-
-at::Tensor as_int64(const at::Tensor& t) { return t.to(at::kLong).contiguous(); }
 
 // Selection shared by mine_cpu and mine_select_cpu.  Arguments are checked.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_cpu(
@@ -771,37 +480,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_cpu(
     const at::Tensor& ref_labels, const c10::optional<at::Tensor>& query_ids,
     const c10::optional<at::Tensor>& ref_ids, bool self_refs, int64_t pos_strategy,
     int64_t neg_strategy, int64_t distance, c10::optional<double> margin) {
-  const int64_t n = embeddings.size(0), m = ref_emb.size(0);
+  const int64_t n = embeddings.size(0);
   const auto dist = static_cast<Distance>(distance);
-  const bool cosine = dist == Distance::Cosine;
   auto lopts = at::TensorOptions().dtype(at::kLong);
   at::Tensor pos_idx = at::full({n}, -1, lopts), neg_idx = at::full({n}, -1, lopts);
   SelectArgs S;
-  S.x = embeddings.detach().contiguous();
-  S.r = self_refs ? S.x : ref_emb.detach().contiguous();
-  if (n == 0) return {pos_idx, neg_idx, S.x, S.r};
+  if (!prepare_select(S, embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids, self_refs,
+                      dist)) {
+    return {pos_idx, neg_idx, S.x, S.r};
+  }
   const bool f64 = embeddings.scalar_type() == at::kDouble;
-  // Row terms first: they carry the data checks, which hold even when m == 0.
-  S.a = f64 ? row_terms<double>(S.x, cosine, "embeddings")
-            : row_terms<float>(S.x, cosine, "embeddings");
-  if (self_refs) {
-    S.b = S.a;
-  } else {
-    S.b = f64 ? row_terms<double>(S.r, cosine, "ref_emb") : row_terms<float>(S.r, cosine, "ref_emb");
-  }
-  if (m == 0) return {pos_idx, neg_idx, S.x, S.r};
-  S.ql = as_int64(labels);
-  S.rl = self_refs ? S.ql : as_int64(ref_labels);
-  if (query_ids.has_value()) {
-    S.ids = Ids::Explicit;
-    S.qid = as_int64(*query_ids);
-    S.rid = self_refs ? S.qid : as_int64(*ref_ids);
-  } else {
-    S.ids = self_refs ? Ids::Self : Ids::None;
-  }
   S.pos = static_cast<PosStrategy>(pos_strategy);
   S.neg = static_cast<NegStrategy>(neg_strategy);
-  S.dist = dist;
   S.margin = margin.has_value() ? *margin : -1.0;
   if (f64) {
     select_impl<double>(S, pos_idx, neg_idx);

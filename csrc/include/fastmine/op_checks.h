@@ -131,6 +131,32 @@ inline void check_mine_backward_args(c10::DeviceType device_type, const at::Tens
   FASTMINE_CHECK_ARG(distance >= 0 && distance <= 2, "unknown distance code ", distance);
 }
 
+// The scalar arguments of fastmine::mine_topk that every implementation relies
+// on, for callers of the raw ops (fastmine.mine_topk has already raised the
+// Python form, naming the argument, fastmine/_contract.py): checked by
+// fastmine::mine_topk and again by the compiled implementations
+// (fastmine::mine_topk_cpu), which also check the tensors (check_mine_args).
+inline void check_topk_args(int64_t k_pos, int64_t k_neg, int64_t neg_strategy, int64_t distance,
+                            c10::optional<double> margin, double cutoff,
+                            double nonzero_loss_cutoff) {
+  TORCH_CHECK_VALUE(k_pos >= 1, "fastmine::mine_topk: k_pos must be >= 1, got ", k_pos);
+  TORCH_CHECK_VALUE(k_neg >= 1, "fastmine::mine_topk: k_neg must be >= 1, got ", k_neg);
+  TORCH_CHECK_VALUE(neg_strategy >= 0 && neg_strategy <= 3,
+                    "fastmine::mine_topk: unknown neg_strategy code ", neg_strategy);
+  if (neg_strategy == static_cast<int64_t>(NegStrategy::DistanceWeighted)) {
+    TORCH_CHECK_VALUE(distance == static_cast<int64_t>(Distance::Euclidean),
+                      "fastmine::mine_topk: neg_strategy distance_weighted needs distance "
+                      "euclidean (code 0), got code ", distance);
+    TORCH_CHECK_VALUE(!margin.has_value(),
+                      "fastmine::mine_topk: margin is only used by neg_strategy semihard");
+    TORCH_CHECK_VALUE(std::isfinite(cutoff) && cutoff > 0,
+                      "fastmine::mine_topk: cutoff must be a finite number > 0, got ", cutoff);
+    TORCH_CHECK_VALUE(std::isfinite(nonzero_loss_cutoff) && nonzero_loss_cutoff > 0,
+                      "fastmine::mine_topk: nonzero_loss_cutoff must be a finite number > 0, got ",
+                      nonzero_loss_cutoff);
+  }
+}
+
 // ------------------------------------------------------------ data checks
 // The contract's ValueError for row i of `name` (d elements at `row`, host
 // memory), which failed strategies.h row_admissible: says which rule failed

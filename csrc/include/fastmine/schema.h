@@ -72,3 +72,44 @@
   "mine_select(Tensor embeddings, Tensor labels, Tensor ref_emb, Tensor ref_labels, "   \
   "Tensor? query_ids, Tensor? ref_ids, int pos_strategy, int neg_strategy, "             \
   "int distance, float? margin) -> (Tensor, Tensor)"
+
+// ---------------------------------------------------------------------------
+// Contrastive losses (issue #18; docs/contrastive.md; fastmine/contrastive.py).
+// fastmine::contrastive            the per-anchor loss terms ([N], q's dtype;
+//                                  NT-Xent: the sum of the anchor's pair terms)
+//                                  and the per-anchor statistics (float64
+//                                  [6, N], not differentiable: rows 2 and 3 are
+//                                  the positive and negative counts the
+//                                  reduction needs), streamed in block x block
+//                                  tiles, O((N + M) D) memory.  The reduction
+//                                  is Python's (fastmine/contrastive.py: reduce).
+//                                  q [N, D], r [M, D]: L2-normalised rows,
+//                                  float32 or float64 (the caller normalises
+//                                  and upcasts); r None: the references are q
+//                                  and self-pairs are excluded unless ids say
+//                                  which rows are one sample (then ref_labels
+//                                  = labels and ref_ids = query_ids).
+//                                  loss: a kContrastive* code; p0, p1, p2:
+//                                  temperature, -, - (SupCon, NT-Xent) or
+//                                  alpha, beta, base (Multi-Similarity);
+//                                  epsilon: the fused MS miner's (None: all pairs).
+// fastmine::contrastive_backward   given grad [N] (dL/dterms), dL/dq [N, D] and
+//                                  dL/dr ([M, D], or [0, D] when r is None --
+//                                  both halves are then in the first output --
+//                                  or ref_grad is false), recomputing the tiles
+//                                  from the statistics.
+// CPU: csrc/cpu/contrastive_cpu.cpp.  Autograd: C++ (csrc/fastmine_ops.cpp).
+#define FASTMINE_CONTRASTIVE_ARGS                                                          \
+  "Tensor q, Tensor? r, Tensor labels, Tensor ref_labels, Tensor? query_ids, "             \
+  "Tensor? ref_ids, int loss, float p0, float p1, float p2, float? epsilon, int block"
+#define FASTMINE_CONTRASTIVE_SCHEMA "contrastive(" FASTMINE_CONTRASTIVE_ARGS ") -> (Tensor, Tensor)"
+#define FASTMINE_CONTRASTIVE_BACKWARD_SCHEMA                                                \
+  "contrastive_backward(Tensor grad, " FASTMINE_CONTRASTIVE_ARGS                            \
+  ", Tensor stats, bool ref_grad) -> (Tensor, Tensor)"
+// Loss codes (mirrored in fastmine/contrastive.py: LOSS_CODES).
+#include <cstdint>
+namespace fastmine {
+constexpr int64_t kContrastiveSupCon = 0;
+constexpr int64_t kContrastiveNTXent = 1;
+constexpr int64_t kContrastiveMultiSimilarity = 2;
+}  // namespace fastmine

@@ -1,0 +1,441 @@
+// CPU implementation of fastmine::mine_topk_cpu: per anchor the k_pos
+// positives and k_neg negatives of a strategy (top-k), or k_neg distance-
+// weighted draws without replacement (Gumbel-top-k), and the exact distances
+// of the selected pairs.  The rules are docs/contract.md and
+// fastmine/reference_topk.py; the design is docs/topk.md ("CPU").
+//
+// The blocked Gram sweep of fastmine::mine (gram_tiles.h: BM anchors per
+// task in parallel, BN references per dot tile, BLAS or small_gram, fp16/bf16
+// upcast tile by tile, never the N x M matrix) with a k-list per anchor in
+// place of mine's running (key, index) pair:
+//
+//   * Keys are "smaller is better": v for the nearest rules, -v for the
+//     farthest ones, -(log w + g) for distance-weighted (negation is exact,
+//     so the order and the ties are those of the largest log w + g), +inf
+//     for an inadmissible reference.
+//   * A k-list holds the k best (key, index) pairs seen so far, sorted by
+//     (key, index); empty slots hold (+inf, -1) and sort last.  Its k-th key
+//     is the admission threshold.  One thread scans an anchor's references in
+//     increasing index (chunks in order, then j within a chunk), so every
+//     entry already in the list has a smaller index than the candidate: a
+//     candidate enters iff its key is STRICTLY below the k-th key, and is
+//     placed after the entries with an equal key.  That is exactly the stable
+//     (key, index) order of the reference; the reference axis is never split
+//     between threads, so no two lists are ever merged.
+//   * The per-pair cost of the scan is mine's: a branch-free `omp simd`
+//     minimum of the keys of each 64-wide sub-chunk.  Only a sub-chunk whose
+//     minimum beats the k-th key is rescanned in scalar code (the same
+//     inline key code: -ffp-contract=off makes SIMD and scalar agree bit for
+//     bit), inserting its candidates (O(k) shifts each).  For references in
+//     random order that happens O(k log(M / k)) times per anchor.
+//   * Semi-hard: two sweeps, the positives first (the window comes from the
+//     first positive, list entry 0: strategies.h semihard_window), then the
+//     negatives inside the window (the second sweep reuses the dot tile when
+//     all references fit in one chunk).  mine's one-sweep variant (class
+//     members' direct dots) is not used here.
+//   * Distance-weighted (Euclidean): per admissible negative,
+//     lw = dw_log_weight(v) (sampling.h, float32; -inf where w = 0) and
+//     key = lw + g_ij, g the Gumbel noise of sampling.h counted by (anchor
+//     row i of embeddings, reference row j).  Every computed g is at most
+//     kGumbelMax, so a candidate with fl(lw + kGumbelMax) < the k-th largest
+//     key can neither beat nor tie it (rounding is monotone:
+//     fl(lw + g) <= fl(lw + kGumbelMax)): it is skipped before its noise is
+//     drawn.  A quad's four Philox words (one call serves references
+//     4q .. 4q+3 of the anchor) are computed lazily, when the first of its
+//     references needs one, and kept while the scan stays in the quad.  Per
+//     64-wide sub-chunk, once the list is full, an upper bound ub of its
+//     log-weights (from the smallest and largest clamped v among its
+//     candidates: for D >= 3 lw is convex in vc, so its largest value is at
+//     an end; for D <= 2 each of its two terms is monotone) gives two prunes:
+//     ub + kGumbelMax below the k-th key skips the whole sub-chunk without a
+//     logarithm; otherwise a candidate needs g > K - ub (K the k-th key), a
+//     threshold on its integer Philox word (min_noise_word), tested before
+//     any logarithm.  Near the list's keys only the few pairs whose noise is
+//     large enough pay for the four logarithms of lw and g.
+//
+// k bound: the lists hold min(k, M) entries (slots beyond M are always -1);
+// min(k, M) <= kMaxK = 1024 per side, else a ValueError naming k_pos / k_neg.
+// Memory: O(threads * BM * (BN + D + min(k, M))) plus the O(N + M) row terms.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "fastmine/op_checks.h"
+#include "fastmine/sampling.h"
+#include "fastmine/schema.h"
+#include "fastmine/strategies.h"
+#include "gram_tiles.h"
+
+namespace fastmine {
+namespace cpu {
+namespace {
+
+// The largest list the kernel keeps per anchor and side (min(k, M)).  Memory
+// per thread: BM * (k_pos + k_neg) * 16 bytes (4 MiB at the bound), and an
+// insertion shifts up to k entries.
+constexpr int64_t kMaxK = 1024;
+
+// Inserts (key, j) into the sorted list (key[0..k), idx[0..k)), dropping the
+// last entry.  Preconditions: key < key[k - 1] (it beats the k-th), and every
+// entry's index is smaller than j, so it goes after the entries with an equal
+// key: the list stays sorted by (key, index).
+template <typename acc_t>
+inline void klist_insert(acc_t* key, int64_t* idx, int64_t k, acc_t c, int64_t j) {
+  int64_t p = k - 1;
+  while (p > 0 && key[p - 1] > c) {
+    key[p] = key[p - 1];
+    idx[p] = idx[p - 1];
+    --p;
+  }
+  key[p] = c;
+  idx[p] = j;
+}
+
+// The distance-weighted law of one call (sampling.h dw_log_weight): the
+// thresholds lo = fl(cutoff^2), hi = fl(min(nonzero_loss_cutoff, 2)^2) on the
+// mining value, in acc_t; the exponents a = (2 - D) / 2, b = (3 - D) / 2; the seed.
+template <typename acc_t>
+struct DwLaw {
+  acc_t lo, hi;
+  float a, b;
+  uint64_t seed;
+};
+
+// One dot tile of one anchor block and its lists.
+template <typename acc_t>
+struct TopkTile {
+  const acc_t* dot;  // [bm, cn] row-major
+  int64_t bm, cn, i0, j0;
+  const acc_t* a;      // [bm] anchor row terms
+  const acc_t* b;      // [cn] reference row terms
+  const int64_t* ql;   // [bm] anchor labels
+  const int64_t* rl;   // [cn] reference labels
+  const int64_t* qid;  // [bm] (Ids::Explicit)
+  const int64_t* rid;  // [cn] (Ids::Explicit)
+  acc_t ps, ns;        // +1 nearest / -1 farthest
+  const acc_t* lo;     // [bm] semi-hard window (NegWindow)
+  const acc_t* hi;     // [bm]
+  acc_t* pkey;         // [bm, kp] positive lists
+  int64_t* pidx;
+  int64_t kp;
+  acc_t* nkey;         // [bm, kn] negative lists
+  int64_t* nidx;
+  int64_t kn;
+  DwLaw<acc_t> dw;
+};
+
+// Rescans [s, e) of one anchor row in scalar code, inserting every key below
+// the k-th (which tightens as entries arrive).  key_fn(j) is the key of the
+// SIMD pass, recomputed by the same inline code.
+template <typename acc_t, typename KeyFn>
+inline void rescan_insert(KeyFn key_fn, int64_t s, int64_t e, int64_t j0, acc_t* key,
+                          int64_t* idx, int64_t k) {
+  acc_t kth = key[k - 1];
+  for (int64_t j = s; j < e; ++j) {
+    const acc_t c = key_fn(j);
+    if (c < kth) {
+      klist_insert(key, idx, k, c, j0 + j);
+      kth = key[k - 1];
+    }
+  }
+}
+
+// Relative slack of the sub-chunk bound of the log-weights (below): covers
+// float32 logarithms that are accurate (<= 2 ulp) but not provably monotone,
+// and the rounding of the products and the sum; 1e-4 of |log w| is hundreds
+// of ulps and costs nothing against kGumbelMax = 16.64.
+constexpr float kLogWeightSlack = 1e-4f;
+
+// The second prune of distance-weighted (per sub-chunk, once the list is
+// full).  With K the k-th largest key and ub >= every lw of the sub-chunk, a
+// candidate can enter only if its g exceeds t = K - ub.  The exact
+// g(U) = -log(-log U) is increasing in U = ((x >> 9) + 1/2) 2^-23, so with
+// u_t = exp(-exp(-t')) and t' = t - margin, every word with
+// (x >> 9) < w_min = ceil(u_t 2^23 - 1/2) has U < u_t, so exact g < t'.  The
+// margin (1e-3 + 1e-5 (|K| + |ub|)) exceeds the error of the computed g
+// (float32 logarithms: ~1e-6) plus the rounding of fl(lw + g) by orders of
+// magnitude, so such a candidate's computed key is below K: it is skipped
+// after its (integer) Philox word, before any logarithm.  Returns 0 (no test)
+// when t' is below every g.
+inline uint32_t min_noise_word(double K, double ub) {
+  const double t = K - ub - (1e-3 + 1e-5 * (std::fabs(K) + std::fabs(ub)));
+  if (!(t > -3.0)) return 0;  // G_MIN = -2.8116: every word may enter
+  const double w = std::ceil(std::exp(-std::exp(-t)) * 8388608.0 - 0.5);
+  return w >= 8388608.0 ? 8388608u : uint32_t(w);  // 2^23: no word passes
+}
+
+template <typename acc_t, bool COS, Ids IDS, Pass PASS, bool DW>
+FASTMINE_CPU_CLONES void scan_tile_topk(const TopkTile<acc_t>& A) {
+  constexpr bool DO_POS = PASS != Pass::NegWindow;
+  constexpr bool DO_NEG = PASS != Pass::PosOnly;
+  constexpr bool WINDOW = PASS == Pass::NegWindow;
+  static_assert(!DW || (!COS && PASS == Pass::Fused), "distance-weighted is a Euclidean fused pass");
+  const acc_t inf = std::numeric_limits<acc_t>::infinity();
+  for (int64_t i = 0; i < A.bm; ++i) {
+    const int64_t qi = IDS == Ids::Explicit ? A.qid[i] : (IDS == Ids::Self ? A.i0 + i : 0);
+    RowKeys<acc_t> k{A.dot + i * A.cn, A.b, A.rl, A.rid, A.j0, A.a[i], A.ql[i], qi, A.ps, A.ns,
+                     WINDOW ? A.lo[i] : acc_t(0), WINDOW ? A.hi[i] : acc_t(0)};
+    if (WINDOW && !(k.lo < inf)) continue;  // no positive -> no semi-hard negative
+    acc_t* pk = A.pkey + i * A.kp;
+    int64_t* pi = A.pidx + i * A.kp;
+    acc_t* nk = A.nkey + i * A.kn;
+    int64_t* ni = A.nidx + i * A.kn;
+    // Distance-weighted: the quad whose Philox words are cached (-1: none).
+    int64_t quad = -1;
+    uint32_t words[4] = {0, 0, 0, 0};
+    for (int64_t s = 0; s < A.cn; s += kSub) {
+      const int64_t e = std::min(s + kSub, A.cn);
+      // mp, mn: the sub-chunk's smallest keys; for DW, [vmin, vmax] the range
+      // of the clamped mining value vc over its candidates with w > 0.
+      acc_t mp = inf, mn = inf, vmin = inf, vmax = -inf;
+#pragma omp simd reduction(min : mp, mn, vmin) reduction(max : vmax)
+      for (int64_t j = s; j < e; ++j) {
+        if constexpr (DO_POS) {
+          const acc_t kp = pos_key<acc_t, COS, IDS>(k, j);
+          mp = kp < mp ? kp : mp;
+        }
+        if constexpr (DO_NEG && !DW) {
+          const acc_t kn = neg_key<acc_t, COS, IDS, WINDOW>(k, j);
+          mn = kn < mn ? kn : mn;
+        }
+        if constexpr (DW) {
+          // vc and the support w > 0 <=> vc < hi exactly as dw_log_weight
+          // (sampling.h) computes them, spelled out for the SIMD range.
+          const acc_t v = mining_value<acc_t>(k.dot[j], k.ai, k.b[j], false);
+          const acc_t vc = v < A.dw.lo ? A.dw.lo : v;
+          const bool ok = (k.rl[j] != k.li) & !same_sample<acc_t, IDS>(k, j) & (vc < A.dw.hi);
+          const acc_t c0 = ok ? vc : inf, c1 = ok ? vc : -inf;
+          vmin = c0 < vmin ? c0 : vmin;
+          vmax = c1 > vmax ? c1 : vmax;
+        }
+      }
+      if (DO_POS && mp < pk[A.kp - 1]) {
+        rescan_insert([&](int64_t j) { return pos_key<acc_t, COS, IDS>(k, j); }, s, e, A.j0, pk,
+                      pi, A.kp);
+      }
+      if constexpr (DO_NEG && !DW) {
+        if (mn < nk[A.kn - 1]) {
+          rescan_insert([&](int64_t j) { return neg_key<acc_t, COS, IDS, WINDOW>(k, j); }, s, e,
+                        A.j0, nk, ni, A.kn);
+        }
+      }
+      if constexpr (DW) {
+        if (!(vmin < inf)) continue;  // no candidate with w > 0 in this sub-chunk
+        acc_t kth = nk[A.kn - 1];     // -(k-th largest key); +inf while the list has room
+        uint32_t wmin = 0;            // the noise-word threshold (0: none)
+        if (kth < inf) {
+          // Upper bound ub of lw = a log vc + b log1p(-vc / 4) over vc in
+          // [vmin, vmax].  D >= 3 (a, b <= 0): both terms are convex in vc, so
+          // lw is, and its largest value is at an end.  D <= 2: each term is
+          // monotone, so each is largest at an end (a looser bound).
+          const float f0 = float(vmin), f1 = float(vmax);
+          const float ta0 = A.dw.a * std::log(f0), ta1 = A.dw.a * std::log(f1);
+          const float tb0 = A.dw.b * std::log1p(-0.25f * f0), tb1 = A.dw.b * std::log1p(-0.25f * f1);
+          const float ta = std::max(ta0, ta1), tb = std::max(tb0, tb1);
+          const float ends = (A.dw.a <= 0.0f && A.dw.b <= 0.0f) ? std::max(ta0 + tb0, ta1 + tb1)
+                                                                : ta + tb;
+          const float ub = ends + kLogWeightSlack * (std::fabs(ta) + std::fabs(tb) + 1.0f);
+          if (-acc_t(ub + kGumbelMax) > kth) continue;  // ub + G_MAX < the k-th key
+          wmin = min_noise_word(-double(kth), double(ub));
+        }
+        for (int64_t j = s; j < e; ++j) {
+          const bool cand = (k.rl[j] != k.li) & !same_sample<acc_t, IDS>(k, j);
+          if (!cand) continue;
+          const int64_t jg = A.j0 + j;
+          auto word = [&]() {  // the pair's Philox word, one call per quad (lazily)
+            if ((jg >> 2) != quad) {
+              quad = jg >> 2;
+              noise_words(A.dw.seed, uint32_t(A.i0 + i), uint32_t(quad), words);
+            }
+            return words[jg & 3];
+          };
+          // Integer test first when the list is full: g too small to enter,
+          // whatever lw (<= ub) is; then no logarithm at all.
+          if (wmin > 0 && (word() >> 9) < wmin) continue;
+          const acc_t v = mining_value<acc_t>(k.dot[j], k.ai, k.b[j], false);
+          const float lw = dw_log_weight<acc_t>(v, A.dw.lo, A.dw.hi, A.dw.a, A.dw.b);
+          if (lw == -INFINITY) continue;  // w = 0: never picked
+          // The prune: fl(lw + g) <= fl(lw + G_MAX) < the k-th key.
+          if (-acc_t(lw + kGumbelMax) > kth) continue;
+          const float key = lw + noise_gumbel(word());
+          const acc_t c = -acc_t(key);
+          if (c < kth) {
+            klist_insert(nk, ni, A.kn, c, jg);
+            kth = nk[A.kn - 1];
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename acc_t, bool COS, Ids IDS>
+void scan_pass_topk(Pass pass, bool dw, const TopkTile<acc_t>& A) {
+  if constexpr (!COS) {
+    if (dw) return scan_tile_topk<acc_t, false, IDS, Pass::Fused, true>(A);
+  }
+  switch (pass) {
+    case Pass::Fused: return scan_tile_topk<acc_t, COS, IDS, Pass::Fused, false>(A);
+    case Pass::PosOnly: return scan_tile_topk<acc_t, COS, IDS, Pass::PosOnly, false>(A);
+    case Pass::NegWindow: return scan_tile_topk<acc_t, COS, IDS, Pass::NegWindow, false>(A);
+  }
+}
+
+template <typename acc_t, bool COS>
+void scan_ids_topk(Ids ids, Pass pass, bool dw, const TopkTile<acc_t>& A) {
+  switch (ids) {
+    case Ids::None: return scan_pass_topk<acc_t, COS, Ids::None>(pass, dw, A);
+    case Ids::Explicit: return scan_pass_topk<acc_t, COS, Ids::Explicit>(pass, dw, A);
+    case Ids::Self: return scan_pass_topk<acc_t, COS, Ids::Self>(pass, dw, A);
+  }
+}
+
+// Selection: pos_idx [N, k_pos], neg_idx [N, k_neg] (int64, prefilled with
+// -1) from the prepared arguments (prepare_select) and the list sizes
+// kp = min(k_pos, M), kn = min(k_neg, M).
+template <typename acc_t>
+void select_topk_impl(const SelectArgs& S, int64_t k_pos, int64_t k_neg, bool dw,
+                      const DwLaw<acc_t>& law, at::Tensor& pos_idx, at::Tensor& neg_idx) {
+  const at::Tensor& x = S.x;
+  const at::Tensor& r = S.r;
+  const int64_t n = x.size(0), m = r.size(0);
+  const int64_t kp = std::min(k_pos, m), kn = std::min(k_neg, m);
+  const TileLayout L = tile_layout<acc_t>(n, m);
+  const int64_t block_rows = L.block_rows;
+  const acc_t inf = std::numeric_limits<acc_t>::infinity();
+  const acc_t ps = pos_sign<acc_t>(S.pos);
+  const acc_t ns = dw ? acc_t(1) : neg_sign<acc_t>(S.neg);
+  const bool semihard = !dw && S.neg == NegStrategy::SemiHard;
+  const bool cosine = S.dist == Distance::Cosine;
+  const int64_t* qlp = S.ql.data_ptr<int64_t>();
+  const int64_t* rlp = S.rl.data_ptr<int64_t>();
+  const int64_t* qidp = S.ids == Ids::Explicit ? S.qid.data_ptr<int64_t>() : nullptr;
+  const int64_t* ridp = S.ids == Ids::Explicit ? S.rid.data_ptr<int64_t>() : nullptr;
+  int64_t* pout = pos_idx.data_ptr<int64_t>();
+  int64_t* nout = neg_idx.data_ptr<int64_t>();
+
+  at::parallel_for(0, L.nblocks, 1, [&](int64_t blk0, int64_t blk1) {
+    at::NoGradGuard no_grad;  // worker threads: mm_out must never see autograd
+    TileWorkspace<acc_t> W(x, L);
+    std::vector<acc_t> pkey(block_rows * kp), nkey(block_rows * kn);
+    std::vector<int64_t> pidx(block_rows * kp), nidx(block_rows * kn);
+    std::vector<acc_t> lo(block_rows), hi(block_rows);
+    for (int64_t blk = blk0; blk < blk1; ++blk) {
+      const int64_t i0 = blk * block_rows, bm = std::min(block_rows, n - i0);
+      const at::Tensor xb = W.anchors(x, i0, bm);
+      std::fill(pkey.begin(), pkey.end(), inf);
+      std::fill(nkey.begin(), nkey.end(), inf);
+      std::fill(pidx.begin(), pidx.end(), int64_t(-1));
+      std::fill(nidx.begin(), nidx.end(), int64_t(-1));
+      auto sweep = [&](Pass pass, bool reuse_buffer) {
+        W.sweep(xb, r, reuse_buffer, [&](const acc_t* dot, int64_t j0, int64_t cn) {
+          TopkTile<acc_t> A{dot, bm, cn, i0, j0,
+                            S.a.data_ptr<acc_t>() + i0, S.b.data_ptr<acc_t>() + j0,
+                            qlp + i0, rlp + j0,
+                            qidp ? qidp + i0 : nullptr, ridp ? ridp + j0 : nullptr,
+                            ps, ns, lo.data(), hi.data(),
+                            pkey.data(), pidx.data(), kp, nkey.data(), nidx.data(), kn, law};
+          if (cosine) {
+            scan_ids_topk<acc_t, true>(S.ids, pass, dw, A);
+          } else {
+            scan_ids_topk<acc_t, false>(S.ids, pass, dw, A);
+          }
+        });
+      };
+      if (!semihard) {
+        sweep(Pass::Fused, false);
+      } else {
+        sweep(Pass::PosOnly, false);
+        for (int64_t i = 0; i < bm; ++i) {  // the window of the first positive
+          semihard_window<acc_t>(pidx[i * kp] >= 0, pkey[i * kp], ps, S.margin, S.dist, inf,
+                                 lo[i], hi[i]);
+        }
+        sweep(Pass::NegWindow, /*reuse_buffer=*/L.chunk == m);
+      }
+      for (int64_t i = 0; i < bm; ++i) {
+        std::copy_n(pidx.data() + i * kp, kp, pout + (i0 + i) * k_pos);
+        std::copy_n(nidx.data() + i * kn, kn, nout + (i0 + i) * k_neg);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mine_topk_cpu(
+    const at::Tensor& embeddings, const at::Tensor& labels,
+    const c10::optional<at::Tensor>& ref_emb, const c10::optional<at::Tensor>& ref_labels,
+    const c10::optional<at::Tensor>& query_ids, const c10::optional<at::Tensor>& ref_ids,
+    int64_t k_pos, int64_t k_neg, int64_t pos_strategy, int64_t neg_strategy, int64_t distance,
+    c10::optional<double> margin, double cutoff, double nonzero_loss_cutoff, int64_t seed) {
+  check_topk_args(k_pos, k_neg, neg_strategy, distance, margin, cutoff, nonzero_loss_cutoff);
+  const bool dw = neg_strategy == static_cast<int64_t>(NegStrategy::DistanceWeighted);
+  // The tensor checks of fastmine::mine (which has no code 3: distance-weighted
+  // reads its negatives' labels and ids as the hard rule does).
+  const bool self_refs = check_mine_args(
+      c10::DeviceType::CPU, embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids,
+      pos_strategy, dw ? static_cast<int64_t>(NegStrategy::Hard) : neg_strategy, distance, margin);
+  at::NoGradGuard no_grad;  // the autograd kernel of fastmine::mine_topk sits above this one
+  const at::Tensor& r = self_refs ? embeddings : *ref_emb;
+  const int64_t n = embeddings.size(0), m = r.size(0);
+  TORCH_CHECK_VALUE(std::min(k_pos, m) <= kMaxK, "fastmine::mine_topk_cpu: k_pos = ", k_pos,
+                    " with ", m, " references: the CPU kernel keeps at most ", kMaxK,
+                    " positives per anchor (min(k_pos, M) <= ", kMaxK, ")");
+  TORCH_CHECK_VALUE(std::min(k_neg, m) <= kMaxK, "fastmine::mine_topk_cpu: k_neg = ", k_neg,
+                    " with ", m, " references: the CPU kernel keeps at most ", kMaxK,
+                    " negatives per anchor (min(k_neg, M) <= ", kMaxK, ")");
+  if (dw) {
+    // The noise counters are (j >> 2, i) as uint32 (docs/contract.md).
+    TORCH_CHECK_VALUE(n <= (int64_t(1) << 32) && m <= (int64_t(1) << 34),
+                      "fastmine::mine_topk_cpu: distance_weighted counts its noise by 32-bit "
+                      "rows: embeddings may have at most 2^32 rows and the references 2^34, got ",
+                      n, " and ", m);
+  }
+  auto lopts = at::TensorOptions().dtype(at::kLong);
+  at::Tensor pos_idx = at::full({n, k_pos}, -1, lopts), neg_idx = at::full({n, k_neg}, -1, lopts);
+  SelectArgs S;
+  const auto dist = static_cast<Distance>(distance);
+  if (prepare_select(S, embeddings, labels, r, self_refs ? labels : *ref_labels, query_ids,
+                     self_refs ? query_ids : ref_ids, self_refs, dist)) {
+    S.pos = static_cast<PosStrategy>(pos_strategy);
+    S.neg = static_cast<NegStrategy>(neg_strategy);
+    S.margin = margin.has_value() ? *margin : -1.0;
+    const double d = static_cast<double>(embeddings.size(1));
+    const double h = std::min(nonzero_loss_cutoff, 2.0);
+    // fl(cutoff^2), fl(min(nonzero_loss_cutoff, 2)^2): float64, rounded to acc_t.
+    auto law = [&](auto zero) {
+      using acc_t = decltype(zero);
+      return DwLaw<acc_t>{static_cast<acc_t>(cutoff * cutoff), static_cast<acc_t>(h * h),
+                          static_cast<float>((2.0 - d) / 2.0), static_cast<float>((3.0 - d) / 2.0),
+                          static_cast<uint64_t>(seed)};
+    };
+    if (embeddings.scalar_type() == at::kDouble) {
+      select_topk_impl<double>(S, k_pos, k_neg, dw, law(0.0), pos_idx, neg_idx);
+    } else {
+      select_topk_impl<float>(S, k_pos, k_neg, dw, law(0.0f), pos_idx, neg_idx);
+    }
+  }
+  at::Tensor pos_dist = at::empty({n, k_pos}, embeddings.options());
+  at::Tensor neg_dist = at::empty({n, k_neg}, embeddings.options());
+  const at::Tensor x = embeddings.detach().contiguous();
+  const at::Tensor rc = self_refs ? x : r.detach().contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pair_distances", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    pair_distances<acc_t, scalar_t>(x, rc, pos_idx, dist, pos_dist);
+    pair_distances<acc_t, scalar_t>(x, rc, neg_idx, dist, neg_dist);
+  });
+  return {pos_idx, neg_idx, pos_dist, neg_dist};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fastmine
+
+TORCH_LIBRARY_FRAGMENT(fastmine, m) { m.def(FASTMINE_MINE_TOPK_IMPL_SCHEMA("cpu")); }
+
+TORCH_LIBRARY_IMPL(fastmine, CPU, m) { m.impl("mine_topk_cpu", &fastmine::cpu::mine_topk_cpu); }

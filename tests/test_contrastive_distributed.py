@@ -1,0 +1,111 @@
+"""The contrastive losses under fastmine.distributed.DistributedLoss (2-process gloo).
+
+SupConLoss and MultiSimilarityLoss expose ``per_anchor`` (their reductions are
+means over anchors), so DistributedLoss gives, under DDP gradient averaging,
+exactly the loss and parameter gradients of one process on the concatenated
+batch (float64, 1e-10).  NTXentLoss averages over pairs, which DistributedLoss
+cannot normalise: it is refused.  Also: ``per_anchor`` reproduces ``forward``.
+"""
+import os
+import tempfile
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from fastmine import contrastive as C
+from fastmine.distributed import DistributedLoss
+
+WORLD = 2
+SLICES = (slice(0, 5), slice(5, 13))  # unequal local batches
+LABELS = torch.tensor([0, 1, 2, 0, 3, 1, 2, 0, 1, 2, 3, 4, 1])  # class 4: a singleton
+TOL = dict(atol=1e-10, rtol=1e-10)
+CONFIGS = {  # name -> loss factory (each backend the machine has)
+    "supcon_cpu": lambda: C.SupConLoss(temperature=0.5, backend="auto"),
+    "supcon_chunked": lambda: C.SupConLoss(temperature=0.5, backend="chunked", block_size=3),
+    "ms_mined": lambda: C.MultiSimilarityLoss(miner_epsilon=0.3, backend="auto", block_size=4),
+}
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(13, 6, generator=g, dtype=torch.float64)
+
+
+def _model():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+
+
+def _worker(rank, init_file, out_dir):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=WORLD, timeout=timedelta(seconds=60))
+    sl, x, out = SLICES[rank], _inputs(), {}
+    for name, make in CONFIGS.items():
+        net = DDP(_model())
+        value = DistributedLoss(make())(net(x[sl]), LABELS[sl])
+        value.backward()
+        out[name] = (value.detach(), [p.grad.clone() for p in net.module.parameters()])
+        del net
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "rendezvous")
+        mp.spawn(_worker, args=(init_file, tmp), nprocs=WORLD, join=True)
+        return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False)
+                for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_ddp_equals_one_process_on_the_concatenated_batch(ranks, name):
+    net = _model()
+    value = CONFIGS[name]()(net(_inputs()), LABELS)
+    value.backward()
+    assert float(value.detach()) > 0
+    for r in range(WORLD):
+        got_value, got_grads = ranks[r][name]
+        torch.testing.assert_close(got_value, value.detach(), **TOL)
+        for a, b in zip(got_grads, net.parameters()):
+            torch.testing.assert_close(a, b.grad, **TOL)
+
+
+def test_ntxent_is_refused():
+    """NT-Xent's mean over pairs has no per-anchor form DistributedLoss can normalise."""
+    with pytest.raises(TypeError, match="per_anchor"):
+        DistributedLoss(C.NTXentLoss())
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_per_anchor_reproduces_forward(name):
+    """The mean of the kept per-anchor terms (valid, and > 0 for SupCon) is forward,
+    value and gradient; with a bank and ids too."""
+    loss = CONFIGS[name]()
+    g = torch.Generator().manual_seed(2)
+    for args in ((LABELS,), (LABELS, torch.randn(7, 4, generator=g, dtype=torch.float64),
+                             torch.tensor([0, 1, 1, 2, 5, 4, 0]))):
+        emb = torch.randn(13, 4, generator=g, dtype=torch.float64, requires_grad=True)
+        terms, valid = loss.per_anchor(emb, *args)
+        keep = valid & (terms > 0) if loss.average_nonzero else valid
+        mean = torch.where(keep, terms, torch.zeros_like(terms)).sum() / keep.sum().clamp_min(1)
+        value = loss(emb, *args)
+        torch.testing.assert_close(mean, value, **TOL)
+        for a, b in zip(torch.autograd.grad(mean, emb), torch.autograd.grad(value, emb)):
+            torch.testing.assert_close(a, b, **TOL)
+
+
+def test_per_anchor_supcon_one_class_batch_is_invalid():
+    """PML's batch-level condition: no negative pair -> no valid anchor (loss 0)."""
+    emb = torch.randn(5, 3, dtype=torch.float64)
+    terms, valid = C.SupConLoss().per_anchor(emb, torch.zeros(5, dtype=torch.int64))
+    assert not valid.any() and not terms.any()
