@@ -479,6 +479,7 @@ def markdown(result: dict) -> str:
     lines += [
         f"**{where}**, torch {env['torch']}, PML {env.get('pytorch_metric_learning')}, fastmine "
         f"{env['fastmine']} ({env['fastmine_git']}), finished {env['date_utc']}", "",
+        f"Build: {env.get('fastmine_build')}; ISA limits: {env.get('isa_env') or 'none'}.", "",
         f"Machine load: 1-minute load average {before.get('loadavg')} before the run; other "
         f"processes' busy cores {before.get('others_busy_cores')} before, mean "
         f"{during.get('others_busy_cores_mean')} / max {during.get('others_busy_cores_max')} "
