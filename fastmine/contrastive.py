@@ -369,8 +369,8 @@ class _PerAnchorMean:
     """``per_anchor`` for the losses whose reduction is a mean over anchors
     (``fastmine.distributed.DistributedLoss`` reads ``per_anchor``, ``reduction``
     and ``average_nonzero``): SupCon (the mean of the non-zero terms) and
-    Multi-Similarity (the mean over all anchors).  NT-Xent averages over pairs,
-    which that interface cannot express: it has no ``per_anchor``."""
+    Multi-Similarity (the mean over all anchors).  NT-Xent averages over pairs: its
+    ``per_anchor`` also returns the pair counts (``NTXentLoss.per_anchor``)."""
 
     reduction = "mean"
 
@@ -441,6 +441,20 @@ class NTXentLoss(_ContrastiveLoss):
         self.temperature = check_real("temperature", temperature, positive=True)
 
     _loss = "ntxent"
+    reduction = "mean"  # fastmine.distributed.DistributedLoss: the mean over pairs, by counts
+    average_nonzero = False
+
+    def per_anchor(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
+                   ref_labels: Optional[Tensor] = None, *, query_ids: Optional[Tensor] = None,
+                   ref_ids: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        """(terms [N] in embeddings' dtype, valid [N] bool, counts [N] int64): terms_i the
+        sum of anchor i's positive-pair terms, counts_i = P_i its positive pairs, valid =
+        P_i > 0.  sum(terms) / sum(counts) is ``forward`` (fastmine.distributed.
+        DistributedLoss divides by the global sum of the counts).  PML's batch-level
+        conditions need no flag here: without a negative pair every term is 0 (N_i = -inf),
+        without a positive pair every count is."""
+        terms, n_pos, _ = self._terms(embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids)
+        return terms.to(embeddings.dtype), n_pos > 0, n_pos
 
     def _spec(self):
         return _NTXentSpec(self.temperature)

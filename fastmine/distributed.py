@@ -228,12 +228,16 @@ class DistributedLoss(nn.Module):
 
     Args:
         loss: a fastmine loss (``fastmine.losses.TripletMarginLoss``,
-            ``MarginLoss``), or any module with ``per_anchor(embeddings,
+            ``MarginLoss``, ``SupConLoss``, ``NTXentLoss``,
+            ``MultiSimilarityLoss``), or any module with ``per_anchor(embeddings,
             labels, ref_emb, ref_labels, *, query_ids, ref_ids) -> (terms [n]
-            or [n, k_pos, k_neg], valid bool of the same shape)`` and
-            attributes ``reduction`` ("mean", "sum" or "none") and optionally
-            ``average_nonzero``; a module with another ``regularizer`` is
-            refused (it cannot be normalised globally).
+            or [n, k_pos, k_neg], valid bool of the same shape)`` -- or
+            ``(terms, valid, counts)``, counts of the same shape: the number of
+            items (e.g. pairs) each term sums, so that "mean" divides by the
+            global sum of the kept counts -- and attributes ``reduction``
+            ("mean", "sum" or "none") and optionally ``average_nonzero``; a
+            module with another ``regularizer`` is refused (it cannot be
+            normalised globally).
         group: process group (default: the world); DDP must average over the
             same group.
 
@@ -247,7 +251,8 @@ class DistributedLoss(nn.Module):
 
     * "mean": terms of local anchors / the *global* number of valid triplets
       (one per valid anchor when k_pos = k_neg = 1; with ``average_nonzero``:
-      of valid triplets with a non-zero term);
+      of valid triplets with a non-zero term); with ``counts``: / the global
+      sum of the kept terms' counts (NT-Xent: the number of positive pairs);
     * "sum": the sum of local terms;
     * MarginLoss with ``learn_beta`` and ``nu``: the global-beta regulariser
       ``nu * beta`` is added once per rank (DDP's average keeps it once); the
@@ -283,8 +288,12 @@ class DistributedLoss(nn.Module):
         """See the class docstring: scalar global loss ([n_r] terms for reduction="none")."""
         world = _require_group(self.group, "DistributedLoss")[1]
         g = _gather(embeddings, labels, ids, self.group, "DistributedLoss")
-        terms, valid = self.loss.per_anchor(embeddings, labels, g.embeddings, g.labels,
-                                            query_ids=g.ids[g.local], ref_ids=g.ids)
+        out = self.loss.per_anchor(embeddings, labels, g.embeddings, g.labels,
+                                   query_ids=g.ids[g.local], ref_ids=g.ids)
+        if not isinstance(out, tuple) or len(out) not in (2, 3):
+            raise TypeError(f"{type(self.loss).__name__}.per_anchor must return (terms, valid) or "
+                            "(terms, valid, counts)")
+        terms, valid, counts = out if len(out) == 3 else (*out, None)
         reduction = self.loss.reduction
         if reduction not in _REDUCTIONS:
             raise ValueError(f"loss.reduction must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -294,6 +303,9 @@ class DistributedLoss(nn.Module):
         average_nonzero = reduction == "mean" and bool(getattr(self.loss, "average_nonzero", False))
         keep = valid & (terms > 0) if average_nonzero else valid
         local_sum = torch.where(keep, terms, torch.zeros_like(terms)).sum()
+        # the local share of the mean's denominator: kept terms, or their counts
+        local_count = keep.sum() if counts is None else \
+            torch.where(keep, counts, torch.zeros_like(counts)).sum()
 
         kind = _regularizer_kind(self.loss)
         reg_sum = terms.new_zeros(())  # sum of beta[label] over local valid anchors
@@ -304,7 +316,7 @@ class DistributedLoss(nn.Module):
         # One all_reduce for the forward statistics.  float64 keeps counts exact
         # (MPS has no float64: float32 there).
         sdt = torch.float32 if terms.device.type == "mps" else torch.float64
-        stats = torch.stack([local_sum.detach().to(sdt), keep.sum().to(sdt),
+        stats = torch.stack([local_sum.detach().to(sdt), local_count.detach().to(sdt),
                              valid.sum().to(sdt), reg_sum.detach().to(sdt)])
         dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=self.group)
         total, n_keep, n_valid, reg_total = stats.unbind()

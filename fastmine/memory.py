@@ -129,8 +129,14 @@ class CrossBatchMemory(nn.Module):
     a batch larger than any before, and after the buffers were replaced
     (``module.to(...)``, a checkpoint of another dtype).  When the loss
     normalises (``normalize_embeddings=True``) the memory stores the
-    normalised rows, so that they need no normalising at each step.  Any
-    other fastmine-protocol loss, or a non-empty memory whose dtype/device
+    normalised rows, so that they need no normalising at each step.
+    fastmine's contrastive losses (``SupConLoss``, ``NTXentLoss``,
+    ``MultiSimilarityLoss``, not subclassed in ``forward`` or ``_terms``) on
+    their compiled ``cpu`` backend with float32 / float64 rows stream the same
+    view ``[batch; memory[:filled]]`` in place (``_BankContrastive``: O((N +
+    M) D) memory, no copy of the bank; the memory stores the normalised rows),
+    with the gradient of the live batch as anchor and as reference.  Any
+    other fastmine-protocol loss (or backend), or a non-empty memory whose dtype/device
     differs from the batch's, gets ``torch.cat([batch, memory])`` (a copy of
     the bank per step) and its own ``forward``.  No step synchronises the
     host with a CUDA device (beyond what the loss and ``fastmine.mine`` do).
@@ -250,6 +256,8 @@ class CrossBatchMemory(nn.Module):
                 self.embedding_memory.dtype == embeddings.dtype
                 and self.embedding_memory.device == embeddings.device):
             return self._forward_in_place(embeddings, labels, ids)
+        if self._protocol == _FASTMINE and self._contrastive_in_place(embeddings):
+            return self._forward_contrastive_in_place(embeddings, labels, ids)
         if self._protocol == _PML:
             # PML's order: enqueue first, then the references are the memory
             # (which now holds the batch, detached), in slot order.
@@ -296,6 +304,50 @@ class CrossBatchMemory(nn.Module):
         self._enqueue(x.detach(), labels, ids)
         return out
 
+    def _contrastive_in_place(self, embeddings: Tensor) -> bool:
+        """True when the step can stream the bank in place for a contrastive loss:
+        fastmine.contrastive's SupCon / NT-Xent / MS (forward and _terms not
+        overridden) on its compiled ``cpu`` backend, float32 / float64 CPU rows,
+        the memory of the same dtype and device."""
+        from . import contrastive as C
+
+        loss = self.loss
+        if not (isinstance(loss, C._ContrastiveLoss)
+                and type(loss).forward is C._ContrastiveLoss.forward
+                and type(loss)._terms is C._ContrastiveLoss._terms
+                and embeddings.device.type == "cpu"
+                and embeddings.dtype in (torch.float32, torch.float64)
+                and self.embedding_memory.dtype == embeddings.dtype
+                and self.embedding_memory.device == embeddings.device):
+            return False
+        try:
+            return C.resolve_backend(loss.backend, embeddings.device) == "cpu"
+        except RuntimeError:
+            return False  # the loss's own forward raises it
+
+    def _forward_contrastive_in_place(self, embeddings: Tensor, labels: Tensor,
+                                      ids: Tensor) -> Tensor:
+        """The contrastive-loss step without copying the bank: the normalised batch goes
+        into the spare rows, the references [batch; memory[:filled]] are one view of the
+        storage (as ``_forward_in_place``), and ``_BankContrastive`` streams it.  The
+        memory stores the normalised rows (the loss normalises anyway; normalising a
+        unit row again changes it by rounding only)."""
+        from . import contrastive as C
+
+        n, m = embeddings.shape[0], self.filled
+        # the batch's checks and normalisation, as the loss's forward does them
+        q, _, labels, _, ids, _, _, _ = C.prepare(embeddings, labels, None, None, ids, None)
+        st = self._store_for(n)
+        lo, hi = st.slack - n, st.slack + m
+        with torch.no_grad():
+            st.emb[lo:st.slack].copy_(q)
+            st.labels[lo:st.slack].copy_(labels)
+            st.ids[lo:st.slack].copy_(ids)
+        out = _BankContrastive.apply(q, labels, ids, st.emb[lo:hi], st.labels[lo:hi],
+                                     st.ids[lo:hi], self.loss)
+        self._enqueue(q.detach(), labels, ids)
+        return out.to(embeddings.dtype)
+
     @staticmethod
     def _selected_distance(x: Tensor, refs: Tensor, idx: Tensor, distance: str) -> Tensor:
         """d(x[i], ref idx[i, s]) [N, k] for idx [N, k] int64, 0 where idx[i, s] = -1;
@@ -333,6 +385,51 @@ class CrossBatchMemory(nn.Module):
             buf[:n - k].copy_(src[k:])
         self.queue_idx = (q + n) % self.memory_size
         self.filled = min(self.filled + n, self.memory_size)
+
+
+class _BankContrastive(torch.autograd.Function):
+    """loss [] = a fastmine contrastive loss of the anchors q [n, D] (normalised,
+    differentiable) against refs = [q (detached copy); memory] [n + m, D], a view
+    of the CrossBatchMemory storage (labels / ids likewise), with the gradient of
+    the live batch in both roles -- what the loss gives on ``torch.cat([q,
+    memory])`` -- in O((n + m) D) memory and no copy of the bank.
+
+    The gradient is formed in the forward (from dL/dterms of the loss's one
+    reduction, ``reference_contrastive.reduce_terms``) and only scaled in the
+    backward: the ring buffer is overwritten by this step's enqueue before the
+    backward runs, so the bank cannot be read then.  Anchor role: the op's
+    backward over every reference (``fastmine::contrastive_backward``, no
+    reference gradient); reference role of the live rows j < n: the same op
+    with the references = the batch rows and ``ref_grad``, from the per-anchor
+    statistics of the full pass (the tile gradient g_ij depends on the
+    reference j only through s_ij and the masks), so only an [n, D] reference
+    gradient is formed."""
+
+    @staticmethod
+    def forward(ctx, q, labels, ids, refs, ref_labels, ref_ids, loss):
+        from .reference_contrastive import reduce_terms
+
+        args = loss._op_args() + (loss.block_size,)
+        qd = q.detach()
+        terms, stats = torch.ops.fastmine.contrastive(qd, refs, labels, ref_labels, ids, ref_ids,
+                                                      *args)
+        n_pos, n_neg = stats[2].to(torch.int64), stats[3].to(torch.int64)
+        leaf = terms.detach().requires_grad_(q.requires_grad)
+        with torch.enable_grad():
+            value = reduce_terms(loss._loss, leaf, n_pos, n_neg)
+        if q.requires_grad:
+            (gamma,) = torch.autograd.grad(value, leaf)
+            back = torch.ops.fastmine.contrastive_backward
+            dq, _ = back(gamma, qd, refs, labels, ref_labels, ids, ref_ids, *args, stats, False)
+            _, dlive = back(gamma, qd, qd, labels, labels, ids, ids, *args, stats, True)
+            ctx.save_for_backward(dq.add_(dlive))
+        return value.detach()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (dq,) = ctx.saved_tensors
+        return grad * dq, None, None, None, None, None, None
 
 
 class _Store:

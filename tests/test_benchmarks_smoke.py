@@ -378,3 +378,50 @@ def test_topk_benchmark_runs(tmp_path):
         assert dw["peak_mem_bytes"] is not None
     table = (tmp_path / "topk" / "table.md").read_text()
     assert T.PML_DW in table and "x mine" in table
+
+
+def test_contrastive_benchmark_runs(tmp_path):
+    """benchmarks.contrastive (issue #18's table) at tiny sizes: the floor and every
+    loss timed (fastmine's cpu backend and PML), ratios against the floor and PML of
+    the same cell, the memory and large-N rows measured in fresh processes; a memory
+    cap below PML's estimate reports PML "OOM (needs est. ...)" without running it."""
+    from benchmarks import contrastive as T
+    from fastmine import contrastive as FC
+    result = T.main(["--device", "cpu", "--n", "64", "--d", "8", "--repeats", "1",
+                     "--warmup", "0", "--mem-n", "96", "--large-n", "128",
+                     "--out", str(tmp_path / "c")])
+    has_cpu = FC._CPU_OPS
+    rows = {(r["part"], T._name(r), r["backend"]): r for r in result["results"]}
+    want = {("time", T.FLOOR, "")} | {("time", f"pml {T.PML_NAMES[x]}", "") for x in T.LOSSES}
+    want |= {("memory", "pml SupConLoss", ""), ("large", "pml SupConLoss", "")}
+    if has_cpu:
+        want |= {("time", f"fastmine {x}", "cpu") for x in T.LOSSES}
+        want |= {("memory", "fastmine supcon", "cpu"), ("large", "fastmine supcon", "cpu")}
+    else:
+        assert "cpu" in result["missing"]
+    assert set(rows) == want
+    floor = rows[("time", T.FLOOR, "")]
+    for r in rows.values():
+        assert r["status"] == "ok", r
+        if r["part"] == "time":
+            assert r["time_s"] > 0
+        else:
+            assert r["peak_mem_bytes"] is not None and r["peak_mem_bytes"] > 0, r
+    for x in T.LOSSES if has_cpu else ():
+        r, pml = rows[("time", f"fastmine {x}", "cpu")], rows[("time", f"pml {T.PML_NAMES[x]}", "")]
+        assert r["t_over_floor"] == pytest.approx(r["time_s"] / floor["time_s"])
+        assert r["pml_over_t"] == pytest.approx(pml["time_s"] / r["time_s"])
+    if has_cpu:
+        m, pm = rows[("memory", "fastmine supcon", "cpu")], rows[("memory", "pml SupConLoss", "")]
+        assert m["pml_mem_over_mem"] == pytest.approx(pm["peak_mem_bytes"] / m["peak_mem_bytes"])
+        assert len(result["targets"]) == 5 and all(t["met"] in (True, False)
+                                                   for t in result["targets"])
+    table = (tmp_path / "c" / "table.md").read_text()
+    assert "pml NTXentLoss" in table and "Issue #18's targets" in table
+    # the cap: PML's estimate exceeds it, so PML is not started; fastmine runs
+    capped = T.main(["--device", "cpu", "--n", "64", "--d", "8", "--repeats", "1", "--warmup",
+                     "0", "--losses", "ntxent", "--mem-n", "0", "--large-n", "0",
+                     "--mem-cap-gb", "1e-6", "--out", str(tmp_path / "capped")])
+    (pml,) = [r for r in capped["results"] if r["row"] == T.PML]
+    assert pml["status"].startswith("OOM (needs est. ") and pml["time_s"] is None
+    assert pml["est_mem_bytes"] > 1e-6 * 2**30

@@ -123,3 +123,71 @@ def test_cross_batch_memory(name):
                            torch.cat([ids, memory_ids]))
         (expect_grad,) = torch.autograd.grad(direct, e)
         torch.testing.assert_close(grad, expect_grad, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.skipif(not _ops.has_contrastive_ops(), reason="compiled extension not built")
+@pytest.mark.parametrize("name", ["supcon", "ntxent", "ms_mined"])
+def test_cross_batch_memory_in_place_equals_copying(name):
+    """On the cpu backend CrossBatchMemory streams [batch; memory] as one view of its
+    storage (no copy of the bank); the chunked backend takes the copying path
+    (torch.cat).  Values and gradients agree (float64) step after step, with the
+    ring wrapping around, ids repeated across steps (stored copies excluded), and
+    two steps in one graph (the bank is overwritten before that backward)."""
+    from fastmine import CrossBatchMemory
+
+    cls, kw = SPECS[name]
+    fused = CrossBatchMemory(cls(**kw, backend="cpu"), embedding_size=5, memory_size=25)
+    copying = CrossBatchMemory(cls(**kw, backend="chunked", block_size=4), embedding_size=5,
+                               memory_size=25)
+    g = torch.Generator().manual_seed(6)
+    for step in range(4):
+        embs = [torch.randn(10, 5, generator=g, dtype=torch.float64, requires_grad=True)
+                for _ in range(2)]
+        ys = [torch.randint(0, 4, (10,), generator=g) for _ in range(2)]
+        ids = [torch.randint(0, 30, (10,), generator=g) for _ in range(2)]
+        values = {}
+        for key, xbm in (("fused", fused), ("copying", copying)):
+            first = xbm(embs[0], ys[0], ids[0])
+            both = first + xbm(embs[1], ys[1], ids[1]) if step % 2 else first
+            values[key] = (both.detach(),) + torch.autograd.grad(both, embs[:1 + step % 2])
+        assert fused._fused.slack == 10 and copying._fused.emb is None  # the paths taken
+        for a, b in zip(values["fused"], values["copying"]):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+    assert float(values["fused"][0]) > 0
+    torch.testing.assert_close(fused.embedding_memory, torch.nn.functional.normalize(
+        copying.embedding_memory, dim=1), atol=1e-15, rtol=0)  # the normalised rows
+
+
+@pytest.mark.skipif(not _ops.has_contrastive_ops(), reason="compiled extension not built")
+@pytest.mark.parametrize("name", ["supcon", "ntxent", "ms_mined"])
+def test_cross_batch_memory_in_place_no_bank_allocation(name):
+    """A step of 64 rows against a full bank of 8192 x 64 (2 MiB) allocates no
+    bank-sized buffer on the in-place path: the largest is a 256 x 256 tile (the
+    kernel's per-thread buffers) or the batch's rows; the copying path's torch.cat([batch; memory]) is
+    seen by the same probe."""
+    from fastmine import CrossBatchMemory
+
+    cls, kw = SPECS[name]
+    bank, d, n = 8192, 64, 64
+    g = torch.Generator().manual_seed(3)
+    xbms = {b: CrossBatchMemory(cls(**kw, backend=b), embedding_size=d, memory_size=bank)
+            for b in ("cpu", "chunked")}
+    fill_x = torch.randn(bank, d, generator=g)
+    fill_y = torch.randint(0, 512, (bank,), generator=g)
+    for xbm in xbms.values():
+        with torch.no_grad():
+            xbm(fill_x[:n], fill_y[:n])  # builds the storage
+        xbm._enqueue(torch.nn.functional.normalize(fill_x, dim=1), fill_y,
+                     torch.arange(bank))  # fill the ring (row by row would take long)
+    emb = torch.randn(n, d, generator=g, requires_grad=True)
+    y = torch.randint(0, 512, (n,), generator=g)
+
+    def largest(xbm):
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            xbm(emb, y).backward()
+        return max(e.cpu_memory_usage for e in prof.events())
+
+    bank_bytes = bank * d * 4
+    assert largest(xbms["cpu"]) <= 4 * max(256 * 256, n * d) < bank_bytes // 4  # float32 bytes
+    assert xbms["cpu"].filled == bank and torch.isfinite(emb.grad).all()
+    assert largest(xbms["chunked"]) >= bank_bytes
