@@ -128,16 +128,34 @@ struct DwLaw {
 // tests/test_topk_backends.py compare the picks with the reference's
 // fastmine/_philox.py on every path).  One call replaces up to 16 scalar
 // Philox calls (~25 ns each on an AVX-512 AMD EPYC).
+//
+// Each form also returns the mask of the words that reach a threshold:
+// bit 4 l + t set iff (w[t][l] >> 9) >= wmin (bit j - s for column j of an
+// aligned sub-chunk), so the kernel visits only those columns.
 struct alignas(64) QuadWords {
   uint32_t w[4][16];
 };
 
-void quad_words_scalar(uint64_t seed, uint32_t i, uint32_t q0, QuadWords& out) {
+// Spreads the 16 bits of m to bits 0, 4, 8, ..., 60.
+inline uint64_t spread4(uint64_t m) {
+  m = (m | (m << 24)) & 0x000000FF000000FFull;
+  m = (m | (m << 12)) & 0x000F000F000F000Full;
+  m = (m | (m << 6)) & 0x0303030303030303ull;
+  m = (m | (m << 3)) & 0x1111111111111111ull;
+  return m;
+}
+
+uint64_t quad_words_scalar(uint64_t seed, uint32_t i, uint32_t q0, uint32_t wmin, QuadWords& out) {
+  uint64_t mask = 0;
   for (uint32_t l = 0; l < 16; ++l) {
     uint32_t c[4];
     noise_words(seed, i, q0 + l, c);
-    for (int t = 0; t < 4; ++t) out.w[t][l] = c[t];
+    for (int t = 0; t < 4; ++t) {
+      out.w[t][l] = c[t];
+      mask |= uint64_t((c[t] >> 9) >= wmin) << (4 * l + t);
+    }
   }
+  return mask;
 }
 
 #ifdef FASTMINE_X86_QUAD_WORDS
@@ -164,8 +182,9 @@ __attribute__((target("avx2"))) inline void mulhilo(__m256i m, __m256i a, __m256
   lo = _mm256_blend_epi32(ev, _mm256_slli_epi64(od, 32), 0xAA);
 }
 
-__attribute__((target("avx512f"))) void quad_words_avx512(uint64_t seed, uint32_t i,
-                                                          uint32_t q0, QuadWords& out) {
+__attribute__((target("avx512f"))) uint64_t quad_words_avx512(uint64_t seed, uint32_t i,
+                                                              uint32_t q0, uint32_t wmin,
+                                                              QuadWords& out) {
   const __m512i m0 = _mm512_set1_epi32(int(kPhiloxM0)), m1 = _mm512_set1_epi32(int(kPhiloxM1));
   __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(int(q0)),
                                 _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
@@ -185,10 +204,18 @@ __attribute__((target("avx512f"))) void quad_words_avx512(uint64_t seed, uint32_
   _mm512_store_si512(out.w[1], c1);
   _mm512_store_si512(out.w[2], c2);
   _mm512_store_si512(out.w[3], c3);
+  const __m512i th = _mm512_set1_epi32(int(wmin));
+  const __m512i cs[4] = {c0, c1, c2, c3};
+  uint64_t mask = 0;
+  for (int t = 0; t < 4; ++t) {
+    mask |= spread4(_mm512_cmpge_epu32_mask(_mm512_srli_epi32(cs[t], 9), th)) << t;
+  }
+  return mask;
 }
 
-__attribute__((target("avx2"))) void quad_words_avx2(uint64_t seed, uint32_t i, uint32_t q0,
-                                                     QuadWords& out) {
+__attribute__((target("avx2"))) uint64_t quad_words_avx2(uint64_t seed, uint32_t i, uint32_t q0,
+                                                         uint32_t wmin, QuadWords& out) {
+  uint64_t mask = 0;
   const __m256i m0 = _mm256_set1_epi32(int(kPhiloxM0)), m1 = _mm256_set1_epi32(int(kPhiloxM1));
   for (int h = 0; h < 2; ++h) {  // two halves of 8 quads
     __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(int(q0 + 8u * h)),
@@ -209,11 +236,21 @@ __attribute__((target("avx2"))) void quad_words_avx2(uint64_t seed, uint32_t i, 
     _mm256_store_si256(reinterpret_cast<__m256i*>(out.w[1] + 8 * h), c1);
     _mm256_store_si256(reinterpret_cast<__m256i*>(out.w[2] + 8 * h), c2);
     _mm256_store_si256(reinterpret_cast<__m256i*>(out.w[3] + 8 * h), c3);
+    // (w >> 9) >= wmin  <=>  max(w >> 9, wmin) == w >> 9 (unsigned)
+    const __m256i th = _mm256_set1_epi32(int(wmin));
+    const __m256i cs[4] = {c0, c1, c2, c3};
+    for (int t = 0; t < 4; ++t) {
+      const __m256i x = _mm256_srli_epi32(cs[t], 9);
+      const uint64_t m8 = uint32_t(_mm256_movemask_ps(
+          _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_max_epu32(x, th), x))));
+      mask |= spread4(m8 << (8 * h)) << t;
+    }
   }
+  return mask;
 }
 #endif
 
-using QuadWordsFn = void (*)(uint64_t, uint32_t, uint32_t, QuadWords&);
+using QuadWordsFn = uint64_t (*)(uint64_t, uint32_t, uint32_t, uint32_t, QuadWords&);
 
 // The widest form this CPU runs (chosen once).
 QuadWordsFn quad_words_fn() {
@@ -272,9 +309,12 @@ struct LogWeightTable {
 
   // >= every computed lw of a candidate with float(vc) in [f0, f1].
   float bound(float f0, float f1) const {
-    const double x0 = (double(f0) - flo) * inv_h, x1 = (double(f1) - flo) * inv_h;
-    const int ia = int(std::min<double>(G, std::max(0.0, std::floor(x0) - 1)));
-    const int ib = int(std::min<double>(G, std::max(0.0, std::ceil(x1) + 1)));
+    // With x the exact cell positions: ia = trunc(x0 - 2) <= floor(x0) - 1 and
+    // ib = trunc(x1 + 2) >= ceil(x1) + 1 (x >= 0; trunc is floor there), so
+    // g_ia <= f0 and g_ib >= f1 despite the rounding of x and of g_t.
+    const double x0 = (double(f0) - flo) * inv_h - 2, x1 = (double(f1) - flo) * inv_h + 2;
+    const int ia = x0 <= 0 ? 0 : (x0 >= G ? G : int(x0));
+    const int ib = x1 <= 0 ? 0 : (x1 >= G ? G : int(x1));
     return std::max(t[ia], t[ib]);
   }
 };
@@ -352,13 +392,15 @@ struct NoiseWordTable {
   }
 };
 
+const NoiseWordTable kNoiseWordTable;  // built when the library loads
+
 inline uint32_t min_noise_word(double K, double ub) {
-  static const NoiseWordTable table;
   const double t = K - ub - (1e-3 + 1e-5 * (std::fabs(K) + std::fabs(ub)));
   if (!(t > NoiseWordTable::kT0)) return 0;  // also NaN / -inf (an infinite ub)
-  const double x = std::floor((t - NoiseWordTable::kT0) * NoiseWordTable::kPerUnit) - 1;
-  if (x < 0) return 0;
-  return table.w[x >= NoiseWordTable::kLast ? NoiseWordTable::kLast : int(x)];
+  // x > 0: truncation is the floor; one step lower for the rounding of x.
+  const double x = (t - NoiseWordTable::kT0) * NoiseWordTable::kPerUnit - 1;
+  if (!(x >= 0)) return 0;
+  return kNoiseWordTable.w[x >= NoiseWordTable::kLast ? NoiseWordTable::kLast : int(x)];
 }
 
 template <typename acc_t, bool COS, Ids IDS, Pass PASS, bool DW>
@@ -437,22 +479,20 @@ FASTMINE_CPU_CLONES void scan_tile_topk(const TopkTile<acc_t>& A) {
           if (-acc_t(ub + kGumbelMax) > kth) continue;  // ub + G_MAX < the k-th key
           wmin = min_noise_word(-double(kth), double(ub));
         }
-        // The Philox words of the sub-chunk's quads, 16 at once (QuadWords):
-        // quads qb .. qb + 15 cover [s, e) unless j0 + s is not a multiple of
-        // 4 (odd chunk widths), where a 17th quad is computed when needed.
+        // The Philox words of the sub-chunk's quads, 16 at once (QuadWords),
+        // with the mask of the words that reach wmin: quads qb .. qb + 15
+        // cover [s, e) unless j0 + s is not a multiple of 4 (odd chunk widths),
+        // where every column is visited and a 17th quad computed when needed.
         const int64_t qb = (A.j0 + s) >> 2;
-        A.words(A.dw.seed, uint32_t(A.i0 + i), uint32_t(qb), qw);
-        if (wmin > 0 && ((A.j0 + e - 1) >> 2) - qb < 16) {
-          // No word of the sub-chunk reaches the threshold: nothing can enter.
-          uint32_t top = 0;
-          for (int t = 0; t < 4; ++t) {
-            for (int l = 0; l < 16; ++l) top = qw.w[t][l] > top ? qw.w[t][l] : top;
-          }
-          if ((top >> 9) < wmin) continue;
-        }
+        const uint64_t reach = A.words(A.dw.seed, uint32_t(A.i0 + i), uint32_t(qb), wmin, qw);
+        const bool aligned = ((A.j0 + s) & 3) == 0;
+        const int64_t width = e - s;
+        uint64_t visit = width == 64 ? ~uint64_t(0) : (uint64_t(1) << width) - 1;
+        if (aligned) visit &= reach;
         uint32_t extra[4];
         bool have_extra = false;
-        for (int64_t j = s; j < e; ++j) {
+        for (; visit; visit &= visit - 1) {
+          const int64_t j = s + __builtin_ctzll(visit);
           const int64_t jg = A.j0 + j;
           const int64_t l = (jg >> 2) - qb;
           if (l == 16 && !have_extra) {
@@ -466,6 +506,14 @@ FASTMINE_CPU_CLONES void scan_tile_topk(const TopkTile<acc_t>& A) {
           const bool cand = (k.rl[j] != k.li) & !same_sample<acc_t, IDS>(k, j);
           if (!cand) continue;
           const acc_t v = mining_value<acc_t>(k.dot[j], k.ai, k.b[j], false);
+          if (wmin > 0 && A.dw.ub) {
+            // The same test with the pair's own bound (a table read, no
+            // logarithm): lw(f) <= bound(f, f), f = float(vc).
+            const acc_t vc = v < A.dw.lo ? A.dw.lo : v;
+            if (!(vc < A.dw.hi)) continue;  // w = 0: never picked
+            const float f = float(vc);
+            if ((word >> 9) < min_noise_word(-double(kth), double(A.dw.ub->bound(f, f)))) continue;
+          }
           const float lw = dw_log_weight<acc_t>(v, A.dw.lo, A.dw.hi, A.dw.a, A.dw.b);
           if (lw == -INFINITY) continue;  // w = 0: never picked
           // The prune: fl(lw + g) <= fl(lw + G_MAX) < the k-th key.
