@@ -23,11 +23,11 @@
 //     (key, index) order of the reference; the reference axis is never split
 //     between threads, so no two lists are ever merged.
 //   * The per-pair cost of the scan is mine's: a branch-free `omp simd`
-//     minimum of the keys of each 64-wide sub-chunk.  Only a sub-chunk whose
-//     minimum beats the k-th key is rescanned in scalar code (the same
-//     inline key code: -ffp-contract=off makes SIMD and scalar agree bit for
-//     bit), inserting its candidates (O(k) shifts each).  For references in
-//     random order that happens O(k log(M / k)) times per anchor.
+//     minimum of the keys of each 64-wide sub-chunk, which also stores the
+//     64 keys in a small buffer.  Only a sub-chunk whose minimum beats the
+//     k-th key is rescanned, from that buffer (the keys are not recomputed),
+//     inserting its candidates (O(k) shifts each).  For references in random
+//     order that happens O(k log(M / k)) times per anchor.
 //   * Semi-hard: two sweeps, the positives first (the window comes from the
 //     first positive, list entry 0: strategies.h semihard_window), then the
 //     negatives inside the window (the second sweep reuses the dot tile when
@@ -343,15 +343,15 @@ struct TopkTile {
   QuadWordsFn words;   // distance-weighted: quad_words_fn()
 };
 
-// Rescans [s, e) of one anchor row in scalar code, inserting every key below
-// the k-th (which tightens as entries arrive).  key_fn(j) is the key of the
-// SIMD pass, recomputed by the same inline code.
-template <typename acc_t, typename KeyFn>
-inline void rescan_insert(KeyFn key_fn, int64_t s, int64_t e, int64_t j0, acc_t* key,
+// Rescans the keys kb[0 .. e - s) of columns [s, e) of one anchor row (kept
+// by the SIMD pass), inserting every key below the k-th (which tightens as
+// entries arrive), in increasing index.
+template <typename acc_t>
+inline void rescan_insert(const acc_t* kb, int64_t s, int64_t e, int64_t j0, acc_t* key,
                           int64_t* idx, int64_t k) {
   acc_t kth = key[k - 1];
   for (int64_t j = s; j < e; ++j) {
-    const acc_t c = key_fn(j);
+    const acc_t c = kb[j - s];
     if (c < kth) {
       klist_insert(key, idx, k, c, j0 + j);
       kth = key[k - 1];
@@ -420,19 +420,24 @@ FASTMINE_CPU_CLONES void scan_tile_topk(const TopkTile<acc_t>& A) {
     acc_t* nk = A.nkey + i * A.kn;
     int64_t* ni = A.nidx + i * A.kn;
     QuadWords qw;  // distance-weighted: the Philox words of one sub-chunk
+    alignas(64) acc_t kbp[kSub], kbn[kSub];  // one sub-chunk's keys
     for (int64_t s = 0; s < A.cn; s += kSub) {
       const int64_t e = std::min(s + kSub, A.cn);
       // mp, mn: the sub-chunk's smallest keys; for DW, [vmin, vmax] the range
       // of the clamped mining value vc over its candidates with w > 0.
+      // The keys are kept (kbp, kbn) for the rescan of a sub-chunk whose
+      // minimum beats the k-th key.
       acc_t mp = inf, mn = inf, vmin = inf, vmax = -inf;
 #pragma omp simd reduction(min : mp, mn, vmin) reduction(max : vmax)
       for (int64_t j = s; j < e; ++j) {
         if constexpr (DO_POS) {
           const acc_t kp = pos_key<acc_t, COS, IDS>(k, j);
+          kbp[j - s] = kp;
           mp = kp < mp ? kp : mp;
         }
         if constexpr (DO_NEG && !DW) {
           const acc_t kn = neg_key<acc_t, COS, IDS, WINDOW>(k, j);
+          kbn[j - s] = kn;
           mn = kn < mn ? kn : mn;
         }
         if constexpr (DW) {
@@ -446,15 +451,9 @@ FASTMINE_CPU_CLONES void scan_tile_topk(const TopkTile<acc_t>& A) {
           vmax = c1 > vmax ? c1 : vmax;
         }
       }
-      if (DO_POS && mp < pk[A.kp - 1]) {
-        rescan_insert([&](int64_t j) { return pos_key<acc_t, COS, IDS>(k, j); }, s, e, A.j0, pk,
-                      pi, A.kp);
-      }
+      if (DO_POS && mp < pk[A.kp - 1]) rescan_insert(kbp, s, e, A.j0, pk, pi, A.kp);
       if constexpr (DO_NEG && !DW) {
-        if (mn < nk[A.kn - 1]) {
-          rescan_insert([&](int64_t j) { return neg_key<acc_t, COS, IDS, WINDOW>(k, j); }, s, e,
-                        A.j0, nk, ni, A.kn);
-        }
+        if (mn < nk[A.kn - 1]) rescan_insert(kbn, s, e, A.j0, nk, ni, A.kn);
       }
       if constexpr (DW) {
         if (!(vmin < inf)) continue;  // no candidate with w > 0 in this sub-chunk
