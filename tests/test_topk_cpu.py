@@ -122,7 +122,9 @@ def test_cosine_equals_reference_up_to_near_ties(pos, neg, margin, refs):
 # --------------------------------------------------------- tiles and threads
 def _block_cases():
     # Small problems take small_gram tiles; the large one (128 x 512 x 64 dot
-    # products per tile) takes BLAS.  "8,1": 8-row blocks, 64-reference chunks.
+    # products per tile) takes BLAS.  "8,1": 8-row blocks, 64-reference chunks;
+    # "7,3": 109-reference chunks, so sub-chunks start off a multiple of 4 (a
+    # quad of distance-weighted noise straddles two of them).
     return [(70, 150, 6, 1 / 8), (300, 700, 64, 1 / 32)]
 
 
@@ -137,7 +139,8 @@ def test_tiles_and_threads_give_identical_results(monkeypatch, n, m, d, scale, n
     runs = []
     threads = torch.get_num_threads()
     try:
-        for block, nthreads in ((None, 2), (None, 1), ("8,1", 2), ("8,1", 1), ("33,3", 2)):
+        for block, nthreads in ((None, 2), (None, 1), ("8,1", 2), ("8,1", 1), ("33,3", 2),
+                                ("7,3", 1)):
             if block is None:
                 monkeypatch.delenv("FASTMINE_CPU_BLOCK", raising=False)
             else:
