@@ -249,6 +249,30 @@ def test_distance_weighted_equals_reference(d, refs):
                                        exp.neg_dist[res.neg_idx == exp.neg_idx])
 
 
+@pytest.mark.parametrize("form", ["avx2", "scalar"])
+def test_distance_weighted_noise_forms_agree(monkeypatch, form):
+    # The kernel computes the Philox words of 16 quads at once in the widest
+    # form the CPU runs (AVX-512, AVX2, or scalar noise_words calls);
+    # FASTMINE_CPU_NOISE forces a narrower one.  Same words, so the same picks
+    # exactly (the reference agreement of the default form is tested above).
+    g = torch.Generator().manual_seed(21)
+    x = F.normalize(torch.randn(50, 32, generator=g), dim=1)
+    y = torch.randint(0, 5, (50,), generator=g)
+    r = F.normalize(torch.randn(700, 32, generator=g), dim=1)
+    ry = torch.randint(0, 5, (700,), generator=g)
+    runs = {}
+    for f in (None, form):
+        if f is None:
+            monkeypatch.delenv("FASTMINE_CPU_NOISE", raising=False)
+        else:
+            monkeypatch.setenv("FASTMINE_CPU_NOISE", f)
+        runs[f] = [fastmine.mine_topk(x, y, r, ry, k_neg=k, neg_strategy="distance_weighted",
+                                      seed=2 ** 64 - 3, backend="cpu").neg_idx for k in (1, 7)]
+    for a, b in zip(runs[None], runs[form]):
+        assert torch.equal(a, b)
+        assert bool((a >= 0).all())
+
+
 def test_distance_weighted_few_candidates_trailing_minus_one():
     # nonzero_loss_cutoff small: most references have w = 0 and are never picked.
     g = torch.Generator().manual_seed(9)

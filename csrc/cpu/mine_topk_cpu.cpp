@@ -40,18 +40,18 @@
 //     kGumbelMax, so a candidate with fl(lw + kGumbelMax) < the k-th largest
 //     key can neither beat nor tie it (rounding is monotone:
 //     fl(lw + g) <= fl(lw + kGumbelMax)): it is skipped before its noise is
-//     drawn.  A quad's four Philox words (one call serves references
-//     4q .. 4q+3 of the anchor) are computed lazily, when the first of its
-//     references needs one, and kept while the scan stays in the quad.  Per
-//     64-wide sub-chunk, once the list is full, an upper bound ub of its
-//     log-weights (from the smallest and largest clamped v among its
+//     drawn.  Per 64-wide sub-chunk, once the list is full, an upper bound ub
+//     of its log-weights (from the smallest and largest clamped v among its
 //     candidates: for D >= 3 lw is convex in vc, so its largest value is at
-//     an end; for D <= 2 each of its two terms is monotone) gives two prunes:
-//     ub + kGumbelMax below the k-th key skips the whole sub-chunk without a
-//     logarithm; otherwise a candidate needs g > K - ub (K the k-th key), a
-//     threshold on its integer Philox word (min_noise_word), tested before
-//     any logarithm.  Near the list's keys only the few pairs whose noise is
-//     large enough pay for the four logarithms of lw and g.
+//     an end, read from a table (LogWeightTable); for D <= 2 each of its two
+//     terms is monotone) gives two prunes: ub + kGumbelMax below the k-th key
+//     skips the whole sub-chunk without a logarithm; otherwise a candidate
+//     needs g > K - ub (K the k-th key), a threshold on its integer Philox
+//     word (min_noise_word).  The words of the sub-chunk's 16 quads (one
+//     Philox call serves references 4q .. 4q+3 of the anchor) are computed
+//     at once in SIMD registers (QuadWords), with the mask of those that
+//     reach the threshold; only those columns are visited, and they pay for
+//     the four logarithms of lw and g only if the pair's own bound lets them.
 //
 // k bound: the lists hold min(k, M) entries (slots beyond M are always -1);
 // min(k, M) <= kMaxK = 1024 per side, else a ValueError naming k_pos / k_neg.
@@ -64,6 +64,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -252,12 +254,16 @@ __attribute__((target("avx2"))) uint64_t quad_words_avx2(uint64_t seed, uint32_t
 
 using QuadWordsFn = uint64_t (*)(uint64_t, uint32_t, uint32_t, uint32_t, QuadWords&);
 
-// The widest form this CPU runs (chosen once).
+// The widest form this CPU runs (chosen once).  FASTMINE_CPU_NO_AVX512 (the
+// measurement build without the avx512f clones, docs/build.md) leaves the
+// AVX-512 form out too, so that such a build times what an AVX2 CPU runs.
 QuadWordsFn quad_words_fn() {
 #ifdef FASTMINE_X86_QUAD_WORDS
   static const QuadWordsFn fn = [] {
     __builtin_cpu_init();
+#if !defined(FASTMINE_CPU_NO_AVX512)
     if (__builtin_cpu_supports("avx512f")) return &quad_words_avx512;
+#endif
     if (__builtin_cpu_supports("avx2")) return &quad_words_avx2;
     return &quad_words_scalar;
   }();
@@ -265,6 +271,20 @@ QuadWordsFn quad_words_fn() {
 #else
   return &quad_words_scalar;
 #endif
+}
+
+// The form of one call: quad_words_fn(), or a narrower one forced by
+// FASTMINE_CPU_NOISE = "avx2" / "scalar" (read per call, like
+// FASTMINE_CPU_BLOCK; tests/test_topk_cpu.py checks that every form gives the
+// same picks).  Never a form this CPU cannot run.
+QuadWordsFn quad_words_for_call() {
+  if (const char* e = std::getenv("FASTMINE_CPU_NOISE")) {
+    if (std::strcmp(e, "scalar") == 0) return &quad_words_scalar;
+#ifdef FASTMINE_X86_QUAD_WORDS
+    if (std::strcmp(e, "avx2") == 0 && __builtin_cpu_supports("avx2")) return &quad_words_avx2;
+#endif
+  }
+  return quad_words_fn();
 }
 
 // ------------------------------------------------------ the two prunes' tables
@@ -573,7 +593,7 @@ void select_topk_impl(const SelectArgs& S, int64_t k_pos, int64_t k_neg, bool dw
   const int64_t* ridp = S.ids == Ids::Explicit ? S.rid.data_ptr<int64_t>() : nullptr;
   int64_t* pout = pos_idx.data_ptr<int64_t>();
   int64_t* nout = neg_idx.data_ptr<int64_t>();
-  const QuadWordsFn words = quad_words_fn();
+  const QuadWordsFn words = quad_words_for_call();
 
   at::parallel_for(0, L.nblocks, 1, [&](int64_t blk0, int64_t blk1) {
     at::NoGradGuard no_grad;  // worker threads: mm_out must never see autograd
