@@ -122,7 +122,9 @@ def test_cosine_equals_reference_up_to_near_ties(pos, neg, margin, refs):
 # --------------------------------------------------------- tiles and threads
 def _block_cases():
     # Small problems take small_gram tiles; the large one (128 x 512 x 64 dot
-    # products per tile) takes BLAS.  "8,1": 8-row blocks, 64-reference chunks.
+    # products per tile) takes BLAS.  "8,1": 8-row blocks, 64-reference chunks;
+    # "7,3": 109-reference chunks, so sub-chunks start off a multiple of 4 (a
+    # quad of distance-weighted noise straddles two of them).
     return [(70, 150, 6, 1 / 8), (300, 700, 64, 1 / 32)]
 
 
@@ -137,7 +139,8 @@ def test_tiles_and_threads_give_identical_results(monkeypatch, n, m, d, scale, n
     runs = []
     threads = torch.get_num_threads()
     try:
-        for block, nthreads in ((None, 2), (None, 1), ("8,1", 2), ("8,1", 1), ("33,3", 2)):
+        for block, nthreads in ((None, 2), (None, 1), ("8,1", 2), ("8,1", 1), ("33,3", 2),
+                                ("7,3", 1)):
             if block is None:
                 monkeypatch.delenv("FASTMINE_CPU_BLOCK", raising=False)
             else:
@@ -244,6 +247,30 @@ def test_distance_weighted_equals_reference(d, refs):
             _near_tie_equal(res.neg_idx, exp.neg_idx, key, 1e-5)
             torch.testing.assert_close(res.neg_dist[res.neg_idx == exp.neg_idx],
                                        exp.neg_dist[res.neg_idx == exp.neg_idx])
+
+
+@pytest.mark.parametrize("form", ["avx2", "scalar"])
+def test_distance_weighted_noise_forms_agree(monkeypatch, form):
+    # The kernel computes the Philox words of 16 quads at once in the widest
+    # form the CPU runs (AVX-512, AVX2, or scalar noise_words calls);
+    # FASTMINE_CPU_NOISE forces a narrower one.  Same words, so the same picks
+    # exactly (the reference agreement of the default form is tested above).
+    g = torch.Generator().manual_seed(21)
+    x = F.normalize(torch.randn(50, 32, generator=g), dim=1)
+    y = torch.randint(0, 5, (50,), generator=g)
+    r = F.normalize(torch.randn(700, 32, generator=g), dim=1)
+    ry = torch.randint(0, 5, (700,), generator=g)
+    runs = {}
+    for f in (None, form):
+        if f is None:
+            monkeypatch.delenv("FASTMINE_CPU_NOISE", raising=False)
+        else:
+            monkeypatch.setenv("FASTMINE_CPU_NOISE", f)
+        runs[f] = [fastmine.mine_topk(x, y, r, ry, k_neg=k, neg_strategy="distance_weighted",
+                                      seed=2 ** 64 - 3, backend="cpu").neg_idx for k in (1, 7)]
+    for a, b in zip(runs[None], runs[form]):
+        assert torch.equal(a, b)
+        assert bool((a >= 0).all())
 
 
 def test_distance_weighted_few_candidates_trailing_minus_one():
