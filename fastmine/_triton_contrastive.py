@@ -188,7 +188,7 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """PARAMS: SupCon / NT-Xent [tau, 0, 0, 0]; MS [alpha, beta, base, eps].
-        Statistics rows per pass: see the module docstring (unused rows: 0)."""
+        Statistics rows per pass: see the module docstring (unused rows: never read)."""
         acc_t = STATS.dtype.element_ty
         pid_m = tl.program_id(0)
         pid_s = tl.program_id(1)
@@ -468,8 +468,9 @@ class _Launch:
             self.same, self.qid, self.rid = SAME_NONE, self.ql, self.rl
         self.loss, self.miner, self.params = _kernel_loss(spec, self.acc, q.device)
         self.cfg = _config(self.acc)
-        if splits is None:
-            splits = _splits(self.n, self.m, q.device, self.cfg["BLOCK_M"])
+        if splits is None:  # (no launch at all without rows)
+            splits = _splits(self.n, self.m, q.device, self.cfg["BLOCK_M"]) \
+                if self.n and self.m else 1
         self.splits = max(1, min(int(splits), self.m))
 
     def _common(self):
