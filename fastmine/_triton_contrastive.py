@@ -403,13 +403,15 @@ if triton is not None:
 # Fixed tiles (no autotuning: every launch of one call -- the forward passes and
 # both backward sides -- must run the same tiles, see _similarity_tile).
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per dot path
-# (_triton.dot_path).  Not surveyed with tests/tools/triton_static.py nor timed
-# on a GPU yet.
+# (_triton.dot_path).  Static survey for sm_90 (tests/tools/triton_static.py's
+# compile_kernel, no GPU): every forward pass and both backward sides of every
+# loss compile without spills (tf32 64 x 64 needs 8 warps: with 4 the forward
+# spills 400-550 B); tf32 on tensor cores.  Not timed on a GPU yet.
 _GPU_CONFIGS = {
-    "tf32": (64, 64, 32, 4, 3),
+    "tf32": (64, 64, 32, 8, 3),
     "fma32": (32, 64, 16, 4, 2),
     "fma64": (32, 32, 16, 4, 2),
-    "tc16": (64, 64, 32, 4, 3),  # not reached: prepare() computes fp16/bf16 in fp32
+    "tc16": (64, 64, 32, 8, 3),  # not reached: prepare() computes fp16/bf16 in fp32
 }
 # The interpreter's tiles (small: it runs every program in Python); tests set others.
 INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}
