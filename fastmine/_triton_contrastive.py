@@ -30,11 +30,12 @@ Backward (``_contrastive_bwd_kernel``), recomputing every tile from the saved
 per-anchor statistics: g_ij = gamma_i dterm_i/ds_ij (``_tile_grad``), then
 BY_REFS = 0: program = an anchor block, dQ_blk += G R_tile over all reference
 tiles; BY_REFS = 1: program = a reference block, dR_blk += G^T Q_tile over all
-anchor tiles.  Each output row has exactly one writing program and every sum
-runs in a fixed order: no atomics, bit-identical across runs.  The output is
-read-modify-written per BLOCK_K column chunk (any D, no [BLOCK_M, D] register
-accumulator).  When the references are the batch, the BY_REFS launch adds
-into the same buffer.  F.normalize's backward is autograd's (the module
+anchor tiles.  The sums stay in registers ([block, BLOCK_D], BLOCK_D >= D up to
+128 columns; wider rows get a second grid axis of column chunks, each
+recomputing the tiles) and are written once.  Each output element has exactly
+one writing program and every sum runs in a fixed order: no atomics,
+bit-identical across runs.  When the references are the batch, the BY_REFS
+launch adds into the same buffer.  F.normalize's backward is autograd's (the module
 normalises before calling in), as for the other streaming backends.
 
 Precision: the rows arrive in the compute dtype (``contrastive.prepare``:
@@ -343,59 +344,55 @@ if triton is not None:
         LOSS: tl.constexpr, MINER: tl.constexpr, SAME: tl.constexpr, BY_REFS: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
-        """BY_REFS = 0: program = BLOCK_M anchors, OUT[rows] += sum over reference
-        tiles of G R_tile; BY_REFS = 1: program = BLOCK_N references, OUT[cols] +=
-        sum over anchor tiles of G^T Q_tile.  One writer per row, tiles in order."""
+        """Program (b, c) owns output columns [c BLOCK_D, (c + 1) BLOCK_D) of a row block:
+        BY_REFS = 0: BLOCK_M anchors, OUT[rows] += sum over reference tiles of
+        G R_tile; BY_REFS = 1: BLOCK_N references, OUT[cols] += sum over anchor
+        tiles of G^T Q_tile.  The sum stays in registers ([rows, BLOCK_D], as
+        FlashAttention's output accumulator) and is added to OUT once at the end:
+        one writer per output element, tiles in order.  With D > BLOCK_D each
+        column chunk recomputes the tiles (the launcher keeps BLOCK_D >= D up to 128)."""
         acc_t = OUT.dtype.element_ty
         p0 = tl.load(PARAMS + 0)
         p1 = tl.load(PARAMS + 1)
         p2 = tl.load(PARAMS + 2)
         p3 = tl.load(PARAMS + 3)
         pid = tl.program_id(0)
+        ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_ok = ds < D
         if BY_REFS:
             cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
             col_ok = cols < M
-            out_rows = OUT + cols.to(tl.int64)[:, None] * D
+            acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=acc_t)
             for i0 in range(0, N, BLOCK_M):
                 rows = i0 + tl.arange(0, BLOCK_M)
                 row_ok = rows < N
                 g = _grad_tile(Q, R, QL, RL, QID, RID, SAVED, GAMMA, rows, row_ok, cols, col_ok,
                                p0, p1, p2, p3, N, D, stride_qn, stride_qd, stride_rm, stride_rd,
                                acc_t, LOSS, MINER, SAME, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-                gt = tl.trans(g)
-                q_rows = Q + rows.to(tl.int64)[:, None] * stride_qn
-                for k0 in range(0, D, BLOCK_K):
-                    ks = k0 + tl.arange(0, BLOCK_K)
-                    k_ok = ks < D
-                    x = tl.load(q_rows + ks[None, :] * stride_qd,
-                                mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                    o_ptr = out_rows + ks[None, :]
-                    o_mask = col_ok[:, None] & k_ok[None, :]
-                    acc = tl.load(o_ptr, mask=o_mask, other=0.0)
-                    acc = tl.dot(gt, x, acc, input_precision=DOT_PRECISION, out_dtype=acc_t)
-                    tl.store(o_ptr, acc, mask=o_mask)
+                x = tl.load(Q + rows.to(tl.int64)[:, None] * stride_qn + ds[None, :] * stride_qd,
+                            mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                acc = tl.dot(tl.trans(g), x, acc, input_precision=DOT_PRECISION, out_dtype=acc_t)
+            out_ptr = OUT + cols.to(tl.int64)[:, None] * D + ds[None, :]
+            out_ok = col_ok[:, None] & d_ok[None, :]
         else:
             rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
             row_ok = rows < N
-            out_rows = OUT + rows.to(tl.int64)[:, None] * D
+            acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=acc_t)
             for j0 in range(0, M, BLOCK_N):
                 cols = j0 + tl.arange(0, BLOCK_N)
                 col_ok = cols < M
                 g = _grad_tile(Q, R, QL, RL, QID, RID, SAVED, GAMMA, rows, row_ok, cols, col_ok,
                                p0, p1, p2, p3, N, D, stride_qn, stride_qd, stride_rm, stride_rd,
                                acc_t, LOSS, MINER, SAME, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-                r_rows = R + cols.to(tl.int64)[:, None] * stride_rm
-                for k0 in range(0, D, BLOCK_K):
-                    ks = k0 + tl.arange(0, BLOCK_K)
-                    k_ok = ks < D
-                    r = tl.load(r_rows + ks[None, :] * stride_rd,  # [BLOCK_N, BLOCK_K]
-                                mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-                    o_ptr = out_rows + ks[None, :]
-                    o_mask = row_ok[:, None] & k_ok[None, :]
-                    acc = tl.load(o_ptr, mask=o_mask, other=0.0)
-                    acc = tl.dot(g, r, acc, input_precision=DOT_PRECISION, out_dtype=acc_t)
-                    tl.store(o_ptr, acc, mask=o_mask)
+                r = tl.load(R + cols.to(tl.int64)[:, None] * stride_rm + ds[None, :] * stride_rd,
+                            mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+                acc = tl.dot(g, r, acc, input_precision=DOT_PRECISION, out_dtype=acc_t)
+            out_ptr = OUT + rows.to(tl.int64)[:, None] * D + ds[None, :]
+            out_ok = row_ok[:, None] & d_ok[None, :]
+        # The previous launch's sum (the references are the batch) or zeros.
+        tl.store(out_ptr, tl.load(out_ptr, mask=out_ok, other=0.0) + acc, mask=out_ok)
 
 
 # ------------------------------------------------------------------- launchers
@@ -414,15 +411,20 @@ _GPU_CONFIGS = {
     "tc16": (64, 64, 32, 8, 3),  # not reached: prepare() computes fp16/bf16 in fp32
 }
 # The interpreter's tiles (small: it runs every program in Python); tests set others.
-INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}
+# MAX_BLOCK_D: the widest column chunk of the backward's register accumulator.
+INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "MAX_BLOCK_D": 16}
+# The backward's output accumulator holds up to 128 columns ([64, 128] fp32 over
+# 8 warps: 32 registers per thread); wider rows recompute the tiles per chunk.
+_MAX_BLOCK_D = 128
 
 
 def _config(dtype: torch.dtype) -> dict:
-    """Tile sizes and launch options of this dtype's dot path."""
+    """Tile sizes (and MAX_BLOCK_D) and launch options of this dtype's dot path."""
     if INTERPRETED:
         return dict(INTERPRETER_CONFIG)
     bm, bn, bk, warps, stages = _GPU_CONFIGS[_triton.dot_path(dtype, _triton._dot_precision(dtype))]
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, MAX_BLOCK_D=_MAX_BLOCK_D, num_warps=warps,
+                num_stages=stages)
 
 
 def _splits(n: int, m: int, device: torch.device, block_m: int) -> int:
@@ -470,6 +472,7 @@ class _Launch:
             self.same, self.qid, self.rid = SAME_NONE, self.ql, self.rl
         self.loss, self.miner, self.params = _kernel_loss(spec, self.acc, q.device)
         self.cfg = _config(self.acc)
+        self.max_block_d = self.cfg.pop("MAX_BLOCK_D")
         if splits is None:  # (no launch at all without rows)
             splits = _splits(self.n, self.m, q.device, self.cfg["BLOCK_M"]) \
                 if self.n and self.m else 1
@@ -499,14 +502,13 @@ class _Launch:
 
     def backward(self, saved: Tensor, gamma: Tensor, out: Tensor, by_refs: bool) -> None:
         """Add dL/dQ (by_refs False) or dL/dR (True) into ``out`` (acc, contiguous)."""
-        if by_refs:
-            grid = (triton.cdiv(self.m, self.cfg["BLOCK_N"]),)
-        else:
-            grid = (triton.cdiv(self.n, self.cfg["BLOCK_M"]),)
-        _contrastive_bwd_kernel[grid](
+        block_d = min(max(16, triton.next_power_of_2(self.d)), self.max_block_d)
+        blocks = triton.cdiv(self.m, self.cfg["BLOCK_N"]) if by_refs \
+            else triton.cdiv(self.n, self.cfg["BLOCK_M"])
+        _contrastive_bwd_kernel[(blocks, triton.cdiv(self.d, block_d))](
             *self._common(), saved, gamma, out, self.n, self.m, self.d, *self._strides(),
             LOSS=self.loss, MINER=self.miner, SAME=self.same, BY_REFS=by_refs,
-            DOT_PRECISION=_triton._dot_precision(self.acc), **self.cfg)
+            DOT_PRECISION=_triton._dot_precision(self.acc), BLOCK_D=block_d, **self.cfg)
 
 
 def _merge_lse(mx: Tensor, sm: Tensor, add_one: bool = False) -> Tensor:
