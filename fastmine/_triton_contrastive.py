@@ -31,7 +31,7 @@ per-anchor statistics: g_ij = gamma_i dterm_i/ds_ij (``_tile_grad``), then
 BY_REFS = 0: program = an anchor block, dQ_blk += G R_tile over all reference
 tiles; BY_REFS = 1: program = a reference block, dR_blk += G^T Q_tile over all
 anchor tiles.  The sums stay in registers ([block, BLOCK_D], BLOCK_D >= D up to
-128 columns; wider rows get a second grid axis of column chunks, each
+64-128 columns by dot path; wider rows get a second grid axis of column chunks, each
 recomputing the tiles) and are written once.  Each output element has exactly
 one writing program and every sum runs in a fixed order: no atomics,
 bit-identical across runs.  When the references are the batch, the BY_REFS
@@ -352,7 +352,7 @@ if triton is not None:
         tiles of G^T Q_tile.  The sum stays in registers ([rows, BLOCK_D], as
         FlashAttention's output accumulator) and is added to OUT once at the end:
         one writer per output element, tiles in order.  With D > BLOCK_D each
-        column chunk recomputes the tiles (the launcher keeps BLOCK_D >= D up to 128)."""
+        column chunk recomputes the tiles (the launcher keeps BLOCK_D >= D up to MAX_BLOCK_D)."""
         acc_t = OUT.dtype.element_ty
         p0 = tl.load(PARAMS + 0)
         p1 = tl.load(PARAMS + 1)
@@ -399,31 +399,31 @@ if triton is not None:
 
 # Fixed tiles (no autotuning: every launch of one call -- the forward passes and
 # both backward sides -- must run the same tiles, see _similarity_tile).
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per dot path
-# (_triton.dot_path).  Static survey for sm_90 (tests/tools/triton_static.py's
-# compile_kernel, no GPU): every forward pass and both backward sides of every
-# loss compile without spills (tf32 64 x 64 needs 8 warps: with 4 the forward
-# spills 400-550 B); tf32 on tensor cores.  Not timed on a GPU yet.
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, MAX_BLOCK_D) per dot path
+# (_triton.dot_path); MAX_BLOCK_D: the widest column chunk of the backward's
+# register accumulator (wider rows recompute the tiles per chunk).  Static
+# survey for sm_90 (tests/tools/triton_static.py's compile_kernel, no GPU):
+# every forward pass and both backward sides of every loss compile without
+# spills (tf32 64 x 64 needs 8 warps: with 4 the forward spills 400-550 B; the
+# FFMA paths spill 32-48 B in the by-reference backward at MAX_BLOCK_D = 128,
+# hence 64); tf32 on tensor cores.  Not timed on a GPU yet.
 _GPU_CONFIGS = {
-    "tf32": (64, 64, 32, 8, 3),
-    "fma32": (32, 64, 16, 4, 2),
-    "fma64": (32, 32, 16, 4, 2),
-    "tc16": (64, 64, 32, 8, 3),  # not reached: prepare() computes fp16/bf16 in fp32
+    "tf32": (64, 64, 32, 8, 3, 128),
+    "fma32": (32, 64, 16, 4, 2, 64),
+    "fma64": (32, 32, 16, 4, 2, 64),
+    "tc16": (64, 64, 32, 8, 3, 128),  # not reached: prepare() computes fp16/bf16 in fp32
 }
 # The interpreter's tiles (small: it runs every program in Python); tests set others.
-# MAX_BLOCK_D: the widest column chunk of the backward's register accumulator.
 INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "MAX_BLOCK_D": 16}
-# The backward's output accumulator holds up to 128 columns ([64, 128] fp32 over
-# 8 warps: 32 registers per thread); wider rows recompute the tiles per chunk.
-_MAX_BLOCK_D = 128
 
 
 def _config(dtype: torch.dtype) -> dict:
     """Tile sizes (and MAX_BLOCK_D) and launch options of this dtype's dot path."""
     if INTERPRETED:
         return dict(INTERPRETER_CONFIG)
-    bm, bn, bk, warps, stages = _GPU_CONFIGS[_triton.dot_path(dtype, _triton._dot_precision(dtype))]
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, MAX_BLOCK_D=_MAX_BLOCK_D, num_warps=warps,
+    bm, bn, bk, warps, stages, max_d = _GPU_CONFIGS[_triton.dot_path(dtype,
+                                                                     _triton._dot_precision(dtype))]
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, MAX_BLOCK_D=max_d, num_warps=warps,
                 num_stages=stages)
 
 
