@@ -411,8 +411,7 @@ _GPU_CONFIGS = {
     "tf32": (64, 64, 32, 8, 3, 128),
     "fma32": (32, 64, 16, 4, 2, 64),
     "fma64": (32, 32, 16, 4, 2, 64),
-    "tc16": (64, 64, 32, 8, 3, 128),  # not reached: prepare() computes fp16/bf16 in fp32
-}
+}  # no "tc16": the rows arrive in float32 / float64 (streaming_terms)
 # The interpreter's tiles (small: it runs every program in Python); tests set others.
 INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "MAX_BLOCK_D": 16}
 

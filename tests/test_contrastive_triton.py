@@ -104,12 +104,16 @@ def test_no_valid_anchor_against_a_bank(tiles):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("name", ["supcon_t001", "ntxent", "ms_mined"])
+@pytest.mark.parametrize("name,dtype", [("supcon_t001", torch.float32),
+                                        ("ntxent", torch.float32),
+                                        ("ms_mined", torch.float32),
+                                        ("supcon_t001", torch.bfloat16)])
 def test_low_precision_against_float64(name, dtype, tiles):
     """As tests/test_contrastive_precision.py: the float64 loss of the same rounded
     rows within 2e-4 (float32) / 1e-2 (bfloat16; the loss is rounded to it);
-    gradients finite and in the input dtype."""
+    gradients finite and in the input dtype (float32: within 1e-3 of the float64
+    gradients' scale).  bfloat16 rows reach the kernels as float32 (prepare), so
+    one bfloat16 case covers the conversions."""
     tiles(TILES_16)
     cls, kw = SPECS[name]
     emb, y, ref, ry = _data(dtype=dtype)
