@@ -18,13 +18,14 @@ counts -- in registers.  Only O(SPLITS * N) statistics are written; the splits
 are merged in PyTorch in a fixed order (``_merge_lse``), and the terms are
 finished by the specs' own ``finish`` (one definition with the chunked path).
 
-    loss        PASS 0 (MS miner)      PASS 1                                  PASS 2
-    SupCon      -                      (m, sigma) over P u Q of s/tau,          -
-                                       sum_P s/tau, P_i, Q_i
-    NT-Xent     -                      (m, sigma) over Q of s/tau, P_i, Q_i     sum_P softplus(N_i - s/tau),
-                                                                               sum_P sigmoid(N_i - s/tau)
-    MS          min_P s, max_Q s       (m, sigma) over P of alpha(base - s),    -
-                                       over Q of beta(s - base), P_i, Q_i
+    loss      PASS 0 (MS miner)   PASS 1                            PASS 2
+    SupCon    -                   (m, sigma) over P u Q of s/tau,   -
+                                  sum_P s/tau, P_i, Q_i
+    NT-Xent   -                   (m, sigma) over Q of s/tau,       sum_P softplus(N_i - s/tau),
+                                  P_i, Q_i                          sum_P sigmoid(N_i - s/tau)
+    MS        min_P s, max_Q s    (m, sigma) over P of              -
+                                  alpha(base - s), over Q of
+                                  beta(s - base), P_i, Q_i
 
 Backward (``_contrastive_bwd_kernel``), recomputing every tile from the saved
 per-anchor statistics: g_ij = gamma_i dterm_i/ds_ij (``_tile_grad``), then
@@ -284,7 +285,8 @@ if triton is not None:
         NT-Xent (_NTXentSpec.tile_grad; st0 = N_i, st1 = G_i):
             gamma/tau (G_i e^{s/tau - N_i} [Q] - sigmoid(N_i - s/tau) [P])
         MS (_MultiSimilaritySpec.tile_grad; st0 = A_i, st1 = B_i, st2, st3 = the
-            miner's min_P, max_Q): gamma (e^{beta(s - base) - B_i} [Q'] - e^{alpha(base - s) - A_i} [P'])
+            miner's min_P, max_Q):
+            gamma (e^{beta(s - base) - B_i} [Q'] - e^{alpha(base - s) - A_i} [P'])
             on the (selected) pairs P', Q'."""
         if LOSS == 0:
             x = _div(s, p0)

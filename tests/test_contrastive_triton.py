@@ -100,7 +100,8 @@ def test_no_valid_anchor_against_a_bank(tiles):
         e = emb.clone().requires_grad_()
         loss = cls(backend="triton")(e, y, ref, ry)
         (g,) = torch.autograd.grad(loss, e)
-        assert float(loss.detach()) == 0.0 and torch.isfinite(g).all() and float(g.abs().max()) == 0.0
+        assert float(loss.detach()) == 0.0
+        assert torch.isfinite(g).all() and float(g.abs().max()) == 0.0
 
 
 @needs_interpreter
@@ -212,7 +213,8 @@ def test_backend_selection():
     if tc.INTERPRETED:
         assert C.resolve_backend("triton", cpu) == "triton"
     else:
-        with pytest.raises(RuntimeError, match="backend 'triton' is not available.*TRITON_INTERPRET"):
+        with pytest.raises(RuntimeError,
+                           match="backend 'triton' is not available.*TRITON_INTERPRET"):
             C.resolve_backend("triton", cpu)
     assert C.resolve_backend("auto", cpu) in ("cpu", "chunked")  # never the interpreter
     with pytest.raises(RuntimeError, match="backend 'triton' is not available"):
