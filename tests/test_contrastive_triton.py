@@ -233,8 +233,8 @@ def test_backend_selection():
 @pytest.mark.parametrize("name", ["supcon", "ntxent", "ms", "ms_mined"])
 def test_gpu_realistic_size(name, dtype):
     """N = 4096 against a bank of 6000 with ids, D = 128: the compiled kernels
-    against the chunked backend (float64: 1e-10; fp32 at "highest" and bf16: 1e-4
-    on the loss, 1e-3 on the gradients' scale)."""
+    against the chunked backend (float64: 1e-10; fp32 at "highest": 1e-4 on the
+    loss, 1e-3 on the gradients' scale; bf16: 1e-2, its rounding)."""
     g = torch.Generator(device="cuda").manual_seed(0)
     n, m, d = 4096, 6000, 128
     emb = torch.randn(n, d, device="cuda", generator=g).to(dtype)
@@ -252,7 +252,9 @@ def test_gpu_realistic_size(name, dtype):
         lc, gc = _loss_and_grads(cls, kw, "chunked", 512, emb, y, ref, ry, qid, rid)
     finally:
         torch.set_float32_matmul_precision(prec)
-    rel = 1e-10 if dtype == torch.float64 else 1e-4
+    # float64 / float32; bfloat16: the loss and gradients are rounded to it
+    rel, grad_rel = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-4, 1e-3)}.get(
+        dtype, (1e-2, 1e-2))
     assert float(lt) == pytest.approx(float(lc), rel=rel)
     for a, b in zip(gt, gc):
-        assert _close(a.double(), b.double(), rel if dtype == torch.float64 else 1e-3)
+        assert _close(a.double(), b.double(), grad_rel)
