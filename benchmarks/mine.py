@@ -149,6 +149,10 @@ def environment(device: torch.device) -> dict:
         "fastmine": fastmine.__version__,
         "fastmine_git": _git_sha(),
         "fastmine_backends": fastmine.available_backends(device),
+        "fastmine_build": fastmine.build_info(),
+        # what limits the ISA of torch's own kernels (the GEMM of the tiles and the floor)
+        "isa_env": {k: os.environ[k] for k in ("MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY",
+                                               "ONEDNN_MAX_CPU_ISA") if k in os.environ},
     }
     try:
         import psutil
@@ -924,6 +928,7 @@ def cpu_kernel_markdown(result: dict) -> str:
     lines += [
         f"**{env['cpu']}**, {env['cpu_count']} CPUs, torch {env['torch']}, fastmine "
         f"{env['fastmine']} ({env['fastmine_git']}), finished {env['date_utc']}",
+        "", f"Build: {env.get('fastmine_build')}; ISA limits: {env.get('isa_env') or 'none'}.",
         "", f"Machine load: 1-minute load average {before.get('loadavg')} before the run; "
         f"other processes' busy cores {before.get('others_busy_cores')} before, mean "
         f"{during.get('others_busy_cores_mean')} / max {during.get('others_busy_cores_max')} "

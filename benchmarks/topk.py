@@ -20,7 +20,11 @@ implements the rule (``cpu`` on CPU; ``triton`` and ``cuda`` on a GPU):
 * ``pml DistanceWeightedMiner``: PML's miner with its defaults (cutoff 0.5,
   nonzero_loss_cutoff 1.4, LpDistance on normalised embeddings) on the same
   data (target: fastmine's distance-weighted k=1 >= 20x faster, <= 1/50 of
-  its peak memory).
+  its peak memory): one cold call in a fresh process (CPU), which reports its
+  time and peak memory; its time grows like N^3 on CPU (a per-class loop over
+  N x M copies: 88 s at N = 4096 on 2 cores), so past --pml-timeout-s the
+  process is stopped and its time and peak memory so far (PML allocates its
+  N x M matrices first) are reported as lower bounds, marked ">".
 
 Peak memory (distance-weighted rows and PML) is the peak extra memory of one
 call above the inputs, measured as ``benchmarks.mine`` does (CPU: a fresh
@@ -71,11 +75,94 @@ def _runs(device: torch.device, backends: List[str]) -> List[Tuple[str, str, Cal
             x, y, neg_strategy="distance_weighted", seed=SEED, backend=b)))
         runs.append((f"distance_weighted k={DW_K}", b, lambda x, y, b=b: fastmine.mine_topk(
             x, y, k_neg=DW_K, neg_strategy="distance_weighted", seed=SEED, backend=b)))
-    if not P._pml_available():
-        from pytorch_metric_learning.miners import DistanceWeightedMiner
-        miner = DistanceWeightedMiner(cutoff=0.5, nonzero_loss_cutoff=1.4)
-        runs.append((PML_DW, "", lambda x, y: miner(x, y)))
     return runs
+
+
+def _pml_miner() -> Callable:
+    from pytorch_metric_learning.miners import DistanceWeightedMiner
+    miner = DistanceWeightedMiner(cutoff=0.5, nonzero_loss_cutoff=1.4)
+    return lambda x, y: miner(x, y)
+
+
+def _write_json(path: str, obj: dict) -> None:
+    """Atomically (the parent polls the file)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f)
+    os.replace(path + ".tmp", path)
+
+
+def _pml_worker(n: int, d: int, spc: int, seed: int, threads: int, out_path: str) -> None:
+    """Spawned child: one cold call of PML's miner.  Writes its RSS before the call
+    first, then the time and the peak RSS increase when the call returns, so a
+    parent that stops waiting can still read the peak so far (VmHWM)."""
+    torch.set_num_threads(threads)
+    miner = _pml_miner()
+    x, y = make_data(n, d, torch.device("cpu"), spc, _cell_seed(n, d, seed))
+    B.gc.collect()
+    B._malloc_trim()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    before = B._proc_status_kb("VmRSS")
+    _write_json(out_path, dict(rss_before_kb=before, started_epoch_s=B.time.time()))
+    t0 = B.time.perf_counter()
+    with torch.no_grad():
+        miner(x, y)
+    t = B.time.perf_counter() - t0
+    peak = B._proc_status_kb("VmHWM")
+    _write_json(out_path, dict(rss_before_kb=before, time_s=t,
+                               peak_mem_bytes=(peak - before) * 1024))
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):  # not written yet, or being written
+        return {}
+
+
+def _run_pml(n: int, d: int, args) -> dict:
+    """PML's DistanceWeightedMiner, once, in a fresh process (CPU): time and peak
+    extra memory; past --pml-timeout-s the process is stopped and both are lower
+    bounds (the time waited, and the peak RSS increase so far, read from
+    /proc/<pid>/status: PML allocates its N x M matrices first)."""
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "pml.json")
+        proc = ctx.Process(target=_pml_worker, args=(
+            n, d, args.samples_per_class, args.seed, torch.get_num_threads(), path))
+        proc.start()
+        while proc.is_alive():  # --pml-timeout-s counts from the call's start, not the spawn
+            proc.join(0.5)
+            got = _read_json(path)
+            if "started_epoch_s" in got and "time_s" not in got \
+                    and B.time.time() - got["started_epoch_s"] > args.pml_timeout_s:
+                break
+        if proc.is_alive():
+            hwm = None
+            try:
+                m = B.re.search(r"^VmHWM:\s+(\d+) kB", open(f"/proc/{proc.pid}/status").read(),
+                                B.re.M)
+                hwm = int(m.group(1)) if m else None
+            except OSError:
+                pass
+            proc.kill()
+            proc.join()
+            got = _read_json(path)
+            before, started = got.get("rss_before_kb"), got.get("started_epoch_s")
+            if started is None:  # stopped before the call began (start-up, data)
+                return dict(time_s=None, times_s=[], lower_bound=True, peak_mem_bytes=None,
+                            mem_method="stopped before the call started")
+            waited = B.time.time() - started  # the call's own time so far
+            peak = None if hwm is None or before is None else (hwm - before) * 1024
+            return dict(time_s=waited, times_s=[waited], lower_bound=True, peak_mem_bytes=peak,
+                        mem_method="VmHWM so far (stopped)")
+        got = _read_json(path)
+    if "time_s" not in got:
+        return dict(time_s=None, times_s=[], lower_bound=False, peak_mem_bytes=None,
+                    mem_method=f"process died (exit {proc.exitcode})")
+    return dict(time_s=got["time_s"], times_s=[got["time_s"]], lower_bound=False,
+                peak_mem_bytes=got["peak_mem_bytes"], mem_method="VmHWM-reset (cold call)")
 
 
 def _backends_for(device: torch.device) -> Tuple[List[str], Dict[str, str]]:
@@ -163,11 +250,16 @@ def run(args) -> dict:
                                             args.repeats, args.warmup, args.cell_budget_s)
                     rows.append(dict(row=name, backend=backend, n=n, d=d, dtype="fp32",
                                      seed=seed, times_s=times, time_s=statistics.median(times),
-                                     peak_mem_bytes=None, mem_method=None))
+                                     peak_mem_bytes=None, mem_method=None, lower_bound=False))
                 del x, y
+                if PML_DW not in missing and args.device.type == "cpu" and not args.no_pml:
+                    print(f"time+memory {PML_DW} N={n} D={d} (fresh process, at most "
+                          f"{args.pml_timeout_s:g} s)", file=sys.stderr, flush=True)
+                    rows.append(dict(row=PML_DW, backend="", n=n, d=d, dtype="fp32", seed=seed,
+                                     **_run_pml(n, d, args)))
         if not args.no_memory:
             for r in rows:
-                if r["row"].startswith("distance_weighted k=1") or r["row"] == PML_DW:
+                if r["row"].startswith("distance_weighted k=1"):
                     print(f"memory {r['row']} {r['backend']} N={r['n']} D={r['d']}",
                           file=sys.stderr, flush=True)
                     r["peak_mem_bytes"], r["mem_method"] = _measure_memory(
@@ -179,13 +271,14 @@ def run(args) -> dict:
     for r in rows:
         same = [q for q in rows if q["n"] == r["n"] and q["d"] == r["d"]]
         floor = next(q["time_s"] for q in same if q["row"] == "floor")
-        r["t_over_floor"] = r["time_s"] / floor
+        r["t_over_floor"] = None if r["time_s"] is None else r["time_s"] / floor
         base = next((q["time_s"] for q in same
                      if q["row"] == "mine k=1" and q["backend"] == r["backend"]), None)
         r["t_over_mine"] = None if base is None or not r["backend"] else r["time_s"] / base
-        pml = next((q for q in same if q["row"] == PML_DW), None)
+        pml = next((q for q in same if q["row"] == PML_DW and q["time_s"]), None)
         r["pml_over_t"] = (pml["time_s"] / r["time_s"]
                            if pml and r["row"].startswith("distance_weighted") else None)
+        r["pml_lower_bound"] = bool(pml and pml.get("lower_bound"))  # PML stopped: ratios are >=
         r["pml_mem_over_mem"] = (
             pml["peak_mem_bytes"] / max(r["peak_mem_bytes"], 1)
             if pml and pml.get("peak_mem_bytes") and r["peak_mem_bytes"] is not None
@@ -220,16 +313,21 @@ def markdown(result: dict) -> str:
     lines += ["| N, D | row | backend | time | x floor | x mine | PML / t | peak extra memory "
               "| PML mem / mem |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
 
-    def fmt(v, spec):
-        return "" if v is None else format(v, spec)
+    def fmt(v, spec, bound=False):
+        return "" if v is None else (">= " if bound else "") + format(v, spec)
     for r in result["results"]:
-        mem = r.get("peak_mem_bytes")
+        mem, lb = r.get("peak_mem_bytes"), r.get("lower_bound", False)
+        plb = r.get("pml_lower_bound", False)
+        time = "n/a" if r["time_s"] is None else f"{'> ' if lb else ''}{r['time_s'] * 1e3:.1f} ms"
         lines.append(
-            f"| {r['n']}, {r['d']} | {r['row']} | {r['backend']} | {r['time_s'] * 1e3:.1f} ms | "
-            f"{r['t_over_floor']:.2f} | {fmt(r['t_over_mine'], '.2f')} | "
-            f"{fmt(r['pml_over_t'], '.1f')} | "
-            f"{'' if mem is None else f'{mem / 2**20:.1f} MiB'} | "
-            f"{fmt(r['pml_mem_over_mem'], '.0f')} |")
+            f"| {r['n']}, {r['d']} | {r['row']} | {r['backend']} | {time} | "
+            f"{fmt(r['t_over_floor'], '.2f', lb)} | {fmt(r['t_over_mine'], '.2f')} | "
+            f"{fmt(r['pml_over_t'], '.1f', plb)} | "
+            f"{'' if mem is None else ('> ' if lb else '') + f'{mem / 2**20:.1f} MiB'} | "
+            f"{fmt(r['pml_mem_over_mem'], '.0f', plb)} |")
+    if any(r.get("lower_bound") for r in result["results"]):
+        lines += ["", f"PML's call was stopped after {result['config']['pml_timeout_s']:g} s: its "
+                  "time and peak memory (so far) are lower bounds, and so are the ratios (>=)."]
     return "\n".join(lines) + "\n"
 
 
@@ -245,6 +343,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--cell-budget-s", type=float, default=60.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory rows")
+    ap.add_argument("--no-pml", action="store_true", help="skip PML's DistanceWeightedMiner")
+    ap.add_argument("--pml-timeout-s", type=float, default=600.0,
+                    help="stop PML's call after this long (its figures become lower bounds)")
     ap.add_argument("--load-threshold", type=float, default=B.LOAD_THRESHOLD)
     ap.add_argument("--out", default=None)
     ap.add_argument("--force", action="store_true")

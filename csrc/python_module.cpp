@@ -7,6 +7,8 @@
 
 #include <string>
 
+#include "cpu/cpu_clones.h"
+
 namespace {
 std::string build_info() {
   std::string info = "compiler=";
@@ -20,6 +22,8 @@ std::string build_info() {
 #else
   info += "; openmp=off";
 #endif
+  info += std::string("; cpu_clones=") + FASTMINE_CPU_CLONE_NAMES + " (runs " +
+          fastmine::cpu::clone_in_use() + ")";
 #if defined(FASTMINE_WITH_CUDA)
   info += "; cuda=on";
 #else

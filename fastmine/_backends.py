@@ -208,7 +208,28 @@ def register_python_topk(name: str, select_topk: Callable, distance_weighted: bo
     register(Backend(old.name, old.unavailable, old.rules | frozenset(new_rules)))
 
 
+def _op_registered(qualname: str) -> bool:
+    """Whether the dispatcher knows the op ``qualname`` (e.g. "fastmine::mine_topk_cuda")."""
+    try:
+        torch._C._dispatch_find_schema_or_throw(qualname, "")
+        return True
+    except RuntimeError:
+        return False
+
+
+def _refresh_cuda_rules() -> None:
+    """'cuda' has the top-k rules once the loaded CUDA kernels register
+    fastmine::mine_topk_cuda (csrc/cuda/mine_topk_cuda.cu): a build without that
+    file, or no CUDA build at all, does not claim them.  The CUDA kernels may be
+    loaded after import (the opt-in JIT build), so a miss is looked up again."""
+    cuda = _REGISTRY.get("cuda")
+    if cuda is not None and not cuda.rules and _op_registered("fastmine::mine_topk_cuda"):
+        _REGISTRY["cuda"] = Backend(cuda.name, cuda.unavailable, frozenset(RULES))
+
+
 def get(name: str) -> Backend:
+    if name == "cuda":
+        _refresh_cuda_rules()
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
@@ -227,13 +248,14 @@ def resolve(name: str, device: torch.device, needs: FrozenSet[str] = frozenset()
     if name == "auto":
         order = ("cpu", "torch") if device.type == "cpu" else ("triton", "cuda", "torch")
         for cand in order:
-            if cand in _REGISTRY and needs <= _REGISTRY[cand].rules \
+            if cand in _REGISTRY and (not needs or needs <= get(cand).rules) \
                     and not _REGISTRY[cand].unavailable(device):
                 return cand
         return "torch"
     missing = needs - get(name).rules
     if missing:
         what = "distance_weighted sampling" if "distance_weighted" in missing else "top-k mining"
+        _refresh_cuda_rules()
         able = sorted(n for n, b in _REGISTRY.items() if needs <= b.rules)
         raise NotImplementedError(f"backend {name!r} does not implement {what} yet; backends "
                                   f"that do: {able} (backend='auto' picks one)")
@@ -261,7 +283,9 @@ def _register_builtin() -> None:
     register_python_topk("torch", reference_topk.select_topk, distance_weighted=True)
     # "cuda" needs no Python: csrc/cuda/mine_cuda.cu registers the C++ ops
     # fastmine::mine_cuda and fastmine::mine_backward_cuda (forward, exact
-    # distances, data checks and backward on the device, without host syncs).
+    # distances, data checks and backward on the device, without host syncs),
+    # and csrc/cuda/mine_topk_cuda.cu fastmine::mine_topk_cuda, whose presence
+    # gives "cuda" the top-k rules (_refresh_cuda_rules, on lookup).
 
 
 _register_builtin()

@@ -33,6 +33,19 @@ from .mine import mine, mine_topk
 _PML_DISTANCES = {"euclidean": "euclidean", "cosine": "cosine"}
 
 
+def _mining_inputs(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
+                   ref_labels: Optional[Tensor], normalize: bool) -> Tuple:
+    """(embeddings, labels, ref_emb, ref_labels) as a miner mines them: detached,
+    L2-normalised when ``normalize`` (PML's LpDistance(normalize_embeddings=True)),
+    the labels on the embeddings' device."""
+    if normalize:
+        embeddings = F.normalize(embeddings, dim=1)
+        ref_emb = None if ref_emb is None else F.normalize(ref_emb, dim=1)
+    return (embeddings.detach(), labels.to(embeddings.device),
+            None if ref_emb is None else ref_emb.detach(),
+            None if ref_labels is None else ref_labels.to(embeddings.device))
+
+
 class BatchEasyHardMiner(nn.Module):
     """PML-compatible BatchEasyHardMiner on fastmine's fused kernel.
 
@@ -81,13 +94,8 @@ class BatchEasyHardMiner(nn.Module):
                 ref_ids: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
         """(anchor, pos, neg) indices of the valid anchors."""
         with torch.no_grad():
-            if self.normalize_embeddings:
-                embeddings = F.normalize(embeddings, dim=1)
-                ref_emb = None if ref_emb is None else F.normalize(ref_emb, dim=1)
-            if ref_labels is not None:
-                ref_labels = ref_labels.to(labels.device)
-            res = mine(embeddings.detach(), labels.to(embeddings.device),
-                       None if ref_emb is None else ref_emb.detach(), ref_labels,
+            res = mine(*_mining_inputs(embeddings, labels, ref_emb, ref_labels,
+                                       self.normalize_embeddings),
                        pos_strategy=self.pos_strategy, neg_strategy=self.neg_strategy,
                        distance=_PML_DISTANCES[self.distance], query_ids=query_ids,
                        ref_ids=ref_ids, backend=self.backend)
@@ -201,13 +209,8 @@ class DistanceWeightedMiner(nn.Module):
                 ref_labels: Optional[Tensor] = None, *, query_ids: Optional[Tensor] = None,
                 ref_ids: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
         with torch.no_grad():
-            if self.normalize_embeddings:
-                embeddings = F.normalize(embeddings, dim=1)
-                ref_emb = None if ref_emb is None else F.normalize(ref_emb, dim=1)
-            if ref_labels is not None:
-                ref_labels = ref_labels.to(labels.device)
-            res = mine_topk(embeddings.detach(), labels.to(embeddings.device),
-                            None if ref_emb is None else ref_emb.detach(), ref_labels,
+            res = mine_topk(*_mining_inputs(embeddings, labels, ref_emb, ref_labels,
+                                            self.normalize_embeddings),
                             k_pos=self.k_pos, k_neg=self.k_neg, pos_strategy=self.pos_strategy,
                             neg_strategy=DISTANCE_WEIGHTED, distance=self.distance,
                             cutoff=self.cutoff, nonzero_loss_cutoff=self.nonzero_loss_cutoff,

@@ -12,7 +12,9 @@ mine_cuda.cu's forward (selection, exact pair distances, data checks) and
 backward (atomic, or sorted fixed-order under deterministic algorithms) -- as
 the ops fastmine::mine_cuda_emulated and fastmine::mine_backward_cuda_emulated
 for CPU tensors, which fastmine::mine runs for backend="cuda-emulated" exactly
-as it runs fastmine::mine_cuda for backend="cuda".
+as it runs fastmine::mine_cuda for backend="cuda"; likewise
+csrc/cuda/mine_topk_cuda.cu's fastmine::mine_topk_cuda_emulated for
+fastmine::mine_topk (the rules "topk" and "distance_weighted").
 """
 from __future__ import annotations
 
@@ -149,4 +151,6 @@ def _unavailable_or_load(device: torch.device) -> str:
 
 
 def register() -> None:
-    _backends.register(_backends.Backend(NAME, _unavailable_or_load))
+    # The emulated launcher always includes csrc/cuda/mine_topk_cuda.cu: the
+    # op fastmine::mine_topk_cuda_emulated (top-k and distance-weighted).
+    _backends.register(_backends.Backend(NAME, _unavailable_or_load, frozenset(_backends.RULES)))

@@ -433,9 +433,11 @@ def test_selftest_compiles_with_nvcc(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found")
-def test_torch_launcher_compiles_with_nvcc(tmp_path):
-    """csrc/cuda/mine_cuda.cu -- argument checks, dispatch, workspace and the
-    TORCH_LIBRARY_IMPL registration -- compiles with nvcc against the installed
+@pytest.mark.parametrize("launcher", ["mine_cuda.cu", "mine_topk_cuda.cu"])
+def test_torch_launcher_compiles_with_nvcc(tmp_path, launcher):
+    """csrc/cuda/mine_cuda.cu and mine_topk_cuda.cu (top-k: every list bound of
+    mine_topk_kernels.cuh is instantiated there) -- argument checks, dispatch,
+    workspace and the TORCH_LIBRARY_IMPL registration -- compile with nvcc against the installed
     torch's headers, as setup.py / the JIT build would compile it (torch's nvcc
     flags, and C++20, the standard the installed torch's BuildExtension passes to
     nvcc; sm_90).
@@ -449,7 +451,7 @@ def test_torch_launcher_compiles_with_nvcc(tmp_path):
     shim.mkdir(parents=True)
     (shim / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    _nvcc_compile(tmp_path, os.path.join(ROOT, "csrc", "cuda", "mine_cuda.cu"),
+    _nvcc_compile(tmp_path, os.path.join(ROOT, "csrc", "cuda", launcher),
                   ["-std=c++20", "-O3", "-lineinfo", "-gencode", "arch=compute_90,code=sm_90",
                    f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DTORCH_EXTENSION_NAME=_C",
                    "-DFASTMINE_WITH_CUDA", "-I", str(tmp_path / "shim"),

@@ -28,13 +28,8 @@
 
 #include "fastmine/op_checks.h"
 #include "fastmine/strategies.h"
+#include "cpu_clones.h"  // FASTMINE_CPU_CLONES
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-// One clone per ISA, chosen at load time; keeps the build portable.
-#define FASTMINE_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FASTMINE_CPU_CLONES
-#endif
 
 namespace fastmine {
 namespace cpu {

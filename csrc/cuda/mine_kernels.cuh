@@ -495,24 +495,27 @@ cudaError_t mine_select_launch(const SelectParams& p, const T* x, const T* r, co
 }
 
 // ---------------------------------------------------------------- pair distances
-// d(x[i], r[idx[i]]) for the positive (warps w < n) and the negative (w >= n)
-// of every anchor, 0 where idx == -1; one warp per pair, the rows read in
-// their dtype and upcast element by element (gather, then upcast).  The
+// d(x[i], r[idx[p]]) for the kp positive columns (warps w < n * kp: pair
+// p = w, anchor p / kp) and the kn negative columns (w >= n * kp) of every
+// anchor -- fastmine::mine has kp = kn = 1, fastmine::mine_topk [n, k]
+// row-major columns --, 0 where idx == -1; one warp per pair, the rows read
+// in their dtype and upcast element by element (gather, then upcast).  The
 // formulas of fastmine/_pairs.py, by direct difference (no cancellation for
 // near pairs):
 //   squared_euclidean |a - b|^2;  euclidean |a - b|;
 //   cosine |a/|a| - b/|b||^2 / 2 (= 1 - cos for the unit vectors).
 template <typename T, Distance DIST>
-__global__ void pair_distance_kernel(const T* x, const T* r, int64_t n, int64_t d,
-                                     const int64_t* pos_idx, const int64_t* neg_idx, T* pos_out,
-                                     T* neg_out) {
+__global__ void pair_distance_kernel(const T* x, const T* r, int64_t n, int64_t d, int64_t kp,
+                                     int64_t kn, const int64_t* pos_idx, const int64_t* neg_idx,
+                                     T* pos_out, T* neg_out) {
   using acc_t = typename AccOf<T>::type;
   const int64_t w = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  if (w >= 2 * n) return;  // uniform per warp
-  const bool pos = w < n;
-  const int64_t i = pos ? w : w - n;
-  const int64_t j = (pos ? pos_idx : neg_idx)[i];
+  if (w >= n * (kp + kn)) return;  // uniform per warp
+  const bool pos = w < n * kp;
+  const int64_t p = pos ? w : w - n * kp;
+  const int64_t i = p / (pos ? kp : kn);
+  const int64_t j = (pos ? pos_idx : neg_idx)[p];
   T* out = pos ? pos_out : neg_out;
   acc_t v = 0;
   if (j >= 0) {  // uniform per warp
@@ -542,20 +545,22 @@ __global__ void pair_distance_kernel(const T* x, const T* r, int64_t n, int64_t 
       v = DIST == Distance::Euclidean ? sqrt_rn(suu) : suu;
     }
   }
-  if (lane == 0) out[i] = from_acc<T>(v);
+  if (lane == 0) out[p] = from_acc<T>(v);
 }
 
-// Distances of the selected pairs: pos_out, neg_out [n] in T.
+// Distances of the selected pairs: pos_out [n, kp], neg_out [n, kn] in T
+// (pos_idx / neg_idx [n, kp] / [n, kn], row-major; kp = kn = 1 for mine).
 template <typename T>
 cudaError_t pair_distance_launch(Distance dist, const T* x, const T* r, int64_t n, int64_t d,
                                  const int64_t* pos_idx, const int64_t* neg_idx, T* pos_out,
-                                 T* neg_out, cudaStream_t stream) {
+                                 T* neg_out, cudaStream_t stream, int64_t kp = 1,
+                                 int64_t kn = 1) {
   if (n == 0) return cudaSuccess;
-  const dim3 grid(unsigned((2 * n + 7) / 8)), block(256);
+  const dim3 grid(unsigned((n * (kp + kn) + 7) / 8)), block(256);
   auto go = [&](auto dist_tag) {
     constexpr Distance D = decltype(dist_tag)::value;
     launch_kernel(pair_distance_kernel<T, D>, grid, block, stream, "pair_distance_kernel", x, r,
-                  n, d, pos_idx, neg_idx, pos_out, neg_out);
+                  n, d, kp, kn, pos_idx, neg_idx, pos_out, neg_out);
   };
   switch (dist) {
     case Distance::Euclidean: go(std::integral_constant<Distance, Distance::Euclidean>{}); break;

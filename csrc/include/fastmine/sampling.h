@@ -63,4 +63,20 @@ FASTMINE_HD inline float dw_log_weight(T v, T lo, T hi, float a, float b) {
   return a * ::logf(f) + b * ::log1pf(-0.25f * f);
 }
 
+// The parameters of dw_log_weight for a call, T = the mining value's type:
+// lo = fl(cutoff^2), hi = fl(min(nonzero_loss_cutoff, 2)^2) (squared in
+// float64, then rounded to T, as the contract says), a = (2 - D) / 2,
+// b = (3 - D) / 2 (float32; exact for any practical D).
+template <typename T>
+struct DwParams {
+  T lo, hi;
+  float a, b;
+};
+template <typename T>
+FASTMINE_HD inline DwParams<T> dw_params(double cutoff, double nonzero_loss_cutoff, int64_t dim) {
+  const double c = nonzero_loss_cutoff < 2.0 ? nonzero_loss_cutoff : 2.0;
+  return {static_cast<T>(cutoff * cutoff), static_cast<T>(c * c),
+          static_cast<float>((2.0 - double(dim)) / 2.0), static_cast<float>((3.0 - double(dim)) / 2.0)};
+}
+
 }  // namespace fastmine
