@@ -12,8 +12,11 @@ Backends (``backend=``):
                ``fastmine::contrastive`` with C++ autograd; CPU tensors)
     "chunked"  the streaming algorithm written in PyTorch (one ``torch.mm`` per
                tile; any device): the algorithm's executable specification
+    "triton"   the Triton kernels of fastmine/_triton_contrastive.py (CUDA
+               tensors; CPU tensors under TRITON_INTERPRET=1)
     "torch"    the full-matrix reference (O(N M) memory; plain autograd)
-    "auto"     "cpu" for CPU tensors when the extension is built, else "chunked"
+    "auto"     "cpu" for CPU tensors when the extension is built, "triton" for
+               CUDA tensors when triton is installed, else "chunked"
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from ._contract import (check_choice, check_finite_async, check_positive_int, ch
                         checked_references, compute_dtype)
 from .reference_contrastive import pair_masks, reduce_terms, softplus
 
-BACKENDS = ("auto", "cpu", "chunked", "torch")
+BACKENDS = ("auto", "cpu", "chunked", "triton", "torch")
 # The op's loss codes (csrc/include/fastmine/schema.h: kContrastive*).
 LOSS_CODES = {"supcon": 0, "ntxent": 1, "multi_similarity": 2}
 _CPU_OPS = _ops.has_contrastive_ops()  # the extension registers fastmine::contrastive
@@ -83,10 +86,19 @@ def prepare(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """"auto" -> "cpu" (CPU tensors, extension built) or "chunked"; an explicit
-    "cpu" that cannot run raises RuntimeError("backend 'cpu' is not available: ...")."""
+    """"auto" -> "cpu" (CPU tensors, extension built), "triton" (CUDA tensors, triton
+    installed) or "chunked"; an explicit "cpu" or "triton" that cannot run raises
+    RuntimeError("backend '<name>' is not available: ...")."""
     if backend == "auto":
-        return "cpu" if device.type == "cpu" and _CPU_OPS else "chunked"
+        if device.type == "cpu" and _CPU_OPS:
+            return "cpu"
+        if device.type == "cuda" and not _triton_unavailable(device):
+            return "triton"
+        return "chunked"
+    if backend == "triton":
+        why = _triton_unavailable(device)
+        if why:
+            raise RuntimeError(f"backend 'triton' is not available: {why}")
     if backend == "cpu":
         if device.type != "cpu":
             raise RuntimeError(f"backend 'cpu' is not available: it takes CPU tensors, got "
@@ -96,6 +108,15 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 "the loaded fastmine._C has no fastmine::contrastive op (rebuild it)"
             raise RuntimeError(f"backend 'cpu' is not available: {why}")
     return backend
+
+
+def _triton_unavailable(device: torch.device) -> str:
+    """'' when the Triton kernels can take tensors of ``device``, else why not."""
+    try:
+        from . import _triton
+    except ImportError as exc:  # pragma: no cover - _triton itself guards the triton import
+        return str(exc)
+    return _triton.why_unavailable(device)
 
 
 # --------------------------------------------------------------------------- streaming
@@ -184,11 +205,16 @@ class _SupConSpec(_Spec):
             sum_pos[i0:i1] += torch.where(pos, x, torch.zeros_like(x)).sum(dim=1)
             n_pos[i0:i1] += pos.sum(dim=1)
             n_neg[i0:i1] += neg.sum(dim=1)
-        lse = _finite(_lse_finish(mx, sm))  # -inf only without candidates (then P_i = 0)
-        has_pos = n_pos > 0
-        terms = torch.where(has_pos, lse - sum_pos / n_pos.clamp_min(1).to(q.dtype),
+        terms, saved = self.finish(_lse_finish(mx, sm), sum_pos, n_pos)
+        return terms, n_pos, n_neg, saved
+
+    def finish(self, lse, sum_pos, n_pos):
+        """(terms [N], saved) from the pass's totals: LSE_i over P u Q of s/tau, the sum
+        over P of s/tau and P_i (also the Triton backend's, fastmine/_triton_contrastive.py)."""
+        lse = _finite(lse)  # -inf only without candidates (then P_i = 0)
+        terms = torch.where(n_pos > 0, lse - sum_pos / n_pos.clamp_min(1).to(lse.dtype),
                             torch.zeros_like(lse))
-        return terms, n_pos, n_neg, (lse, n_pos.to(q.dtype))
+        return terms, (lse, n_pos.to(lse.dtype))
 
     def tile_grad(self, s, pos, neg, saved, gamma, i0, i1):
         lse, n_pos = (t[i0:i1, None] for t in saved)
@@ -258,8 +284,13 @@ class _MultiSimilaritySpec(_Spec):
             pos, neg = self._select(s, pos, neg, bounds, i0, i1)
             _lse_update(pmx[i0:i1], psm[i0:i1], self.alpha * (self.base - s), pos)
             _lse_update(nmx[i0:i1], nsm[i0:i1], self.beta * (s - self.base), neg)
-        a, b = _lse_finish(pmx, psm), _lse_finish(nmx, nsm)  # finite: both include e^0
-        return a / self.alpha + b / self.beta, n_pos, n_neg, (a, b) + bounds
+        terms, saved = self.finish(_lse_finish(pmx, psm), _lse_finish(nmx, nsm), bounds)
+        return terms, n_pos, n_neg, saved
+
+    def finish(self, a, b, bounds):
+        """(terms [N], saved) from A_i, B_i (the two LSEs, finite: both include e^0)
+        and the miner's bounds (() without the miner); shared with the Triton backend."""
+        return a / self.alpha + b / self.beta, (a, b) + tuple(bounds)
 
     def tile_grad(self, s, pos, neg, saved, gamma, i0, i1):
         a, b = (t[i0:i1, None] for t in saved[:2])
@@ -345,6 +376,11 @@ class _ContrastiveLoss(nn.Module):
                                          None if self_ref else ref_labels, qid,
                                          None if self_ref else rid, self._spec(),
                                          self.block_size, self.block_size)
+        if backend == "triton":
+            from . import _triton_contrastive
+            return _triton_contrastive.streaming_terms(
+                self._spec(), q, None if self_ref else r, labels, ref_labels, qid, rid,
+                self_ref and not user_ids)
         if self_ref and not user_ids:
             qid = rid = None  # the kernel excludes i == j itself
         terms, stats = torch.ops.fastmine.contrastive(
@@ -406,8 +442,10 @@ class SupConLoss(_PerAnchorMean, _ContrastiveLoss):
     Args:
         temperature: tau > 0.
         backend: "auto", "cpu" (compiled kernel), "chunked" (streaming in
-            PyTorch) or "torch" (full matrix); see the module docstring.
-        block_size: anchors and references per tile of the streaming backend.
+            PyTorch), "triton" (Triton kernels) or "torch" (full matrix); see
+            the module docstring.
+        block_size: anchors and references per tile of the "chunked" and "cpu"
+            backends ("triton" runs its own power-of-two tiles).
     """
 
     def __init__(self, temperature: float = 0.1, *, backend: str = "auto",
