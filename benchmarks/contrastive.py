@@ -59,7 +59,6 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -574,17 +573,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     started = B._utcnow()
     result = run(args)
-    if not args.out:
-        args.out = str(B.results_root(args) /
-                       f"{B.device_tag(args.device)}-{started:%Y-%m-%d-%H%M%S}-contrastive")
-    out = B.output_dir(args, started)
-    (out / "results.json").write_text(json.dumps(result, indent=1, default=str))
-    md = markdown(result)
-    (out / "table.md").write_text(md)
-    print(md)
-    if result["machine_load"]["loaded"]:
-        _say(result["machine_load"]["warning"])
-    _say(f"written to {Path(out).resolve()}")
+    B.write_table_run(args, started, result, "contrastive", markdown)
     return result
 
 

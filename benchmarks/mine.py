@@ -693,6 +693,26 @@ def output_dir(args, started: _dt.datetime) -> Path:
     return out
 
 
+def write_table_run(args, started: _dt.datetime, result: dict, suffix: str,
+                    markdown) -> Path:
+    """Write a one-table benchmark run (benchmarks.topk, benchmarks.contrastive):
+    results.json and table.md (``markdown(result)``) in --out, else in a new
+    ``<device>-<date>-<time>-<suffix>`` folder of the results root; print the
+    table, the load warning and the folder.  Returns the folder."""
+    if not args.out:
+        args.out = str(results_root(args) /
+                       f"{device_tag(args.device)}-{started:%Y-%m-%d-%H%M%S}-{suffix}")
+    out = output_dir(args, started)
+    (out / "results.json").write_text(json.dumps(result, indent=1, default=str))
+    md = markdown(result)
+    (out / "table.md").write_text(md)
+    print(md)
+    if result["machine_load"]["loaded"]:
+        print(result["machine_load"]["warning"], file=sys.stderr)
+    print(f"written to {Path(out).resolve()}", file=sys.stderr, flush=True)
+    return out
+
+
 def _sizes(args) -> List[tuple]:
     """(N, M, self_refs) cells: the batch against itself, then query x bank."""
     sizes = [(n, n, True) for n in args.n]

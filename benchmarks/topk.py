@@ -43,7 +43,6 @@ import os
 import statistics
 import sys
 import tempfile
-from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -362,17 +361,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     started = B._utcnow()
     result = run(args)
-    if not args.out:
-        args.out = str(B.results_root(args) /
-                       f"{B.device_tag(args.device)}-{started:%Y-%m-%d-%H%M%S}-topk")
-    out = B.output_dir(args, started)
-    (out / "results.json").write_text(json.dumps(result, indent=1, default=str))
-    md = markdown(result)
-    (out / "table.md").write_text(md)
-    print(md)
-    if result["machine_load"]["loaded"]:
-        print(result["machine_load"]["warning"], file=sys.stderr)
-    print(f"written to {Path(out).resolve()}", file=sys.stderr, flush=True)
+    B.write_table_run(args, started, result, "topk", markdown)
     return result
 
 
