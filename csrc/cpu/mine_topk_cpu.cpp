@@ -65,7 +65,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -79,6 +78,7 @@
 #include "fastmine/schema.h"
 #include "fastmine/strategies.h"
 #include "gram_tiles.h"
+#include "overrides.h"  // kernel_overrides (the noise form)
 
 namespace fastmine {
 namespace cpu {
@@ -271,17 +271,16 @@ QuadWordsFn quad_words_fn() {
 #endif
 }
 
-// The form of one call: quad_words_fn(), or a narrower one forced by
-// FASTMINE_CPU_NOISE = "avx2" / "scalar" (read per call, like
-// FASTMINE_CPU_BLOCK; tests/test_topk_cpu.py checks that every form gives the
+// The form of one call: quad_words_fn(), or a narrower one forced by the
+// noise override (overrides.h: FASTMINE_CPU_NOISE / fastmine::_set_cpu_overrides,
+// "avx2" / "scalar"; tests/test_topk_cpu.py checks that every form gives the
 // same picks).  Never a form this CPU cannot run.
 QuadWordsFn quad_words_for_call() {
-  if (const char* e = std::getenv("FASTMINE_CPU_NOISE")) {
-    if (std::strcmp(e, "scalar") == 0) return &quad_words_scalar;
+  const KernelOverrides::Noise noise = kernel_overrides().noise;
+  if (noise == KernelOverrides::Noise::Scalar) return &quad_words_scalar;
 #ifdef FASTMINE_X86_QUAD_WORDS
-    if (std::strcmp(e, "avx2") == 0 && __builtin_cpu_supports("avx2")) return &quad_words_avx2;
+  if (noise == KernelOverrides::Noise::Avx2 && __builtin_cpu_supports("avx2")) return &quad_words_avx2;
 #endif
-  }
   return quad_words_fn();
 }
 
