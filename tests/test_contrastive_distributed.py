@@ -4,14 +4,16 @@ SupConLoss and MultiSimilarityLoss expose ``per_anchor`` (their reductions are
 means over anchors), NTXentLoss ``per_anchor`` with pair counts (its mean is
 over positive pairs: DistributedLoss divides by the global pair count), so
 DistributedLoss gives, under DDP gradient averaging, exactly the loss and
-parameter gradients of one process on the concatenated batch (float64, 1e-10).
-Also: ``per_anchor`` reproduces ``forward``.
+parameter gradients of one process on the concatenated batch (float64, 1e-10),
+on every backend the machine runs (cpu, chunked, and triton under the
+interpreter).  Also: ``per_anchor`` reproduces ``forward``.
 """
 import pytest
 import torch
 from torch import nn
 
 from _gloo import WORLD, run_ranks, single_process_group
+from _triton_here import triton_interpreted
 from fastmine import contrastive as C
 from fastmine.distributed import DistributedLoss
 
@@ -25,6 +27,12 @@ CONFIGS = {  # name -> loss factory (each backend the machine has)
     "ntxent_cpu": lambda: C.NTXentLoss(temperature=0.3, backend="auto"),
     "ntxent_chunked": lambda: C.NTXentLoss(temperature=0.3, backend="chunked", block_size=3),
 }
+if triton_interpreted():  # the Triton kernels (custom ops) under the interpreter
+    CONFIGS.update({
+        "supcon_triton": lambda: C.SupConLoss(temperature=0.5, backend="triton"),
+        "ntxent_triton": lambda: C.NTXentLoss(temperature=0.3, backend="triton"),
+        "ms_mined_triton": lambda: C.MultiSimilarityLoss(miner_epsilon=0.3, backend="triton"),
+    })
 
 
 def _inputs():

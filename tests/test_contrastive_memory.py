@@ -11,6 +11,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from _triton_here import triton_interpreted
 from fastmine import _ops
 from fastmine import contrastive as C
 
@@ -127,14 +128,8 @@ def test_cross_batch_memory(name):
 
 def _in_place_backends():
     """The backends whose CrossBatchMemory step streams the bank in place, runnable here."""
-    out = ["cpu"] if _ops.has_contrastive_ops() else []
-    try:
-        from fastmine import _triton
-        if _triton.triton is not None and _triton.INTERPRETED:
-            out.append("triton")  # the kernels under the interpreter (tests/conftest.py)
-    except ImportError:
-        pass
-    return out
+    return ((["cpu"] if _ops.has_contrastive_ops() else [])
+            + (["triton"] if triton_interpreted() else []))
 
 
 @pytest.mark.parametrize("backend", _in_place_backends())
