@@ -10,6 +10,7 @@
 #   bash benchmarks/gpu_session.sh bench-target   # N=M=8192, D=512: triton/cuda vs PML vs torch.mm
 #   bash benchmarks/gpu_session.sh bench-full     # python -m benchmarks.mine --full
 #   bash benchmarks/gpu_session.sh topk           # top-k / distance-weighted: tests on CUDA + benchmarks.topk
+#   bash benchmarks/gpu_session.sh contrastive    # #18's Triton kernels: GPU tests + benchmarks.contrastive
 #
 # PML is pure Python but not on the GPU image: put its wheel in .gpu_wheels/
 # on the CPU machine (`pip download pytorch-metric-learning==2.9.0 --no-deps
@@ -61,6 +62,11 @@ print('torch', torch.__version__, '| triton', triton.__version__, '|', p.name, p
     FASTMINE_TEST_GPU=1 FASTMINE_TEST_DEVICE=cuda $PY -m pytest -q tests/test_topk_backends.py \
       2>&1 | tee "$OUT/topk-cuda-tests.log" | tail -15
     $PY -m benchmarks.topk --device cuda --out "$OUT/bench-topk" 2>&1 | tail -30
+    ;;
+  contrastive)
+    FASTMINE_TEST_GPU=1 $PY -m pytest -q tests/test_contrastive_triton.py -m gpu \
+      2>&1 | tee "$OUT/contrastive-gpu-tests.log" | tail -15
+    $PY -m benchmarks.contrastive --device cuda --out "$OUT/bench-contrastive" 2>&1 | tail -30
     ;;
   bench-full)
     $PY -m benchmarks.mine --full --out "$OUT/bench-full" --no-progress 2>&1 | tail -60
