@@ -50,11 +50,14 @@ def _bwd(loss, gamma, q, r, y, ry, qid, rid, block, stats, ref_grad):
 
 def _label_sets(n, g):
     """name -> labels [n]: classes of several sizes with singletons, one class,
-    all singletons."""
+    all singletons, and two classes, one of 2/3 of the batch (NT-Xent: a block of
+    its anchors has more positive pairs than a tile holds, so pass 2 recomputes
+    the tiles instead of replaying the recorded pairs; other blocks replay)."""
     mixed = torch.randint(0, 5, (n,), generator=g)
     mixed[:3] = torch.tensor([100, 101, 102])
+    two = (torch.arange(n) >= 2 * n // 3).long()
     return {"mixed": mixed, "one_class": torch.zeros(n, dtype=torch.long),
-            "singletons": torch.arange(n) * 3}
+            "singletons": torch.arange(n) * 3, "two_classes": two[torch.randperm(n, generator=g)]}
 
 
 def _id_sets(n, g):

@@ -253,21 +253,43 @@ FASTMINE_CPU_CLONES void ntxent_neg_tile(const Codes& C, const FwdTile<T>& A, T 
   }
 }
 
-// NT-Xent pass 2: per positive pair, softplus(N_i - s/tau) and sigmoid(..) in
-// double (positives are few: a scalar loop over the row).
+// NT-Xent pass 2: per positive pair (a, s) of the block, in the order of the
+// pass-1 tiles (tile, row, column), softplus(N_i - s/tau) and sigmoid(..) in
+// double.  The pairs come from pos_pairs (recorded in pass 1, no GEMM) or, when
+// they overflowed its cap, from the tiles recomputed: the same values in the
+// same order, so both give the same bits.
+template <typename T>
+struct PosPair {
+  int32_t a;  // the anchor's row in its block
+  T s;
+};
+
+// Appends the tile's positive pairs to out; false (out cleared) past cap.
 template <typename T, bool IDS>
-void ntxent_pos_tile(const Codes& C, const FwdTile<T>& A, acc t, const acc* nlse, acc* term,
-                     acc* gsum) {
+bool pos_pairs(const Codes& C, const FwdTile<T>& A, std::vector<PosPair<T>>& out, size_t cap) {
   const int32_t bn = static_cast<int32_t>(A.bn);
   for (int64_t a = 0; a < A.bm; ++a) {
     const RowMask<IDS> M = row_mask<IDS>(C, A.i0 + a, A.j0);
     const T* s = A.s + a * A.bn;
     for (int32_t c = 0; c < bn; ++c) {
       if (!(M.adm(c) & M.pos(c))) continue;
-      const acc z = nlse[a] - acc(s[c]) / t;  // -inf without negatives: 0 and 0
-      term[a] += softplus(z);
-      gsum[a] += sigmoid(z);
+      if (out.size() == cap) {
+        out.clear();
+        return false;
+      }
+      out.push_back({static_cast<int32_t>(a), s[c]});
     }
+  }
+  return true;
+}
+
+template <typename T>
+void ntxent_pos_terms(const std::vector<PosPair<T>>& pairs, acc t, const acc* nlse, acc* term,
+                      acc* gsum) {
+  for (const PosPair<T>& p : pairs) {
+    const acc z = nlse[p.a] - acc(p.s) / t;  // -inf without negatives: 0 and 0
+    term[p.a] += softplus(z);
+    gsum[p.a] += sigmoid(z);
   }
 }
 
@@ -344,6 +366,10 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const Rows& R, const Loss& L) {
     std::vector<T> xs(cols), ys(cols);
     std::vector<Lse> l1(bs), l2(bs);
     std::vector<acc> psum(bs);
+    // NT-Xent: the block's positive pairs, at most a tile's worth (O(block^2))
+    const size_t pair_cap = static_cast<size_t>(bs * cols);
+    constexpr size_t kNoCap = std::numeric_limits<size_t>::max();
+    std::vector<PosPair<T>> pairs;
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t i0 = blk * bs, bm = std::min(bs, n - i0);
       // One sweep over the reference blocks: f(tile) per tile.
@@ -374,21 +400,33 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const Rows& R, const Loss& L) {
       } else if (L.kind == kContrastiveNTXent) {
         const acc t = L.p0;
         std::fill(l1.begin(), l1.end(), Lse{-kInf, 0.0});
-        sweep([&](const FwdTile<T>& A) {  // pass 1: negatives
+        pairs.clear();
+        bool cached = true;
+        sweep([&](const FwdTile<T>& A) {  // pass 1: negatives (and the positive pairs)
           if (ids) {
             ntxent_neg_tile<T, true>(R.c, A, T(1 / t), l1.data(), &npos[i0], &nneg[i0]);
+            cached = cached && pos_pairs<T, true>(R.c, A, pairs, pair_cap);
           } else {
             ntxent_neg_tile<T, false>(R.c, A, T(1 / t), l1.data(), &npos[i0], &nneg[i0]);
+            cached = cached && pos_pairs<T, false>(R.c, A, pairs, pair_cap);
           }
         });
         for (int64_t a = 0; a < bm; ++a) st0[i0 + a] = l1[a].value();
-        sweep([&](const FwdTile<T>& A) {  // pass 2: positive pairs
-          if (ids) {
-            ntxent_pos_tile<T, true>(R.c, A, t, &st0[i0], &term[i0], &st1[i0]);
-          } else {
-            ntxent_pos_tile<T, false>(R.c, A, t, &st0[i0], &term[i0], &st1[i0]);
-          }
-        });
+        // pass 2: positive pairs, recorded by pass 1 unless more than a tile's
+        // worth (then the tiles are recomputed)
+        if (cached) {
+          ntxent_pos_terms(pairs, t, &st0[i0], &term[i0], &st1[i0]);
+        } else {
+          sweep([&](const FwdTile<T>& A) {
+            pairs.clear();
+            if (ids) {
+              pos_pairs<T, true>(R.c, A, pairs, kNoCap);
+            } else {
+              pos_pairs<T, false>(R.c, A, pairs, kNoCap);
+            }
+            ntxent_pos_terms(pairs, t, &st0[i0], &term[i0], &st1[i0]);
+          });
+        }
       } else {  // Multi-Similarity
         const T alpha = T(L.p0), beta = T(L.p1), base = T(L.p2);
         if (L.mined) {  // pass 0: min over P and max over Q of s
