@@ -9,6 +9,9 @@
 //                 per tile row: the masked exponents, their maximum, the sum of
 //                 their exponentials below it (vectorised), merged into the
 //                 anchor's running log-sum-exp (max, sum) in double
+//             (NT-Xent: pass 1 also records the block's positive pairs, at most
+//             a tile's worth, so pass 2 replays them without a GEMM; MS with
+//             the miner: a min/max pass first)
 //             The op returns the per-anchor loss terms and counts; the
 //             reduction (the AvgNonZero selection, the means, PML's
 //             batch-level conditions) is fastmine/contrastive.py's `reduce`,
@@ -32,7 +35,7 @@
 //             bit-identical across runs and thread counts.
 //
 // The elementwise work runs in the tile's dtype: float32 with exp_f32
-// (fast_exp.h: plain float arithmetic, <= 2 ulp, vectorised by GCC in every
+// (fast_exp.h: plain float arithmetic, < 1 ulp, vectorised by GCC in every
 // FASTMINE_CPU_CLONES clone), float64 with libm's exp (exact to the tests'
 // 1e-8).  Labels and ids are narrowed once per call to int32 codes (dense
 // ranks), so the masks are 16-lane integer compares without branches.  A tile
