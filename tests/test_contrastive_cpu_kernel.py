@@ -120,9 +120,6 @@ def test_self_one_pass_equals_chunked_float64(name, block):
 _KLO, _KHI = np.float32(-87.33654475), np.float32(88.72283172607)  # fast_exp.h's range
 _EXP_SRC = """
 #include "fast_exp.h"
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("no-trapping-math")
-#endif
 extern "C" void exp_f32_array(const float* x, float* y, long n) {
   for (long i = 0; i < n; ++i) y[i] = fastmine::cpu::exp_f32(x[i]);
 }
@@ -303,3 +300,47 @@ def test_label_and_id_codes_beyond_int32():
             b = _loss_and_grads(cls, kw, "cpu", 7, *args_big)
             assert torch.equal(a[0], b[0]), name
             assert all(torch.equal(u, v) for u, v in zip(a[1], b[1])), name
+
+
+# --------------------------------------------------------------------------- vectorised
+
+# The float32 tile loops of csrc/cpu/contrastive_cpu.cpp (FASTMINE_CPU_CLONES).
+_TILE_LOOPS = ("supcon_tile", "ntxent_neg_tile", "ms_mine_tile", "ms_tile", "grad_tile")
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump not installed")
+def test_float32_tile_loops_are_vectorised_in_every_isa_clone():
+    """The machine code of the loaded extension: every avx2 / avx512f clone of the
+    float32 tile loops uses 256- / 512-bit registers (a loop GCC leaves scalar is
+    still correct, so only this notices; tests/test_cpu_vectorised.py does the same
+    for the mining loops)."""
+    import importlib.util
+    import re
+
+    import fastmine
+
+    clones = re.search(r"cpu_clones=([\w,]+)", fastmine.build_info())
+    if clones is None or "avx2" not in clones.group(1).split(","):
+        pytest.skip("no ISA clones in this build")
+    path = importlib.util.find_spec("fastmine._C").origin
+    asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", path], check=True,
+                         capture_output=True, text=True).stdout
+    header = re.compile(r"^[0-9a-f]+ <(.*)>:$")
+    name = re.compile(r"::(%s)<float[,>].*\[clone \.(avx2|avx512f)\]$" % "|".join(_TILE_LOOPS))
+    want = {"avx2": "ymm", "avx512f": "zmm"}
+    found, scalar, current = set(), [], None
+    for line in asm.splitlines():
+        m = header.match(line)
+        if m:
+            if current and want[current[1]] not in current[2]:
+                scalar.append(current[:2])
+            n = name.search(m.group(1))
+            current = (n.group(1), n.group(2), set()) if n else None
+            if n:
+                found.add(n.group(1))
+        elif current is not None:
+            current[2].update(r for r in ("ymm", "zmm") if r in line)
+    if current and want[current[1]] not in current[2]:
+        scalar.append(current[:2])
+    assert found == set(_TILE_LOOPS), found
+    assert not scalar, sorted(set(scalar))

@@ -67,13 +67,6 @@
 #include "fast_exp.h"    // exp_f32
 #include "fastmine/schema.h"
 
-// The hot loops below select with ?: on floats; GCC vectorises them only
-// without -ftrapping-math (which changes no value: fast_exp.h explains).
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC push_options
-#pragma GCC optimize("no-trapping-math")
-#endif
-
 // The helpers of the hot loops are inlined into each ISA clone (a call would
 // run the default ISA's copy, unvectorised).
 #if defined(__GNUC__)
@@ -753,7 +746,3 @@ std::tuple<at::Tensor, at::Tensor> contrastive_backward_cpu(
 
 }  // namespace cpu
 }  // namespace fastmine
-
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC pop_options
-#endif

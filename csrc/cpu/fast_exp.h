@@ -24,22 +24,12 @@
 // manifest's flags): no FMA contraction, so each ISA clone returns the same
 // bits.
 //
-// no-trapping-math: GCC if-converts the selects of a loop (and so vectorises
-// it) only when it may evaluate both arms, which -ftrapping-math (the default)
-// forbids for float compares and conversions.  The option changes no value
-// (it lets the compiler assume that floating-point exceptions are not
-// observed; the rounding is untouched).  A caller inlines exp_f32 only with
-// the same option: the hot loops of contrastive_cpu.cpp are compiled under
-// the same pragma.
+// GCC vectorises the callers' loops (the selects included) under the
+// manifest's -fno-trapping-math (fastmine/_build_manifest.json, "about").
 #pragma once
 
 #include <cstdint>
 #include <limits>
-
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC push_options
-#pragma GCC optimize("no-trapping-math")
-#endif
 
 namespace fastmine {
 namespace cpu {
@@ -70,8 +60,7 @@ inline float exp_f32(float x) {
   const float scale = __builtin_bit_cast(float, static_cast<uint32_t>(ni + 127) << 23);
   float e = er * scale;
   e = e + e * big;
-  // Below / above the range: 0 / +inf, as selects between constants (a select
-  // of e itself would leave a branch that GCC does not if-convert).
+  // Below / above the range: 0 / +inf.
   const float keep = x < kLo ? 0.0f : 1.0f;
   const float over = x > kHi ? std::numeric_limits<float>::infinity() : 0.0f;
   return e * keep + over;
@@ -79,7 +68,3 @@ inline float exp_f32(float x) {
 
 }  // namespace cpu
 }  // namespace fastmine
-
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC pop_options
-#endif
