@@ -540,8 +540,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="stop repeating a cell once its calls took this long (>= 1 timed run)")
     ap.add_argument("--mem-cap-gb", type=float, default=None,
                     help="PML rows: not started when their estimate exceeds this, and run under "
-                         "it as RLIMIT_AS on CPU (default: 75%% of the available RAM / 90%% of "
-                         "the GPU memory)")
+                         "it as RLIMIT_AS on CPU (default: benchmarks.mine.default_mem_cap_gb: on "
+                         "CPU min(50%% of the RAM, 75%% of the available RAM), 90%% of the GPU "
+                         "memory on CUDA)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--load-threshold", type=float, default=B.LOAD_THRESHOLD)
     ap.add_argument("--out", default=None)
@@ -558,14 +559,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
     if args.mem_cap_gb is None:
-        if args.device.type == "cuda":
-            args.mem_cap_gb = 0.9 * torch.cuda.get_device_properties(args.device).total_memory / 2**30
-        else:
-            try:
-                import psutil
-                args.mem_cap_gb = 0.75 * psutil.virtual_memory().available / 2**30
-            except ImportError:
-                args.mem_cap_gb = 8.0
+        args.mem_cap_gb = B.default_mem_cap_gb(args.device)
     return args
 
 

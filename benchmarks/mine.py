@@ -125,6 +125,28 @@ PRESETS = {
 
 
 # ---------------------------------------------------------------- environment
+MEM_CAP_FALLBACK_GB = 8.0  # CPU without psutil: the machine's memory is unknown
+
+
+def default_mem_cap_gb(device: torch.device) -> float:
+    """The default of every benchmark's --mem-cap-gb (GiB), one rule for all.
+
+    CUDA: 90 % of the device's memory.  CPU: the smaller of half the RAM and
+    three quarters of the RAM available when the run starts -- a run never plans
+    on more than half the machine, nor on memory that other processes hold (on
+    a quiet machine the first bound decides).  Without psutil:
+    MEM_CAP_FALLBACK_GB.
+    """
+    if device.type == "cuda":
+        return 0.9 * torch.cuda.get_device_properties(device).total_memory / 2**30
+    try:
+        import psutil
+    except ImportError:
+        return MEM_CAP_FALLBACK_GB
+    vm = psutil.virtual_memory()
+    return min(0.5 * vm.total, 0.75 * vm.available) / 2**30
+
+
 def environment(device: torch.device) -> dict:
     """Versions, hardware and load: everything needed to interpret the numbers."""
     def version(mod):
@@ -591,8 +613,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--memory", choices=["auto", "subprocess", "inprocess", "off"], default="auto",
                     help="peak-memory method (auto: subprocess on CPU, allocator stats on CUDA)")
     ap.add_argument("--mem-cap-gb", type=float, default=None,
-                    help="skip a provider whose estimated memory exceeds this (default: half the "
-                         "RAM on CPU, 90%% of the GPU memory on CUDA)")
+                    help="skip a provider whose estimated memory exceeds this (default: "
+                         "default_mem_cap_gb: on CPU min(50%% of the RAM, 75%% of the available "
+                         "RAM), 90%% of the GPU memory on CUDA)")
     ap.add_argument("--out", default=None,
                     help="output dir; refused if it exists and is not empty, unless --force "
                          "(default: a new <results root>/<device>-<date>-<HHMMSS>/ per run)")
@@ -620,14 +643,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     if args.mem_cap_gb is None:
-        if args.device.type == "cuda":
-            args.mem_cap_gb = 0.9 * torch.cuda.get_device_properties(args.device).total_memory / 2**30
-        else:
-            try:
-                import psutil
-                args.mem_cap_gb = 0.5 * psutil.virtual_memory().total / 2**30
-            except ImportError:
-                args.mem_cap_gb = 8.0
+        args.mem_cap_gb = default_mem_cap_gb(args.device)
     for name in ("n", "m", "d"):
         for v in getattr(args, name) or []:
             if v <= 0:

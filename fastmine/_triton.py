@@ -179,6 +179,42 @@ if triton is not None:
         return v, same, ok
 
     @triton.jit
+    def _anchor_block(X, XT, QL, QID, LO, HI, N, M, SPLITS, stride_xn, PASS: tl.constexpr,
+                      HAS_IDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The anchor block and the reference slice of program (pid_m, pid_s) =
+        (tl.program_id(0), tl.program_id(1)) of a mining pass (shared with the top-k kernel of fastmine/_triton_topk.py).
+
+        Anchors rows = pid_m BLOCK_M + [0, BLOCK_M); references [j_begin,
+        j_end), split pid_s of SPLITS, a whole number of BLOCK_N tiles, so that
+        split boundaries never cut a tile and every tile starts at a multiple
+        of BLOCK_N.  Returns (rows [BLOCK_M] int32, row_ok, x_rows [BLOCK_M, 1]
+        pointers to the anchor rows (int64 offsets), j_begin, j_end, and per
+        row: a (row terms, acc dtype), ql (labels), qid (ids; ql, never read,
+        unless HAS_IDS), lo, hi (the semi-hard window when PASS == NEG_WINDOW:
+        no positive -> lo = +inf -> nothing admissible; otherwise a, never
+        read)).
+        """
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < N
+        x_rows = X + rows.to(tl.int64)[:, None] * stride_xn  # int64 row offsets
+        split_len = tl.cdiv(tl.cdiv(M, SPLITS), BLOCK_N) * BLOCK_N
+        j_begin = tl.program_id(1) * split_len
+        j_end = tl.minimum(j_begin + split_len, M)
+        a = tl.load(XT + rows, mask=row_ok, other=0.0)
+        ql = tl.load(QL + rows, mask=row_ok, other=0)
+        if HAS_IDS:
+            qid = tl.load(QID + rows, mask=row_ok, other=0)
+        else:
+            qid = ql
+        if PASS == 2:
+            lo = tl.load(LO + rows, mask=row_ok, other=float("inf"))
+            hi = tl.load(HI + rows, mask=row_ok, other=float("inf"))
+        else:
+            lo = a
+            hi = a
+        return rows, row_ok, x_rows, j_begin, j_end, a, ql, qid, lo, hi
+
+    @triton.jit
     def _mine_fwd_kernel(
         X, R,                   # [N, D] anchors, [M, D] references (same dtype, any row stride)
         XT, RT,                 # [N], [M] row terms: |.|^2 (Gram) or 1/|.| (cosine), acc dtype
@@ -195,27 +231,9 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         acc_t = XT.dtype.element_ty
-        pid_m = tl.program_id(0)
-        pid_s = tl.program_id(1)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < N
-        x_rows = X + rows.to(tl.int64)[:, None] * stride_xn  # int64 row offsets
-
-        # This program's slice of the references: [j_begin, j_end), a whole
-        # number of BLOCK_N tiles, so split boundaries never cut a tile.
-        split_len = tl.cdiv(tl.cdiv(M, SPLITS), BLOCK_N) * BLOCK_N
-        j_begin = pid_s * split_len
-        j_end = tl.minimum(j_begin + split_len, M)
-
-        a = tl.load(XT + rows, mask=row_ok, other=0.0)
-        ql = tl.load(QL + rows, mask=row_ok, other=0)
-        if HAS_IDS:
-            qid = tl.load(QID + rows, mask=row_ok, other=0)
-        else:
-            qid = ql  # never read
-        if PASS == 2:  # NEG_WINDOW: no positive -> lo = +inf -> nothing admissible
-            lo = tl.load(LO + rows, mask=row_ok, other=float("inf"))
-            hi = tl.load(HI + rows, mask=row_ok, other=float("inf"))
+        # This program's anchors and its slice [j_begin, j_end) of the references.
+        rows, row_ok, x_rows, j_begin, j_end, a, ql, qid, lo, hi = _anchor_block(
+            X, XT, QL, QID, LO, HI, N, M, SPLITS, stride_xn, PASS, HAS_IDS, BLOCK_M, BLOCK_N)
 
         inf = float("inf")
         best_p = tl.full([BLOCK_M], inf, dtype=acc_t)
@@ -254,7 +272,7 @@ if triton is not None:
                 best_n = tl.where(better, tile_best, best_n)
                 idx_n = tl.where(better, (j0 + tile_arg).to(tl.int64), idx_n)
 
-        out = pid_s.to(tl.int64) * N + rows
+        out = tl.program_id(1).to(tl.int64) * N + rows
         if PASS != 2:
             tl.store(POS_KEY + out, best_p, mask=row_ok)
             tl.store(POS_IDX + out, idx_p, mask=row_ok)

@@ -1,7 +1,8 @@
 """The Triton backend of the contrastive losses (issue #18): SupCon, NT-Xent, Multi-Similarity.
 
-Reads top to bottom: kernels -> launchers -> the autograd Function and the
-entry point ``streaming_terms`` that ``fastmine.contrastive`` calls for
+Reads top to bottom: kernels -> launchers -> the ops fastmine::contrastive_triton
+and fastmine::contrastive_backward_triton (custom ops with fakes and autograd, so
+torch.compile(fullgraph=True) sees one opaque op) and the entry point ``streaming_terms`` that ``fastmine.contrastive`` calls for
 ``backend="triton"`` (and "auto" on CUDA tensors).  The algorithm is the
 chunked PyTorch implementation of fastmine/contrastive.py (its ``_Spec``
 classes are the executable specification; docs/contrastive.md "Streaming
@@ -53,6 +54,7 @@ Python function; tests/test_contrastive_triton.py checks equality (float64,
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -60,7 +62,7 @@ from torch import Tensor
 
 from . import _triton
 from .contrastive import (_finite, _lse_finish, _MultiSimilaritySpec, _NTXentSpec, _Spec,
-                          _SupConSpec)
+                          _SupConSpec, spec_from_op_args)
 from ._triton import INTERPRETED, triton
 
 if triton is not None:
@@ -445,7 +447,15 @@ def _kernel_loss(spec: _Spec, dtype: torch.dtype, device: torch.device) -> Tuple
                                           spec.eps if miner else 0.0)
     else:
         raise TypeError(f"backend 'triton' has no kernel for {type(spec).__name__}")
-    return code, miner, torch.tensor(params, dtype=dtype, device=device)
+    return code, miner, _params_tensor(params, dtype, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _params_tensor(params: Tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The hyper-parameters as a tensor of the compute dtype on the device, made once
+    per (values, dtype, device): a loss called every step pays no host-to-device copy.
+    The kernels only read it."""
+    return torch.tensor(params, dtype=dtype, device=device)
 
 
 class _Launch:
@@ -548,45 +558,105 @@ def _forward(launch: _Launch, spec: _Spec):
     return terms, n_pos, n_neg, saved
 
 
-class _TritonTerms(torch.autograd.Function):
-    """(terms [N], n_pos [N], n_neg [N]) of ``spec`` on (q, r); r None: the
-    references are q itself (then ref_labels / ref_ids are labels / query_ids).
-    Forward: the kernels' passes; backward: the recomputing kernels."""
+# ------------------------------------------------------- the ops and their autograd
+# fastmine::contrastive_triton / contrastive_backward_triton: custom ops (opaque to
+# torch.compile, with fakes), device-agnostic so that the interpreter runs them on
+# CPU tensors.  Arguments as fastmine::contrastive (schema.h), the loss as its op
+# arguments (``contrastive.spec_from_op_args``), plus exclude_self (references =
+# the batch without ids: i == j excluded by index) and splits (tests only).  r None:
+# the references are q, with labels / query_ids as theirs.
 
-    @staticmethod
-    def forward(ctx, q, r, labels, ref_labels, query_ids, ref_ids, spec, exclude_self, splits):
-        refs = q if r is None else r
-        launch = _Launch(q, refs, labels, labels if r is None else ref_labels, query_ids,
-                         query_ids if r is None else ref_ids, exclude_self, spec, splits)
-        if launch.n == 0 or launch.m == 0:  # no pair: every term 0, every count 0
-            zeros = torch.zeros(launch.n, dtype=torch.int64, device=q.device)
-            terms, n_pos, n_neg, saved = q.new_zeros(launch.n), zeros, zeros.clone(), None
-        else:
-            terms, n_pos, n_neg, saved = _forward(launch, spec)
-            saved = torch.stack(list(saved) + [terms.new_zeros(launch.n)]
-                                * (N_STATS - len(saved)))
-        ctx.launch, ctx.self_ref = launch, r is None
-        ctx.save_for_backward(saved)
-        ctx.mark_non_differentiable(n_pos, n_neg)
-        return terms, n_pos, n_neg
+def _launch(q, r, labels, ref_labels, query_ids, ref_ids, loss, p0, p1, p2, epsilon,
+            exclude_self, splits) -> _Launch:
+    spec = spec_from_op_args(loss, p0, p1, p2, epsilon)
+    refs = q if r is None else r
+    return _Launch(q, refs, labels, labels if r is None else ref_labels, query_ids,
+                   query_ids if r is None else ref_ids, exclude_self, spec, splits), spec
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad, _grad_pos, _grad_neg):
-        launch = ctx.launch
-        (saved,) = ctx.saved_tensors
-        want_r = not ctx.self_ref and ctx.needs_input_grad[1]
-        dq = torch.zeros((launch.n, launch.d), dtype=launch.acc, device=launch.q.device)
-        dr = torch.zeros((launch.m, launch.d), dtype=launch.acc, device=launch.q.device) \
-            if want_r else None
-        if saved is not None:
-            gamma = grad.to(launch.acc).contiguous()
-            launch.backward(saved, gamma, dq, by_refs=False)
-            if ctx.self_ref:  # the references are the batch: dR lands in dQ too
-                launch.backward(saved, gamma, dq, by_refs=True)
-            elif want_r:
-                launch.backward(saved, gamma, dr, by_refs=True)
-        return dq, dr, None, None, None, None, None, None, None
+
+@torch.library.custom_op("fastmine::contrastive_triton", mutates_args=())
+def _contrastive_triton(q: Tensor, r: Optional[Tensor], labels: Tensor, ref_labels: Tensor,
+                        query_ids: Optional[Tensor], ref_ids: Optional[Tensor], loss: int,
+                        p0: float, p1: float, p2: float, epsilon: Optional[float],
+                        exclude_self: bool, splits: Optional[int]
+                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(terms [N] in q's dtype, n_pos [N] int64, n_neg [N] int64, saved [N_STATS, N]
+    in q's dtype: the per-anchor statistics the backward reads)."""
+    launch, spec = _launch(q, r, labels, ref_labels, query_ids, ref_ids, loss, p0, p1, p2,
+                           epsilon, exclude_self, splits)
+    saved = q.new_zeros((N_STATS, launch.n))
+    if launch.n == 0 or launch.m == 0:  # no pair: every term 0, every count 0
+        zeros = torch.zeros(launch.n, dtype=torch.int64, device=q.device)
+        return q.new_zeros(launch.n), zeros, zeros.clone(), saved
+    terms, n_pos, n_neg, rows = _forward(launch, spec)
+    for k, row in enumerate(rows):
+        saved[k] = row
+    # n_pos, n_neg are rows of one [2, N] sum: an op's outputs may not alias each other
+    return terms, n_pos.clone(), n_neg.clone(), saved
+
+
+@_contrastive_triton.register_fake
+def _(q, r, labels, ref_labels, query_ids, ref_ids, loss, p0, p1, p2, epsilon, exclude_self,
+      splits):
+    n = q.shape[0]
+    counts = q.new_empty((n,), dtype=torch.int64)
+    return q.new_empty((n,)), counts, torch.empty_like(counts), q.new_empty((N_STATS, n))
+
+
+@torch.library.custom_op("fastmine::contrastive_backward_triton", mutates_args=())
+def _contrastive_backward_triton(grad: Tensor, saved: Tensor, q: Tensor, r: Optional[Tensor],
+                                 labels: Tensor, ref_labels: Tensor,
+                                 query_ids: Optional[Tensor], ref_ids: Optional[Tensor],
+                                 loss: int, p0: float, p1: float, p2: float,
+                                 epsilon: Optional[float], exclude_self: bool, ref_grad: bool
+                                 ) -> Tuple[Tensor, Tensor]:
+    """(dL/dq [N, D], dL/dr [M, D] -- or [0, D] when r is None, both halves then in
+    dL/dq, or when not ref_grad) from the upstream gradient of the terms, grad [N]."""
+    launch, _ = _launch(q, r, labels, ref_labels, query_ids, ref_ids, loss, p0, p1, p2,
+                        epsilon, exclude_self, 1)
+    want_r = r is not None and ref_grad
+    dq = torch.zeros((launch.n, launch.d), dtype=launch.acc, device=q.device)
+    dr = torch.zeros((launch.m if want_r else 0, launch.d), dtype=launch.acc, device=q.device)
+    if launch.n and launch.m:
+        gamma = grad.to(launch.acc).contiguous()
+        saved = saved.contiguous()
+        launch.backward(saved, gamma, dq, by_refs=False)
+        if r is None:  # the references are the batch: dR lands in dQ too
+            launch.backward(saved, gamma, dq, by_refs=True)
+        elif want_r:
+            launch.backward(saved, gamma, dr, by_refs=True)
+    return dq, dr
+
+
+@_contrastive_backward_triton.register_fake
+def _(grad, saved, q, r, labels, ref_labels, query_ids, ref_ids, loss, p0, p1, p2, epsilon,
+      exclude_self, ref_grad):
+    rows = r.shape[0] if (r is not None and ref_grad) else 0
+    return torch.empty_like(q), q.new_empty((rows, q.shape[1]))
+
+
+_NON_TENSOR_ARGS = ("loss", "p0", "p1", "p2", "epsilon", "exclude_self")
+
+
+def _setup_context(ctx, inputs, output):
+    q, r, labels, ref_labels, query_ids, ref_ids, *rest = inputs
+    ctx.args = dict(zip(_NON_TENSOR_ARGS, rest[:len(_NON_TENSOR_ARGS)]))
+    ctx.has_r = r is not None
+    ctx.save_for_backward(output[3], q, r, labels, ref_labels, query_ids, ref_ids)
+
+
+def _backward(ctx, grad_terms, _grad_pos, _grad_neg, _grad_saved) -> Tuple[Optional[Tensor], ...]:
+    saved, q, r, labels, ref_labels, query_ids, ref_ids = ctx.saved_tensors
+    if grad_terms is None:
+        grad_terms = torch.zeros_like(saved[0])
+    ref_grad = ctx.has_r and ctx.needs_input_grad[1]
+    dq, dr = torch.ops.fastmine.contrastive_backward_triton(
+        grad_terms, saved, q, r, labels, ref_labels, query_ids, ref_ids, **ctx.args,
+        ref_grad=ref_grad)
+    return (dq, dr if ref_grad else None) + (None,) * 11
+
+
+_contrastive_triton.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------- entry point
@@ -596,7 +666,8 @@ def streaming_terms(spec: _Spec, q: Tensor, r: Optional[Tensor], labels: Tensor,
                     exclude_self: bool, *, splits: Optional[int] = None
                     ) -> Tuple[Tensor, Tensor, Tensor]:
     """The per-anchor (terms [N] in q's dtype, n_pos [N] int64, n_neg [N] int64) of
-    ``spec`` (a ``contrastive._Spec``) on the Triton kernels, differentiable in q and r.
+    ``spec`` (a ``contrastive._Spec``) on the Triton kernels, differentiable in q and r
+    (the op fastmine::contrastive_triton and its backward op).
 
     q [N, D], r [M, D] or None (the references are q): L2-normalised rows in
     float32 / float64 on CUDA (CPU under TRITON_INTERPRET=1), as
@@ -607,5 +678,6 @@ def streaming_terms(spec: _Spec, q: Tensor, r: Optional[Tensor], labels: Tensor,
     reference-axis split count (default: ``_triton.num_splits``), for tests."""
     if q.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"backend 'triton' takes float32 / float64 normalised rows, got {q.dtype}")
-    return _TritonTerms.apply(q, r, labels, ref_labels, query_ids, ref_ids, spec,
-                              exclude_self, splits)
+    terms, n_pos, n_neg, _ = torch.ops.fastmine.contrastive_triton(
+        q, r, labels, ref_labels, query_ids, ref_ids, *spec.op_args(), exclude_self, splits)
+    return terms, n_pos, n_neg

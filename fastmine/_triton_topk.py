@@ -1,9 +1,10 @@
 """The Triton backend's top-k mining and distance-weighted sampling (issue #17).
 
 Reads top to bottom: kernels -> autotuning -> launchers -> registration, like
-fastmine/_triton.py (the k = 1 kernels), whose pieces it reuses: the mining
-tile (``_mining_tile``: Gram tile, mining value, label and same-sample masks),
-the row terms, the split heuristic, the tile configs and the exact pair
+fastmine/_triton.py (the k = 1 kernels), whose pieces it reuses: the
+program's anchors and reference slice (``_anchor_block``), the mining tile
+(``_mining_tile``: Gram tile, mining value, label and same-sample masks), the
+row terms, the split heuristic, the tile configs and the exact pair
 distances.  Design: docs/topk.md ("Triton"); the rules: docs/contract.md and
 fastmine/reference_topk.py (the reference every backend equals).
 
@@ -72,7 +73,7 @@ from ._triton import FUSED, INTERPRETED, NEG_WINDOW, POS_ONLY, triton
 
 if triton is not None:
     import triton.language as tl
-    from ._triton import _mining_tile
+    from ._triton import _anchor_block, _mining_tile
 
 # The largest k per side: the running lists are [BLOCK_M, K] register tensors.
 K_MAX = 64
@@ -240,27 +241,11 @@ if triton is not None:
         DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, KP: tl.constexpr, KN: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
-        pid_s = tl.program_id(1)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < N
-        x_rows = X + rows.to(tl.int64)[:, None] * stride_xn  # int64 row offsets
-
-        # This program's slice of the references, a whole number of tiles (so
-        # every tile starts at a multiple of BLOCK_N, hence of 4: the Philox quads).
-        split_len = tl.cdiv(tl.cdiv(M, SPLITS), BLOCK_N) * BLOCK_N
-        j_begin = pid_s * split_len
-        j_end = tl.minimum(j_begin + split_len, M)
-
-        a = tl.load(XT + rows, mask=row_ok, other=0.0)
-        ql = tl.load(QL + rows, mask=row_ok, other=0)
-        if HAS_IDS:
-            qid = tl.load(QID + rows, mask=row_ok, other=0)
-        else:
-            qid = ql  # never read
-        if PASS == 2:  # NEG_WINDOW: no positive -> lo = +inf -> nothing admissible
-            lo = tl.load(LO + rows, mask=row_ok, other=float("inf"))
-            hi = tl.load(HI + rows, mask=row_ok, other=float("inf"))
+        # This program's anchors and its slice [j_begin, j_end) of the
+        # references, a whole number of tiles (so every tile starts at a
+        # multiple of BLOCK_N, hence of 4: the Philox quads).
+        rows, row_ok, x_rows, j_begin, j_end, a, ql, qid, lo, hi = _anchor_block(
+            X, XT, QL, QID, LO, HI, N, M, SPLITS, stride_xn, PASS, HAS_IDS, BLOCK_M, BLOCK_N)
         if NEG_RULE == 2:
             dw_lo = tl.load(DW)
             dw_hi = tl.load(DW + 1)
@@ -302,7 +287,7 @@ if triton is not None:
                         kn = tl.where(admissible, -v, _INF)
                     lk_n, li_n, wk_n, wi_n = _push(lk_n, li_n, wk_n, wi_n, kn, ci, KN)
 
-        out_rows = pid_s.to(tl.int64) * N + rows
+        out_rows = tl.program_id(1).to(tl.int64) * N + rows
         if PASS != 2:
             _store_sorted(POS_KEY, POS_IDX, out_rows, row_ok, lk_p, li_p, k_pos, KP)
         if PASS != 1:

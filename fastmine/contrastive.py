@@ -185,6 +185,25 @@ class _Spec:
         upstream gradient gamma [bq, 1]."""
         raise NotImplementedError
 
+    def op_args(self) -> Tuple[int, float, float, float, Optional[float]]:
+        """(loss code, p0, p1, p2, epsilon): this loss as the arguments of the ops
+        fastmine::contrastive (schema.h) and fastmine::contrastive_triton;
+        ``spec_from_op_args`` is the inverse."""
+        raise NotImplementedError
+
+
+def spec_from_op_args(loss: int, p0: float, p1: float, p2: float,
+                      epsilon: Optional[float]) -> _Spec:
+    """The ``_Spec`` of the ops' loss arguments (the inverse of ``_Spec.op_args``)."""
+    if loss == LOSS_CODES["supcon"]:
+        return _SupConSpec(p0)
+    if loss == LOSS_CODES["ntxent"]:
+        return _NTXentSpec(p0)
+    if loss == LOSS_CODES["multi_similarity"]:
+        return _MultiSimilaritySpec(p0, p1, p2, epsilon)
+    raise ValueError(f"unknown contrastive loss code {loss}; expected one of "
+                     f"{sorted(LOSS_CODES.values())}")
+
 
 def _counts_state(n: int, q: Tensor) -> Tuple[Tensor, Tensor]:
     return (torch.zeros(n, dtype=torch.int64, device=q.device),
@@ -194,6 +213,9 @@ def _counts_state(n: int, q: Tensor) -> Tuple[Tensor, Tensor]:
 class _SupConSpec(_Spec):
     def __init__(self, temperature: float):
         self.t = temperature
+
+    def op_args(self):
+        return LOSS_CODES["supcon"], self.t, 0.0, 0.0, None
 
     def stats(self, tiles, q, n):
         mx, sm = _lse_state(n, q, add_one=False)
@@ -228,6 +250,9 @@ class _NTXentSpec(_Spec):
     def __init__(self, temperature: float):
         self.t = temperature
 
+    def op_args(self):
+        return LOSS_CODES["ntxent"], self.t, 0.0, 0.0, None
+
     def stats(self, tiles, q, n):
         mx, sm = _lse_state(n, q, add_one=False)
         n_pos, n_neg = _counts_state(n, q)
@@ -255,6 +280,9 @@ class _NTXentSpec(_Spec):
 class _MultiSimilaritySpec(_Spec):
     def __init__(self, alpha: float, beta: float, base: float, miner_epsilon: Optional[float]):
         self.alpha, self.beta, self.base, self.eps = alpha, beta, base, miner_epsilon
+
+    def op_args(self):
+        return LOSS_CODES["multi_similarity"], self.alpha, self.beta, self.base, self.eps
 
     def _select(self, s, pos, neg, bounds, i0, i1):
         """The MS miner's pairs on a tile (``reference_contrastive.ms_miner_masks``
@@ -359,8 +387,8 @@ class _ContrastiveLoss(nn.Module):
         raise NotImplementedError
 
     def _op_args(self) -> tuple:
-        """(loss code, p0, p1, p2, epsilon) of the op fastmine::contrastive."""
-        raise NotImplementedError
+        """(loss code, p0, p1, p2, epsilon) of the ops fastmine::contrastive(_triton)."""
+        return self._spec().op_args()
 
     def _terms(self, embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids):
         """(terms [N] in the compute dtype, n_pos [N], n_neg [N]) on the backend."""
@@ -462,9 +490,6 @@ class SupConLoss(_PerAnchorMean, _ContrastiveLoss):
     def _reference(self, *prepared):
         return ref.supcon_terms(*prepared, temperature=self.temperature)
 
-    def _op_args(self):
-        return LOSS_CODES["supcon"], self.temperature, 0.0, 0.0, None
-
 
 class NTXentLoss(_ContrastiveLoss):
     """NT-Xent / InfoNCE with labels (PML ``NTXentLoss``).
@@ -500,9 +525,6 @@ class NTXentLoss(_ContrastiveLoss):
     def _reference(self, *prepared):
         return ref.ntxent_terms(*prepared, temperature=self.temperature)
 
-    def _op_args(self):
-        return LOSS_CODES["ntxent"], self.temperature, 0.0, 0.0, None
-
 
 class MultiSimilarityLoss(_PerAnchorMean, _ContrastiveLoss):
     """Multi-Similarity loss (Wang et al. 2019; PML ``MultiSimilarityLoss``).
@@ -537,7 +559,3 @@ class MultiSimilarityLoss(_PerAnchorMean, _ContrastiveLoss):
     def _reference(self, *prepared):
         return ref.multi_similarity_terms(*prepared, alpha=self.alpha, beta=self.beta,
                                           base=self.base, miner_epsilon=self.miner_epsilon)
-
-    def _op_args(self):
-        return (LOSS_CODES["multi_similarity"], self.alpha, self.beta, self.base,
-                self.miner_epsilon)

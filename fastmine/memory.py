@@ -132,7 +132,7 @@ class CrossBatchMemory(nn.Module):
     normalised rows, so that they need no normalising at each step.
     fastmine's contrastive losses (``SupConLoss``, ``NTXentLoss``,
     ``MultiSimilarityLoss``, not subclassed in ``forward`` or ``_terms``) on
-    their compiled ``cpu`` backend with float32 / float64 rows stream the same
+    their compiled ``cpu`` or their ``triton`` backend with float32 / float64 rows stream the same
     view ``[batch; memory[:filled]]`` in place (``_BankContrastive``: O((N +
     M) D) memory, no copy of the bank; the memory stores the normalised rows),
     with the gradient of the live batch as anchor and as reference.  Any
@@ -307,7 +307,8 @@ class CrossBatchMemory(nn.Module):
     def _contrastive_in_place(self, embeddings: Tensor) -> bool:
         """True when the step can stream the bank in place for a contrastive loss:
         fastmine.contrastive's SupCon / NT-Xent / MS (forward and _terms not
-        overridden) on its compiled ``cpu`` backend, float32 / float64 CPU rows,
+        overridden) on a streaming kernel that exposes its per-anchor statistics
+        (the compiled ``cpu`` backend, or ``triton``), float32 / float64 rows,
         the memory of the same dtype and device."""
         from . import contrastive as C
 
@@ -315,13 +316,12 @@ class CrossBatchMemory(nn.Module):
         if not (isinstance(loss, C._ContrastiveLoss)
                 and type(loss).forward is C._ContrastiveLoss.forward
                 and type(loss)._terms is C._ContrastiveLoss._terms
-                and embeddings.device.type == "cpu"
                 and embeddings.dtype in (torch.float32, torch.float64)
                 and self.embedding_memory.dtype == embeddings.dtype
                 and self.embedding_memory.device == embeddings.device):
             return False
         try:
-            return C.resolve_backend(loss.backend, embeddings.device) == "cpu"
+            return C.resolve_backend(loss.backend, embeddings.device) in _BANK_BACKENDS
         except RuntimeError:
             return False  # the loss's own forward raises it
 
@@ -343,8 +343,9 @@ class CrossBatchMemory(nn.Module):
             st.emb[lo:st.slack].copy_(q)
             st.labels[lo:st.slack].copy_(labels)
             st.ids[lo:st.slack].copy_(ids)
+        backend = C.resolve_backend(self.loss.backend, embeddings.device)
         out = _BankContrastive.apply(q, labels, ids, st.emb[lo:hi], st.labels[lo:hi],
-                                     st.ids[lo:hi], self.loss)
+                                     st.ids[lo:hi], self.loss, backend)
         self._enqueue(q.detach(), labels, ids)
         return out.to(embeddings.dtype)
 
@@ -387,6 +388,39 @@ class CrossBatchMemory(nn.Module):
         self.filled = min(self.filled + n, self.memory_size)
 
 
+# The contrastive backends whose ops return the per-anchor statistics and take a
+# reference gradient restricted to given rows (``_bank_ops``).
+_BANK_BACKENDS = ("cpu", "triton")
+
+
+def _bank_ops(backend: str, loss, q: Tensor, refs: Tensor, labels: Tensor,
+              ref_labels: Tensor, ids: Tensor, ref_ids: Tensor):
+    """One streaming forward of ``loss`` on (q, refs) with backend "cpu"
+    (fastmine::contrastive) or "triton" (fastmine::contrastive_triton): returns
+    (terms [N], n_pos [N], n_neg [N], backward), where backward(gamma, r, r_labels,
+    r_ids, ref_grad) runs the backend's backward op on the forward's statistics
+    against the references r: (dL/dq [N, D], dL/dr [M_r, D] when ref_grad)."""
+    args = loss._op_args()
+    if backend == "cpu":
+        args = args + (loss.block_size,)
+        terms, stats = torch.ops.fastmine.contrastive(q, refs, labels, ref_labels, ids, ref_ids,
+                                                      *args)
+
+        def backward(gamma, r, r_labels, r_ids, ref_grad):
+            return torch.ops.fastmine.contrastive_backward(gamma, q, r, labels, r_labels, ids,
+                                                           r_ids, *args, stats, ref_grad)
+        return terms, stats[2].to(torch.int64), stats[3].to(torch.int64), backward
+    from . import _triton_contrastive  # noqa: F401  (registers the ops)
+
+    terms, n_pos, n_neg, stats = torch.ops.fastmine.contrastive_triton(
+        q, refs, labels, ref_labels, ids, ref_ids, *args, False, None)
+
+    def backward(gamma, r, r_labels, r_ids, ref_grad):
+        return torch.ops.fastmine.contrastive_backward_triton(
+            gamma, stats, q, r, labels, r_labels, ids, r_ids, *args, False, ref_grad)
+    return terms, n_pos, n_neg, backward
+
+
 class _BankContrastive(torch.autograd.Function):
     """loss [] = a fastmine contrastive loss of the anchors q [n, D] (normalised,
     differentiable) against refs = [q (detached copy); memory] [n + m, D], a view
@@ -398,7 +432,7 @@ class _BankContrastive(torch.autograd.Function):
     reduction, ``reference_contrastive.reduce_terms``) and only scaled in the
     backward: the ring buffer is overwritten by this step's enqueue before the
     backward runs, so the bank cannot be read then.  Anchor role: the op's
-    backward over every reference (``fastmine::contrastive_backward``, no
+    backward over every reference (``fastmine::contrastive_backward`` or its Triton twin, no
     reference gradient); reference role of the live rows j < n: the same op
     with the references = the batch rows and ``ref_grad``, from the per-anchor
     statistics of the full pass (the tile gradient g_ij depends on the
@@ -406,22 +440,19 @@ class _BankContrastive(torch.autograd.Function):
     gradient is formed."""
 
     @staticmethod
-    def forward(ctx, q, labels, ids, refs, ref_labels, ref_ids, loss):
+    def forward(ctx, q, labels, ids, refs, ref_labels, ref_ids, loss, backend):
         from .reference_contrastive import reduce_terms
 
-        args = loss._op_args() + (loss.block_size,)
         qd = q.detach()
-        terms, stats = torch.ops.fastmine.contrastive(qd, refs, labels, ref_labels, ids, ref_ids,
-                                                      *args)
-        n_pos, n_neg = stats[2].to(torch.int64), stats[3].to(torch.int64)
+        terms, n_pos, n_neg, back = _bank_ops(backend, loss, qd, refs, labels, ref_labels, ids,
+                                              ref_ids)
         leaf = terms.detach().requires_grad_(q.requires_grad)
         with torch.enable_grad():
             value = reduce_terms(loss._loss, leaf, n_pos, n_neg)
         if q.requires_grad:
             (gamma,) = torch.autograd.grad(value, leaf)
-            back = torch.ops.fastmine.contrastive_backward
-            dq, _ = back(gamma, qd, refs, labels, ref_labels, ids, ref_ids, *args, stats, False)
-            _, dlive = back(gamma, qd, qd, labels, labels, ids, ids, *args, stats, True)
+            dq, _ = back(gamma, refs, ref_labels, ref_ids, False)
+            _, dlive = back(gamma, qd, labels, ids, True)
             ctx.save_for_backward(dq.add_(dlive))
         return value.detach()
 
@@ -429,7 +460,7 @@ class _BankContrastive(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         (dq,) = ctx.saved_tensors
-        return grad * dq, None, None, None, None, None, None
+        return grad * dq, None, None, None, None, None, None, None
 
 
 class _Store:

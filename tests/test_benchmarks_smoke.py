@@ -425,3 +425,23 @@ def test_contrastive_benchmark_runs(tmp_path):
     (pml,) = [r for r in capped["results"] if r["row"] == T.PML]
     assert pml["status"].startswith("OOM (needs est. ") and pml["time_s"] is None
     assert pml["est_mem_bytes"] > 1e-6 * 2**30
+
+
+def test_one_default_memory_cap(monkeypatch):
+    # Both benchmarks take --mem-cap-gb's default from M.default_mem_cap_gb; an
+    # explicit value is kept as given.
+    from benchmarks import contrastive as C
+    rule = M.default_mem_cap_gb
+    monkeypatch.setattr(M, "default_mem_cap_gb", lambda device: 12.5)
+    assert M.parse_args(["--device", "cpu"]).mem_cap_gb == 12.5
+    assert C.parse_args(["--device", "cpu"]).mem_cap_gb == 12.5
+    assert C.parse_args(["--device", "cpu", "--mem-cap-gb", "3"]).mem_cap_gb == 3.0
+    # The rule on CPU: min(50 % of the RAM, 75 % of the available RAM).
+    psutil = pytest.importorskip("psutil")
+
+    class VM:
+        total, available = 64 * 2**30, 20 * 2**30
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: VM)
+    assert rule(torch.device("cpu")) == 15.0
+    VM.available = 60 * 2**30
+    assert rule(torch.device("cpu")) == 32.0

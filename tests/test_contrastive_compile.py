@@ -1,11 +1,21 @@
 """The contrastive losses under torch.compile(fullgraph=True): the same loss and
 parameter gradients as eager (the compiled extension's op with its fake and C++
-autograd; the PyTorch streaming backend traced through its autograd.Function)."""
+autograd; the PyTorch streaming backend traced through its autograd.Function; the
+Triton kernels as the custom op fastmine::contrastive_triton, under the interpreter)."""
 import pytest
 import torch
 
 from fastmine import _ops
 from fastmine import contrastive as C
+
+
+def _triton_interpreted() -> bool:
+    """Triton is installed and runs on CPU tensors (TRITON_INTERPRET=1, tests/conftest.py)."""
+    try:
+        from fastmine import _triton
+    except ImportError:
+        return False
+    return _triton.triton is not None and _triton.INTERPRETED
 
 # (loss, kwargs, backend, with a bank, torch.compile backend): inductor once (its
 # code generation costs ~20 s per graph on a 2-core machine), aot_eager (the same
@@ -15,6 +25,12 @@ if _ops.has_contrastive_ops():
     CASES += [(C.SupConLoss, {}, "cpu", False, "inductor"),
               (C.NTXentLoss, {}, "cpu", True, "aot_eager"),
               (C.MultiSimilarityLoss, {"miner_epsilon": 0.1}, "cpu", True, "aot_eager")]
+
+if _triton_interpreted():
+    # the Triton kernels under the interpreter: one opaque op (fastmine::contrastive_triton)
+    CASES += [(C.SupConLoss, {}, "triton", False, "aot_eager"),
+              (C.NTXentLoss, {}, "triton", True, "aot_eager"),
+              (C.MultiSimilarityLoss, {"miner_epsilon": 0.1}, "triton", False, "aot_eager")]
 
 
 @pytest.mark.parametrize("cls,kw,backend,with_ref,compiler", CASES,

@@ -7,20 +7,14 @@ DistributedLoss gives, under DDP gradient averaging, exactly the loss and
 parameter gradients of one process on the concatenated batch (float64, 1e-10).
 Also: ``per_anchor`` reproduces ``forward``.
 """
-import os
-import tempfile
-from datetime import timedelta
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
+from _gloo import WORLD, run_ranks, single_process_group
 from fastmine import contrastive as C
 from fastmine.distributed import DistributedLoss
 
-WORLD = 2
 SLICES = (slice(0, 5), slice(5, 13))  # unequal local batches
 LABELS = torch.tensor([0, 1, 2, 0, 3, 1, 2, 0, 1, 2, 3, 4, 1])  # class 4: a singleton
 TOL = dict(atol=1e-10, rtol=1e-10)
@@ -43,12 +37,10 @@ def _model():
     return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4)).double()
 
 
-def _worker(rank, init_file, out_dir):
+def _worker(rank):
+    """One rank (in the gloo group of tests/_gloo.py): each config's value and gradients."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD, timeout=timedelta(seconds=60))
     sl, x, out = SLICES[rank], _inputs(), {}
     for name, make in CONFIGS.items():
         net = DDP(_model())
@@ -56,18 +48,12 @@ def _worker(rank, init_file, out_dir):
         value.backward()
         out[name] = (value.detach(), [p.grad.clone() for p in net.module.parameters()])
         del net
-    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+    return out
 
 
 @pytest.fixture(scope="module")
 def ranks():
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "rendezvous")
-        mp.spawn(_worker, args=(init_file, tmp), nprocs=WORLD, join=True)
-        return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False)
-                for r in range(WORLD)]
+    return run_ranks(_worker)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -137,10 +123,6 @@ def test_distributed_loss_refuses_a_bad_per_anchor_tuple():
         def per_anchor(self, embeddings, labels, ref_emb, ref_labels, *, query_ids, ref_ids):
             return embeddings.sum(dim=1), labels >= 0, labels, labels
 
-    with tempfile.TemporaryDirectory() as tmp:
-        dist.init_process_group("gloo", init_method=f"file://{tmp}/rdv", rank=0, world_size=1)
-        try:
-            with pytest.raises(TypeError, match="per_anchor must return"):
-                DistributedLoss(Bad())(torch.randn(3, 2), torch.arange(3))
-        finally:
-            dist.destroy_process_group()
+    with single_process_group():
+        with pytest.raises(TypeError, match="per_anchor must return"):
+            DistributedLoss(Bad())(torch.randn(3, 2), torch.arange(3))

@@ -125,18 +125,30 @@ def test_cross_batch_memory(name):
         torch.testing.assert_close(grad, expect_grad, atol=1e-12, rtol=1e-10)
 
 
-@pytest.mark.skipif(not _ops.has_contrastive_ops(), reason="compiled extension not built")
+def _in_place_backends():
+    """The backends whose CrossBatchMemory step streams the bank in place, runnable here."""
+    out = ["cpu"] if _ops.has_contrastive_ops() else []
+    try:
+        from fastmine import _triton
+        if _triton.triton is not None and _triton.INTERPRETED:
+            out.append("triton")  # the kernels under the interpreter (tests/conftest.py)
+    except ImportError:
+        pass
+    return out
+
+
+@pytest.mark.parametrize("backend", _in_place_backends())
 @pytest.mark.parametrize("name", ["supcon", "ntxent", "ms_mined"])
-def test_cross_batch_memory_in_place_equals_copying(name):
-    """On the cpu backend CrossBatchMemory streams [batch; memory] as one view of its
-    storage (no copy of the bank); the chunked backend takes the copying path
-    (torch.cat).  Values and gradients agree (float64) step after step, with the
+def test_cross_batch_memory_in_place_equals_copying(name, backend):
+    """On the cpu and triton backends CrossBatchMemory streams [batch; memory] as one
+    view of its storage (no copy of the bank); the chunked backend takes the copying
+    path (torch.cat).  Values and gradients agree (float64) step after step, with the
     ring wrapping around, ids repeated across steps (stored copies excluded), and
     two steps in one graph (the bank is overwritten before that backward)."""
     from fastmine import CrossBatchMemory
 
     cls, kw = SPECS[name]
-    fused = CrossBatchMemory(cls(**kw, backend="cpu"), embedding_size=5, memory_size=25)
+    fused = CrossBatchMemory(cls(**kw, backend=backend), embedding_size=5, memory_size=25)
     copying = CrossBatchMemory(cls(**kw, backend="chunked", block_size=4), embedding_size=5,
                                memory_size=25)
     g = torch.Generator().manual_seed(6)

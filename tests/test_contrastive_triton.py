@@ -208,6 +208,28 @@ def test_backward_is_deterministic(name, tiles, shuffled_triton_programs):
             assert all(torch.equal(a, b) for a, b in zip(got[1], first[1]))
 
 
+@needs_interpreter
+@pytest.mark.parametrize("name", ["supcon", "ntxent", "ms_mined"])
+@pytest.mark.parametrize("refs", [False, True])
+def test_opcheck_contrastive_triton(name, refs, tiles):
+    """The ops fastmine::contrastive_triton and its backward: schema, fake and
+    autograd registration (torch.library.opcheck), ids and splits included."""
+    tiles(TILES_16)
+    cls, kw = SPECS[name]
+    emb, y, ref, ry = _data(n=10, m=8, d=4, classes=3, seed=6)
+    q = torch.nn.functional.normalize(emb.double(), dim=1).requires_grad_()
+    r = torch.nn.functional.normalize(ref.double(), dim=1).requires_grad_() if refs else None
+    ids = (torch.arange(10) % 7, torch.arange(8) % 5) if refs else (None, None)
+    args = (q, r, y, ry if refs else y, *ids, *cls(**kw)._op_args(), not refs, 2)
+    torch.library.opcheck(torch.ops.fastmine.contrastive_triton.default, args)
+    terms, *_ , saved = torch.ops.fastmine.contrastive_triton(*args)
+    grad = torch.rand_like(terms)
+    bwd_args = (grad, saved.detach(), q.detach(), None if r is None else r.detach(),
+                *args[2:12], refs)
+    torch.library.opcheck(torch.ops.fastmine.contrastive_backward_triton.default, bwd_args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 def test_backend_selection():
     cpu = torch.device("cpu")
     if tc.INTERPRETED:

@@ -1,28 +1,23 @@
 """fastmine.distributed: gather and DistributedLoss under a real 2-process gloo group.
 
-One ``torch.multiprocessing.spawn`` of two CPU processes (file:// rendezvous)
-runs every distributed scenario; each rank writes its results to a file, and
+One spawn of two CPU processes in a gloo group (tests/_gloo.py) runs every
+distributed scenario; each rank writes its results to a file, and
 the tests below compare them with one process on the concatenated batch.
 
 The global batch has 13 rows, rank 0 owns rows 0..4 and rank 1 rows 5..12
 (unequal sizes), and class 4 has a single sample (row 11, an anchor with no
 positive).  Everything is float64, so "exact" means agreement to ~1e-10.
 """
-import os
-import tempfile
-from datetime import timedelta
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import fastmine
+from _gloo import WORLD, run_ranks
 from fastmine import losses
 from fastmine.distributed import DistributedLoss, gather
 
-WORLD = 2
 SIZES = (5, 8)
 SLICES = (slice(0, 5), slice(5, 13))
 LABELS = torch.tensor([0, 1, 2, 0, 3, 1, 2, 0, 1, 2, 3, 4, 1])  # class 4: singleton (row 11)
@@ -102,13 +97,10 @@ def _err(fn):
     return None
 
 
-def _worker(rank, init_file, out_dir):
-    """One rank: every scenario, results saved to out_dir/rank{rank}.pt."""
+def _worker(rank):
+    """One rank (in the gloo group of tests/_gloo.py): every scenario's results."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD, timeout=timedelta(seconds=60))
     sl = SLICES[rank]
     x, x_dup, y_dup, ids_dup = _inputs()
     out = {}
@@ -173,18 +165,13 @@ def _worker(rank, init_file, out_dir):
     tl(emb, LABELS[sl], refs, g.labels, query_ids=g.ids[g.local], ref_ids=g.ids).backward()
     out["pml_style"] = [p.grad.clone() for p in net.module.parameters()]
 
-    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+    return out
 
 
 @pytest.fixture(scope="module")
 def ranks():
     """Run the two ranks once; [result dict of rank 0, of rank 1]."""
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "rendezvous")
-        mp.spawn(_worker, args=(init_file, tmp), nprocs=WORLD, join=True)
-        return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    return run_ranks(_worker)
 
 
 def _single(name):

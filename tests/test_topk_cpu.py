@@ -3,7 +3,7 @@ csrc/cpu/mine_topk_cpu.cpp): what is specific to it.  The cross-backend suite
 (tests/test_topk_backends.py) checks every backend against
 fastmine/reference_topk.py; here: every rule, distance, id mode and dtype
 against the reference on data whose mining values are exact, the tiling and
-threading paths (FASTMINE_CPU_BLOCK, 1 vs 2 threads), k beyond the admissible
+threading paths (the block override, 1 vs 2 threads), k beyond the admissible
 count and up to the kernel's bound, the distance-weighted prune (picks equal to
 the reference's where the keys have no near-ties), k = 1 against the CPU
 `mine` kernel, gradients, and the argument and data checks.
@@ -18,6 +18,7 @@ import fastmine
 from fastmine import _backends, _philox
 from fastmine import reference_topk as rt
 from fastmine._contract import DISTANCES, NEG_STRATEGIES, POS_STRATEGIES
+from _cpu_overrides import cpu_overrides
 
 pytestmark = pytest.mark.skipif("cpu" not in fastmine.available_backends()
                                 or "topk" not in _backends.get("cpu").rules,
@@ -130,7 +131,7 @@ def _block_cases():
 
 @pytest.mark.parametrize("n,m,d,scale", _block_cases())
 @pytest.mark.parametrize("neg", ["hard", "semihard", "distance_weighted"])
-def test_tiles_and_threads_give_identical_results(monkeypatch, n, m, d, scale, neg):
+def test_tiles_and_threads_give_identical_results(n, m, d, scale, neg):
     # Dyadic data (small integers times a power of two): exact dot products on
     # every path, and distances below 2 so that distance-weighted has candidates.
     x, y, r, ry = _int_data(n, d, m, seed=3, dtype=torch.float32, lo=-2, hi=3, scale=scale)
@@ -141,12 +142,9 @@ def test_tiles_and_threads_give_identical_results(monkeypatch, n, m, d, scale, n
     try:
         for block, nthreads in ((None, 2), (None, 1), ("8,1", 2), ("8,1", 1), ("33,3", 2),
                                 ("7,3", 1)):
-            if block is None:
-                monkeypatch.delenv("FASTMINE_CPU_BLOCK", raising=False)
-            else:
-                monkeypatch.setenv("FASTMINE_CPU_BLOCK", block)
             torch.set_num_threads(nthreads)
-            runs.append(fastmine.mine_topk(x, y, r, ry, backend="cpu", **kw))
+            with cpu_overrides(block=block or ""):
+                runs.append(fastmine.mine_topk(x, y, r, ry, backend="cpu", **kw))
     finally:
         torch.set_num_threads(threads)
     for res in runs[1:]:
@@ -250,10 +248,10 @@ def test_distance_weighted_equals_reference(d, refs):
 
 
 @pytest.mark.parametrize("form", ["avx2", "scalar"])
-def test_distance_weighted_noise_forms_agree(monkeypatch, form):
+def test_distance_weighted_noise_forms_agree(form):
     # The kernel computes the Philox words of 16 quads at once in the widest
     # form the CPU runs (AVX-512, AVX2, or scalar noise_words calls);
-    # FASTMINE_CPU_NOISE forces a narrower one.  Same words, so the same picks
+    # the noise override forces a narrower one.  Same words, so the same picks
     # exactly (the reference agreement of the default form is tested above).
     g = torch.Generator().manual_seed(21)
     x = F.normalize(torch.randn(50, 32, generator=g), dim=1)
@@ -262,12 +260,9 @@ def test_distance_weighted_noise_forms_agree(monkeypatch, form):
     ry = torch.randint(0, 5, (700,), generator=g)
     runs = {}
     for f in (None, form):
-        if f is None:
-            monkeypatch.delenv("FASTMINE_CPU_NOISE", raising=False)
-        else:
-            monkeypatch.setenv("FASTMINE_CPU_NOISE", f)
-        runs[f] = [fastmine.mine_topk(x, y, r, ry, k_neg=k, neg_strategy="distance_weighted",
-                                      seed=2 ** 64 - 3, backend="cpu").neg_idx for k in (1, 7)]
+        with cpu_overrides(noise=f or ""):
+            runs[f] = [fastmine.mine_topk(x, y, r, ry, k_neg=k, neg_strategy="distance_weighted",
+                                          seed=2 ** 64 - 3, backend="cpu").neg_idx for k in (1, 7)]
     for a, b in zip(runs[None], runs[form]):
         assert torch.equal(a, b)
         assert bool((a >= 0).all())

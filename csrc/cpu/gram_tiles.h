@@ -29,6 +29,7 @@
 #include "fastmine/op_checks.h"
 #include "fastmine/strategies.h"
 #include "cpu_clones.h"  // FASTMINE_CPU_CLONES
+#include "overrides.h"   // kernel_overrides (tiles)
 
 
 namespace fastmine {
@@ -193,24 +194,18 @@ FASTMINE_CPU_CLONES void small_gram(const acc_t* x, const acc_t* r, int64_t bm, 
 
 
 // Tile sizes: BM anchors per task, BN references per chunk, with the BM x BN
-// dot buffer sized for L2 (see kBlockRows/kBufferBytes).  FASTMINE_CPU_BLOCK =
-// "BM,BUFFER_KIB" overrides them (the block-size sweep of the benchmark notes;
-// read per call).  Both paths of the semi-hard rule use the same tiles.
+// dot buffer sized for L2 (see kBlockRows/kBufferBytes).  The block override
+// (overrides.h: FASTMINE_CPU_BLOCK / fastmine::_set_cpu_overrides, "BM,BUFFER_KIB";
+// the block-size sweep of the benchmark notes) replaces them.  Both paths of
+// the semi-hard rule use the same tiles.
 struct Tiles {
   int64_t bm, buffer_bytes;
-  bool forced;  // set by FASTMINE_CPU_BLOCK: used exactly as given
+  bool forced;  // set by the block override: used exactly as given
 };
 Tiles tiles_for_call() {
-  Tiles t{kBlockRows, kBufferBytes, false};
-  if (const char* e = std::getenv("FASTMINE_CPU_BLOCK")) {
-    long long bm = 0, kib = 0;
-    if (std::sscanf(e, "%lld,%lld", &bm, &kib) == 2 && bm > 0 && kib > 0) {
-      t.bm = bm;
-      t.buffer_bytes = kib * 1024;
-      t.forced = true;
-    }
-  }
-  return t;
+  const KernelOverrides o = kernel_overrides();
+  if (o.block_rows > 0) return {o.block_rows, o.buffer_kib * 1024, true};
+  return {kBlockRows, kBufferBytes, false};
 }
 
 // The tiles of one call: BM = block_rows anchors per task, BN = chunk

@@ -270,14 +270,13 @@ constexpr double kDirectCost = 8.0;
 
 enum class SemiPath { Auto, OneSweep, TwoSweeps };
 
-// Test and benchmark hook: FASTMINE_CPU_SEMIHARD = "one" | "two" forces a
-// path (anything else: the cost model).  Read on every call (a getenv, ~100 ns),
-// so a test can switch paths with monkeypatch.setenv.
+// Test and benchmark hook: the semi-hard override (overrides.h, included by
+// gram_tiles.h: FASTMINE_CPU_SEMIHARD / fastmine::_set_cpu_overrides, "one" |
+// "two") forces a path; by default the cost model chooses.
 SemiPath semihard_path_override() {
-  const char* e = std::getenv("FASTMINE_CPU_SEMIHARD");
-  if (e == nullptr) return SemiPath::Auto;
-  const std::string v(e);
-  return v == "one" ? SemiPath::OneSweep : v == "two" ? SemiPath::TwoSweeps : SemiPath::Auto;
+  using S = KernelOverrides::Semihard;
+  const S s = kernel_overrides().semihard;
+  return s == S::OneSweep ? SemiPath::OneSweep : s == S::TwoSweeps ? SemiPath::TwoSweeps : SemiPath::Auto;
 }
 
 // Reference rows grouped by label: order[] sorts the rows by (label, index);

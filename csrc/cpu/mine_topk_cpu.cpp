@@ -65,7 +65,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -79,6 +78,7 @@
 #include "fastmine/schema.h"
 #include "fastmine/strategies.h"
 #include "gram_tiles.h"
+#include "overrides.h"  // kernel_overrides (the noise form)
 
 namespace fastmine {
 namespace cpu {
@@ -105,15 +105,13 @@ inline void klist_insert(acc_t* key, int64_t* idx, int64_t k, acc_t c, int64_t j
   idx[p] = j;
 }
 
-// The distance-weighted law of one call (sampling.h dw_log_weight): the
-// thresholds lo = fl(cutoff^2), hi = fl(min(nonzero_loss_cutoff, 2)^2) on the
-// mining value, in acc_t; the exponents a = (2 - D) / 2, b = (3 - D) / 2; the seed.
+// The distance-weighted law of one call: dw_log_weight's parameters lo, hi,
+// a, b (sampling.h dw_params, the CUDA kernels' too), the seed, and the table
+// of the sub-chunk bound.
 struct LogWeightTable;  // below
 
 template <typename acc_t>
-struct DwLaw {
-  acc_t lo, hi;
-  float a, b;
+struct DwLaw : DwParams<acc_t> {
   uint64_t seed;
   const LogWeightTable* ub = nullptr;  // the sub-chunk bound's table (a, b <= 0); else null
 };
@@ -273,17 +271,16 @@ QuadWordsFn quad_words_fn() {
 #endif
 }
 
-// The form of one call: quad_words_fn(), or a narrower one forced by
-// FASTMINE_CPU_NOISE = "avx2" / "scalar" (read per call, like
-// FASTMINE_CPU_BLOCK; tests/test_topk_cpu.py checks that every form gives the
+// The form of one call: quad_words_fn(), or a narrower one forced by the
+// noise override (overrides.h: FASTMINE_CPU_NOISE / fastmine::_set_cpu_overrides,
+// "avx2" / "scalar"; tests/test_topk_cpu.py checks that every form gives the
 // same picks).  Never a form this CPU cannot run.
 QuadWordsFn quad_words_for_call() {
-  if (const char* e = std::getenv("FASTMINE_CPU_NOISE")) {
-    if (std::strcmp(e, "scalar") == 0) return &quad_words_scalar;
+  const KernelOverrides::Noise noise = kernel_overrides().noise;
+  if (noise == KernelOverrides::Noise::Scalar) return &quad_words_scalar;
 #ifdef FASTMINE_X86_QUAD_WORDS
-    if (std::strcmp(e, "avx2") == 0 && __builtin_cpu_supports("avx2")) return &quad_words_avx2;
+  if (noise == KernelOverrides::Noise::Avx2 && __builtin_cpu_supports("avx2")) return &quad_words_avx2;
 #endif
-  }
   return quad_words_fn();
 }
 
@@ -464,7 +461,7 @@ FASTMINE_CPU_CLONES void scan_tile_topk(const TopkTile<acc_t>& A) {
           // vc and the support w > 0 <=> vc < hi exactly as dw_log_weight
           // (sampling.h) computes them, spelled out for the SIMD range.
           const acc_t v = mining_value<acc_t>(k.dot[j], k.ai, k.b[j], false);
-          const acc_t vc = v < A.dw.lo ? A.dw.lo : v;
+          const acc_t vc = dw_clamp(v, A.dw.lo);
           const bool ok = (k.rl[j] != k.li) & !same_sample<acc_t, IDS>(k, j) & (vc < A.dw.hi);
           const acc_t c0 = ok ? vc : inf, c1 = ok ? vc : -inf;
           vmin = c0 < vmin ? c0 : vmin;
@@ -528,7 +525,7 @@ FASTMINE_CPU_CLONES void scan_tile_topk(const TopkTile<acc_t>& A) {
           if (wmin > 0 && A.dw.ub) {
             // The same test with the pair's own bound (a table read, no
             // logarithm): lw(f) <= bound(f, f), f = float(vc).
-            const acc_t vc = v < A.dw.lo ? A.dw.lo : v;
+            const acc_t vc = dw_clamp(v, A.dw.lo);
             if (!(vc < A.dw.hi)) continue;  // w = 0: never picked
             const float f = float(vc);
             if ((word >> 9) < min_noise_word(-double(kth), double(A.dw.ub->bound(f, f)))) continue;
@@ -680,14 +677,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mine_topk_cpu(
     S.pos = static_cast<PosStrategy>(pos_strategy);
     S.neg = static_cast<NegStrategy>(neg_strategy);
     S.margin = margin.has_value() ? *margin : -1.0;
-    const double d = static_cast<double>(embeddings.size(1));
-    const double h = std::min(nonzero_loss_cutoff, 2.0);
-    // fl(cutoff^2), fl(min(nonzero_loss_cutoff, 2)^2): float64, rounded to acc_t.
     std::vector<LogWeightTable> table;  // at most one (D >= 3, distance-weighted)
     auto law = [&](auto zero) {
       using acc_t = decltype(zero);
-      DwLaw<acc_t> L{static_cast<acc_t>(cutoff * cutoff), static_cast<acc_t>(h * h),
-                     static_cast<float>((2.0 - d) / 2.0), static_cast<float>((3.0 - d) / 2.0),
+      DwLaw<acc_t> L{dw_params<acc_t>(cutoff, nonzero_loss_cutoff, embeddings.size(1)),
                      static_cast<uint64_t>(seed)};
       if (dw && L.a <= 0.0f && L.b <= 0.0f && L.lo < L.hi) {
         table.emplace_back(double(float(L.lo)), double(float(L.hi)), double(L.a), double(L.b));

@@ -55,9 +55,15 @@ constexpr float kGumbelMax = 16.64f;
 // type T and the exponents a = (2 - D) / 2, b = (3 - D) / 2:
 //   vc = max(v, lo);  w > 0 iff vc < hi;  log w = a log vc + b log1p(-vc / 4)
 // (float32 logarithms).  Returns -inf where w = 0.
+// vc = max(v, lo), the clamped value both the weight and its support read
+// (the CPU kernel's range and table prunes clamp with this too).
+template <typename T>
+FASTMINE_HD inline T dw_clamp(T v, T lo) {
+  return v < lo ? lo : v;
+}
 template <typename T>
 FASTMINE_HD inline float dw_log_weight(T v, T lo, T hi, float a, float b) {
-  const T vc = v < lo ? lo : v;
+  const T vc = dw_clamp(v, lo);
   if (!(vc < hi)) return -INFINITY;
   const float f = float(vc);
   return a * ::logf(f) + b * ::log1pf(-0.25f * f);
