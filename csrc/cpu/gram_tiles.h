@@ -37,15 +37,19 @@ namespace cpu {
 namespace {
 
 
-// Tile sizes, chosen by a sweep of BM in {64, 128, 256, 512} x buffer in
-// {256 KiB, 1 MiB, 4 MiB} (N = 8192, D = 32/128/512, and N = 16384, D = 128;
-// 2-core AMD EPYC with AVX-512, benchmarks/results/amd-epyc-2026-12-03-cpu-kernel/
-// block_sweep.md): 64-row blocks with a 1 MiB buffer were among the slowest at
-// D >= 128 (up to 1.3x the floor at D = 512), 128 rows with 256 KiB (BN = 512
-// references per chunk: the R chunk, 128 x D of X and the 256 KiB tile stay in
-// the 1 MiB L2 at D <= 128) among the fastest everywhere.
-constexpr int64_t kBlockRows = 128;        // anchors per task (BM)
-constexpr int64_t kBufferBytes = 1 << 18;  // BM x BN dot buffer per thread (BN = 512 in fp32)
+// Tile sizes, chosen by measurement (benchmarks/results/amd-epyc-2026-12-03-block-sweep-v2:
+// BM x buffer in {128 x 256 KiB, 256 x 512 KiB, 512 x 1 MiB, 256 x 1 MiB},
+// N = 8192, D = 32 / 128 / 512, easy/hard and semi-hard, 1 and 2 threads, the
+// AVX-512 and the AVX2 clone of a 2-core AMD EPYC, interleaved with the floor):
+// 512 rows with 1 MiB (BN = 512 references per chunk in fp32) was the fastest
+// or within 0.03x the floor of it in 19 of the 24 cells, and faster than the
+// former 128 x 256 KiB in 23 (tied in one; up to 0.19x the floor faster at
+// D >= 128: fewer, larger GEMM calls, each reference chunk reused by 4x more
+// anchors).  An earlier sweep,
+// before the AVX2 clone was vectorised, had preferred 128 x 256 KiB
+// (benchmarks/results/amd-epyc-2026-12-03-cpu-kernel/block_sweep.md).
+constexpr int64_t kBlockRows = 512;        // anchors per task (BM), at most
+constexpr int64_t kBufferBytes = 1 << 20;  // BM x BN dot buffer per thread (BN = 512 in fp32)
 constexpr int64_t kSub = 64;            // width of one min-reduction sub-chunk
 
 // Pass (the sweeps), Ids (same-sample rule), the mining value, the admissible
@@ -218,15 +222,24 @@ template <typename acc_t>
 TileLayout tile_layout(int64_t n, int64_t m) {
   const Tiles T = tiles_for_call();
   int64_t block_rows = std::min(T.bm, n);
+  int64_t buffer_bytes = T.buffer_bytes;
   if (!T.forced) {
-    // Small batches: one block per thread at least (a single 128-row block
-    // left the second core idle at N = 128: 137 us against 57 us with two
-    // 64-row blocks), but never below 32 rows, where starting a task costs
-    // more than it computes.  Large N (>= 128 rows per thread) is unchanged.
+    // Balanced rounds: the number of blocks is a multiple of the thread count
+    // (every round of at::parallel_for's static split keeps every thread busy),
+    // at least one block per thread (a single 128-row block left the second
+    // core idle at N = 128: 137 us against 57 us with two 64-row blocks), and
+    // blocks of at most kBlockRows rows; never below 32 rows, where starting a
+    // task costs more than it computes.  E.g. N = 10000 on 16 threads: 32
+    // blocks of 313 rows, not 20 of 512 (two rounds, the second 4/16 busy).
     const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-    block_rows = std::min(block_rows, std::max<int64_t>(32, (n + threads - 1) / threads));
+    int64_t blocks = std::max<int64_t>((n + T.bm - 1) / T.bm, threads);
+    blocks = (blocks + threads - 1) / threads * threads;
+    block_rows = std::min(block_rows, std::max<int64_t>(32, (n + blocks - 1) / blocks));
+    // Keep BN (the buffer's columns) as at kBlockRows rows: smaller blocks take
+    // a proportionally smaller buffer.
+    buffer_bytes = T.buffer_bytes / T.bm * std::max<int64_t>(block_rows, 1);
   }
-  const int64_t bn_cap = std::max<int64_t>(kSub, T.buffer_bytes / int64_t(sizeof(acc_t)) / block_rows);
+  const int64_t bn_cap = std::max<int64_t>(kSub, buffer_bytes / int64_t(sizeof(acc_t)) / block_rows);
   const int64_t chunk = std::min(m, bn_cap);
   return {block_rows, chunk, (n + block_rows - 1) / block_rows};
 }
