@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import datetime as _dt
 import gc
 import itertools
@@ -88,7 +89,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -445,6 +446,37 @@ def time_call(setup, fn, device: torch.device, repeats: int, warmup: int,
             times.append(time.perf_counter() - t0)
         spent += times[-1]
         del state
+    return times
+
+
+def time_interleaved(calls: Sequence[Callable[[], None]], device: torch.device, repeats: int,
+                     warmup: int, budget_s: float = float("inf")) -> List[List[float]]:
+    """Seconds per timed call of each of ``calls``, timed in rounds: each round
+    calls every one once, in order (after ``warmup`` untimed rounds).  Ratios
+    between the calls then compare times taken under the same machine state:
+    a drift of the clock or of another tenant's load during the run hits each
+    call alike, where timing one call's repeats after the other's does not (on a
+    shared 2-core VM a floor timed alone moved by up to 30 % between runs).  Once
+    the rounds so far took ``budget_s`` in total no new round starts (at least
+    one is timed)."""
+    spent = 0.0
+    for _ in range(warmup):
+        for call in calls:
+            t0 = time.perf_counter()
+            call()
+            _sync(device)
+            spent += time.perf_counter() - t0
+    times: List[List[float]] = [[] for _ in calls]
+    for _ in range(repeats):
+        if times[0] and spent > budget_s:
+            break
+        for k, call in enumerate(calls):
+            _sync(device)
+            t0 = time.perf_counter()
+            call()
+            _sync(device)
+            times[k].append(time.perf_counter() - t0)
+            spent += times[k][-1]
     return times
 
 
@@ -884,14 +916,15 @@ def run(args) -> dict:
 # floor is the blocked matmul provider (torch.mm over row blocks of
 # FLOOR_BLOCK_ELEMS outputs: 512 rows at N = 8192), easy/hard, and easy/semihard
 # with margin 0.2 on the cpu backend; every cell with torch's threads and with
-# one thread, in one run.
+# one thread, in one run.  The three calls of a cell are timed in interleaved
+# rounds (time_interleaved), so each ratio compares calls made side by side.
 CPU_KERNEL_CELLS = [(8192, 32), (8192, 128), (8192, 512), (16384, 128)]
 CPU_KERNEL_MARGIN = 0.2
 
 
 def run_cpu_kernel(args) -> dict:
     """The --cpu-kernel preset: rows like run()'s, with a "threads" field."""
-    repeats = args.repeats if args.repeats is not None else 5
+    repeats = args.repeats if args.repeats is not None else 9
     warmup = args.warmup if args.warmup is not None else 1
     all_threads = args.threads or torch.get_num_threads()
     cells = [(n, d) for (n, d) in CPU_KERNEL_CELLS
@@ -910,7 +943,7 @@ def run_cpu_kernel(args) -> dict:
     pre = assess_load(before, None, None, args.load_threshold)
     if pre["loaded"]:
         print(pre["warning"], file=sys.stderr, flush=True)
-    progress = Progress(len(cells) * len(runs) * 2, not args.no_progress)
+    progress = Progress(len(cells) * 2, not args.no_progress)
     prev_precision, prev_threads = torch.get_float32_matmul_precision(), torch.get_num_threads()
     rows: List[dict] = []
     sampler = LoadSampler().start()
@@ -922,17 +955,16 @@ def run_cpu_kernel(args) -> dict:
                                         args.samples_per_class, seed)
             for threads in (all_threads, 1):
                 torch.set_num_threads(threads)
-                for name, strategy, fn in runs:
-                    row = dict(provider=name, mode="forward", strategy=strategy, n=n, m=n, d=d,
-                               dtype="fp32", self_refs=True, seed=seed, threads=threads,
-                               margin=CPU_KERNEL_MARGIN if "semihard" in strategy else None,
-                               status="ok", peak_mem_bytes=None, mem_method=None)
-                    progress.cell(f"time {name} {strategy} N={n} D={d} threads={threads}")
-                    times = time_call(lambda: None, lambda _: fn(x, labels), args.device, repeats,
-                                      warmup, args.cell_budget_s)
-                    row["times_s"], row["time_s"] = times, statistics.median(times)
-                    rows.append(row)
-                    progress.update()
+                progress.cell(f"time floor, easy/hard, easy/semihard N={n} D={d} threads={threads}")
+                timed = time_interleaved([functools.partial(fn, x, labels) for _, _, fn in runs],
+                                         args.device, repeats, warmup, args.cell_budget_s)
+                for (name, strategy, _), times in zip(runs, timed):
+                    rows.append(dict(provider=name, mode="forward", strategy=strategy, n=n, m=n,
+                                     d=d, dtype="fp32", self_refs=True, seed=seed, threads=threads,
+                                     margin=CPU_KERNEL_MARGIN if "semihard" in strategy else None,
+                                     status="ok", peak_mem_bytes=None, mem_method=None,
+                                     times_s=times, time_s=statistics.median(times)))
+                progress.update()
     finally:
         torch.set_float32_matmul_precision(prev_precision)
         torch.set_num_threads(prev_threads)

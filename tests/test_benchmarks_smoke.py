@@ -116,6 +116,27 @@ def test_time_budget_limits_repeats():
     assert len(times) == 3
 
 
+def test_time_interleaved_times_the_calls_in_rounds():
+    """--cpu-kernel's timing: warm-up rounds, then rounds calling each once, in order;
+    the budget stops new rounds (one is always timed)."""
+    import time
+    log = []
+
+    def call(name, sleep=0.0):
+        def run():
+            log.append(name)
+            time.sleep(sleep)
+        return run
+    times = M.time_interleaved([call("a"), call("b", 0.01), call("c")], torch.device("cpu"),
+                               repeats=3, warmup=1)
+    assert log == ["a", "b", "c"] * 4 and [len(t) for t in times] == [3, 3, 3]
+    assert min(times[1]) >= 0.01 > max(times[0] + times[2])
+    log.clear()
+    times = M.time_interleaved([call("a", 0.02), call("b")], torch.device("cpu"), repeats=5,
+                               warmup=0, budget_s=0.01)
+    assert log == ["a", "b"] and [len(t) for t in times] == [1, 1]
+
+
 # ---------------------------------------------------------------- item 20: output folders, load, progress
 import datetime as _dt  # noqa: E402
 import os  # noqa: E402
