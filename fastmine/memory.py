@@ -212,6 +212,20 @@ class CrossBatchMemory(nn.Module):
             st = self._fused = _Store.build(self, max(n, st.slack if st.backs(self) else 0))
         return st
 
+    def _stage_batch(self, x: Tensor, labels: Tensor, ids: Tensor):
+        """Copy the batch (x [N, D], labels, ids [N] int64) into the N spare rows just
+        before the memory, without gradient, and return the references
+        [batch; memory[:filled]] as three views of the storage: embeddings
+        [N + filled, D], labels and ids [N + filled].  Nothing of the bank is copied."""
+        n = x.shape[0]
+        st = self._store_for(n)
+        lo, hi = st.slack - n, st.slack + self.filled
+        with torch.no_grad():
+            st.emb[lo:st.slack].copy_(x)
+            st.labels[lo:st.slack].copy_(labels)
+            st.ids[lo:st.slack].copy_(ids)
+        return st.emb[lo:hi], st.labels[lo:hi], st.ids[lo:hi]
+
     def reset_queue(self) -> None:
         """Empty the memory (ids of the default counter keep increasing)."""
         self.queue_idx = 0
@@ -283,22 +297,16 @@ class CrossBatchMemory(nn.Module):
     def _forward_in_place(self, embeddings: Tensor, labels: Tensor, ids: Tensor) -> Tensor:
         """The fastmine-loss step without copying the bank (see the class docstring)."""
         loss = self.loss
-        n, m = embeddings.shape[0], self.filled
         x = F.normalize(embeddings, dim=1) if loss.normalize_embeddings else embeddings
-        st = self._store_for(n)
-        lo, hi = st.slack - n, st.slack + m
+        ref_emb, ref_labels, ref_ids = self._stage_batch(x, labels, ids)
         with torch.no_grad():
-            st.emb[lo:st.slack].copy_(x)
-            st.labels[lo:st.slack].copy_(labels)
-            st.ids[lo:st.slack].copy_(ids)
-            # references [batch; memory[:filled]]: one view, mined without gradient
-            # by the loss's own rule (its k_pos / k_neg, strategies, sampling
-            # settings; a distance_weighted seed=None draws its seed here, once
-            # per step, as the loss's forward would)
-            sel = loss._select(x, labels, st.emb[lo:hi], st.labels[lo:hi], ids, st.ids[lo:hi])
+            # mined without gradient by the loss's own rule (its k_pos / k_neg,
+            # strategies, sampling settings; a distance_weighted seed=None draws
+            # its seed here, once per step, as the loss's forward would)
+            sel = loss._select(x, labels, ref_emb, ref_labels, ids, ref_ids)
         distance = loss._mining_kwargs()["distance"]
-        pos_dist = self._selected_distance(x, st.emb[lo:hi], sel.pos_idx, distance)
-        neg_dist = self._selected_distance(x, st.emb[lo:hi], sel.neg_idx, distance)
+        pos_dist = self._selected_distance(x, ref_emb, sel.pos_idx, distance)
+        neg_dist = self._selected_distance(x, ref_emb, sel.neg_idx, distance)
         out = loss._loss_from_mined(TopKResult(sel.pos_idx, sel.neg_idx, pos_dist, neg_dist),
                                     labels)
         self._enqueue(x.detach(), labels, ids)
@@ -334,18 +342,11 @@ class CrossBatchMemory(nn.Module):
         unit row again changes it by rounding only)."""
         from . import contrastive as C
 
-        n, m = embeddings.shape[0], self.filled
         # the batch's checks and normalisation, as the loss's forward does them
         q, _, labels, _, ids, _, _, _ = C.prepare(embeddings, labels, None, None, ids, None)
-        st = self._store_for(n)
-        lo, hi = st.slack - n, st.slack + m
-        with torch.no_grad():
-            st.emb[lo:st.slack].copy_(q)
-            st.labels[lo:st.slack].copy_(labels)
-            st.ids[lo:st.slack].copy_(ids)
+        ref_emb, ref_labels, ref_ids = self._stage_batch(q, labels, ids)
         backend = C.resolve_backend(self.loss.backend, embeddings.device)
-        out = _BankContrastive.apply(q, labels, ids, st.emb[lo:hi], st.labels[lo:hi],
-                                     st.ids[lo:hi], self.loss, backend)
+        out = _BankContrastive.apply(q, labels, ids, ref_emb, ref_labels, ref_ids, self.loss, backend)
         self._enqueue(q.detach(), labels, ids)
         return out.to(embeddings.dtype)
 
