@@ -564,11 +564,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    started = B._utcnow()
-    result = run(args)
-    B.write_table_run(args, started, result, "contrastive", markdown)
-    return result
+    return B.table_main(argv, parse_args, run, "contrastive", markdown)
 
 
 if __name__ == "__main__":

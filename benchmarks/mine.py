@@ -761,6 +761,17 @@ def write_table_run(args, started: _dt.datetime, result: dict, suffix: str,
     return out
 
 
+def table_main(argv, parse_args, run, suffix: str, markdown) -> dict:
+    """``main`` of a one-table benchmark (benchmarks.topk, benchmarks.contrastive):
+    parse ``argv``, ``run`` the parsed arguments, write the run with
+    :func:`write_table_run`; returns the results dict."""
+    args = parse_args(argv)
+    started = _utcnow()
+    result = run(args)
+    write_table_run(args, started, result, suffix, markdown)
+    return result
+
+
 def _sizes(args) -> List[tuple]:
     """(N, M, self_refs) cells: the batch against itself, then query x bank."""
     sizes = [(n, n, True) for n in args.n]

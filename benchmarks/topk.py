@@ -358,11 +358,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    started = B._utcnow()
-    result = run(args)
-    B.write_table_run(args, started, result, "topk", markdown)
-    return result
+    return B.table_main(argv, parse_args, run, "topk", markdown)
 
 
 if __name__ == "__main__":
