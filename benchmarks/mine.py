@@ -205,7 +205,12 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+GIT_SHA_ENV = "FASTMINE_GIT_SHA"  # the commit of a tree copied without .git (a lent GPU's copy)
+
+
 def _git_sha() -> Optional[str]:
+    if os.environ.get(GIT_SHA_ENV) and not (REPO / ".git").exists():
+        return os.environ[GIT_SHA_ENV]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                              text=True, timeout=10).stdout.strip()

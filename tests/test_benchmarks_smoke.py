@@ -369,6 +369,28 @@ def test_call_overhead_benchmark_runs():
                                       "pml_fwd_bwd_us"))
 
 
+def test_call_overhead_markdown_gpu_rows():
+    """The GPU table of benchmarks/call_overhead.py (its cells need a GPU): every
+    row's figures, and a step that could not be captured in a CUDA graph shows the
+    capture's error instead of a time."""
+    from benchmarks import call_overhead
+
+    env = dict(date_utc="2026-12-03T00:00:00+00:00", device="cuda", gpu="NVIDIA H200",
+               driver="580.159.04", cuda="13.0", triton="3.6.0", torch="2.11.0+cu130",
+               fastmine_git="abc")
+    row = dict(backend="triton", n=256, d=128, dtype="float32", mine_us=20.5, mine_fwd_bwd_us=41.0,
+               plain_fwd_bwd_us=30.25, loss_fwd_bwd_us=45.0, graph_fwd_bwd_us=12.5, graph_error=None,
+               pml_fwd_bwd_us=900.0, pml_over_loss=20.0)
+    bad = dict(row, backend="cuda", graph_fwd_bwd_us=None,
+               graph_error="RuntimeError: operation not permitted when stream is capturing")
+    md = call_overhead.markdown(dict(environment=env, load_before=[0.1], load_after=[0.2],
+                                     timing=[row, bad], memory=[]))
+    assert "GPU: NVIDIA H200 (driver 580.159.04, CUDA 13.0), triton 3.6.0" in md
+    assert "| triton | 256 | 128 | float32 | 20.5 | 41.0 | 30.2 | 45.0 | 12.5 | 900.0 | 20.0 |" in md
+    assert "| cuda | 256 | 128 | float32 | 20.5 | 41.0 | 30.2 | 45.0 | not capturable: " \
+           "RuntimeError: operation not permitted when stream is capturing | 900.0 | 20.0 |" in md
+
+
 def test_topk_benchmark_runs(tmp_path):
     """benchmarks.topk (issue #17's table) at a tiny size: every row timed, ratios
     against the floor, mine k=1 and PML's DistanceWeightedMiner of the same cell,
