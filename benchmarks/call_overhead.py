@@ -313,7 +313,7 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="cuda: the GPU rows (triton / cuda backends, CUDA graph replay)")
@@ -326,7 +326,11 @@ def main(argv=None) -> dict:
                     help="run one group of cells (default: all)")
     # not results.json: that name is benchmarks.mine's sweep, which benchmarks.report regenerates
     ap.add_argument("--out", default=None, help="write call_overhead.json and call_overhead.md here")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     on_gpu = args.device == "cuda"
     if args.repeats is None:
         args.repeats = 50 if on_gpu else 400
