@@ -328,22 +328,61 @@ class _MultiSimilaritySpec(_Spec):
         return gamma * (g_neg - g_pos)
 
 
+def streaming_stats(spec: _Spec, q: Tensor, r: Tensor, labels: Tensor, ref_labels: Tensor,
+                    query_ids: Optional[Tensor], ref_ids: Optional[Tensor], block_q: int,
+                    block_r: int):
+    """The forward of the streaming algorithm: ``spec.stats`` over the tiles of (q, r).
+
+    q [N, D], r [M, D] normalised rows (float32 / float64, one device); labels [N],
+    ref_labels [M] integer; query_ids [N] / ref_ids [M] integer or None (no
+    same-sample pair); tiles of block_q anchors x block_r references.  Returns
+    (terms [N] in q's dtype, n_pos [N] int64, n_neg [N] int64, saved: the
+    per-anchor statistics ``streaming_backward`` takes), in O(N + M) memory
+    beyond one tile.  No autograd: ``_StreamingTerms`` (and
+    ``memory._bank_ops``) wrap it."""
+    tiles = lambda: _tiles(q, r, labels, ref_labels, query_ids, ref_ids,  # noqa: E731
+                           block_q, block_r)
+    return spec.stats(tiles, q, q.shape[0])
+
+
+def streaming_backward(spec: _Spec, saved, gamma: Tensor, q: Tensor, r: Tensor,
+                       labels: Tensor, ref_labels: Tensor, query_ids: Optional[Tensor],
+                       ref_ids: Optional[Tensor], block_q: int, block_r: int,
+                       dq: Optional[Tensor], dr: Optional[Tensor]) -> None:
+    """The backward of the streaming algorithm, accumulated in place: every tile of
+    (q, r) again, g = gamma_i dterm_i/ds_ij (``spec.tile_grad`` from ``saved``, the
+    per-anchor statistics of ``streaming_stats``), then dq[i-block] += g r[j-block]
+    and dr[j-block] += g^T q[i-block].
+
+    gamma [N] is dL/dterms; dq [N, D] and dr [M, D] (either None: not formed; the
+    same tensor when r is q) are added to.  r need not be the forward's
+    references: g_ij depends on reference j only through s_ij and the masks of
+    (i, j), so the saved statistics of the full pass and r = a subset of the
+    references (with its labels and ids) give that subset's reference gradient
+    (``memory._BankContrastive``: the live batch rows of [batch; memory])."""
+    for i0, i1, j0, j1, s, pos, neg in _tiles(q, r, labels, ref_labels, query_ids, ref_ids,
+                                              block_q, block_r):
+        g = spec.tile_grad(s, pos, neg, saved, gamma[i0:i1, None], i0, i1)
+        if dq is not None:
+            dq[i0:i1].addmm_(g, r[j0:j1])
+        if dr is not None:
+            dr[j0:j1].addmm_(g.T, q[i0:i1])
+
+
 class _StreamingTerms(torch.autograd.Function):
     """(terms [N], n_pos [N], n_neg [N]) = spec(q, r); r None: the references are q
     itself (ref_labels None: ``labels``; ref_ids None: ``query_ids``).
 
-    forward: ``spec.stats`` over the tiles, O(N + M) state.  backward: every
-    tile again, g = gamma_i dterm_i/ds from the saved per-anchor statistics,
-    then dL/dq[i-block] += g r[j-block] and dL/dr[j-block] += g^T q[i-block]."""
+    forward: ``streaming_stats``, O(N + M) state.  backward:
+    ``streaming_backward`` from the saved per-anchor statistics."""
 
     @staticmethod
     def forward(ctx, q, r, labels, ref_labels, query_ids, ref_ids, spec, block_q, block_r):
         refs = q if r is None else r
         ref_labels = labels if ref_labels is None else ref_labels
         ref_ids = query_ids if ref_ids is None else ref_ids
-        tiles = lambda: _tiles(q, refs, labels, ref_labels, query_ids, ref_ids,  # noqa: E731
-                               block_q, block_r)
-        terms, n_pos, n_neg, saved = spec.stats(tiles, q, q.shape[0])
+        terms, n_pos, n_neg, saved = streaming_stats(spec, q, refs, labels, ref_labels,
+                                                     query_ids, ref_ids, block_q, block_r)
         ctx.save_for_backward(q, r, labels, ref_labels, query_ids, ref_ids, *saved)
         ctx.spec, ctx.blocks = spec, (block_q, block_r)
         ctx.mark_non_differentiable(n_pos, n_neg)
@@ -357,12 +396,8 @@ class _StreamingTerms(torch.autograd.Function):
         dq = torch.zeros_like(q)
         want_r = r is not None and ctx.needs_input_grad[1]
         dr = dq if r is None else (torch.zeros_like(r) if want_r else None)
-        for i0, i1, j0, j1, s, pos, neg in _tiles(q, refs, labels, ref_labels, query_ids,
-                                                  ref_ids, *ctx.blocks):
-            g = ctx.spec.tile_grad(s, pos, neg, saved, grad[i0:i1, None], i0, i1)
-            dq[i0:i1].addmm_(g, refs[j0:j1])
-            if dr is not None:
-                dr[j0:j1].addmm_(g.T, q[i0:i1])
+        streaming_backward(ctx.spec, saved, grad, q, refs, labels, ref_labels, query_ids,
+                           ref_ids, *ctx.blocks, dq, dr)
         return dq, (dr if want_r else None), None, None, None, None, None, None, None
 
 

@@ -132,7 +132,8 @@ class CrossBatchMemory(nn.Module):
     normalised rows, so that they need no normalising at each step.
     fastmine's contrastive losses (``SupConLoss``, ``NTXentLoss``,
     ``MultiSimilarityLoss``, not subclassed in ``forward`` or ``_terms``) on
-    their compiled ``cpu`` or their ``triton`` backend with float32 / float64 rows stream the same
+    their streaming backends (compiled ``cpu``, ``triton`` or ``chunked``; not the
+    full-matrix ``torch``) with float32 / float64 rows stream the same
     view ``[batch; memory[:filled]]`` in place (``_BankContrastive``: O((N +
     M) D) memory, no copy of the bank; the memory stores the normalised rows),
     with the gradient of the live batch as anchor and as reference.  Any
@@ -315,9 +316,11 @@ class CrossBatchMemory(nn.Module):
     def _contrastive_in_place(self, embeddings: Tensor) -> bool:
         """True when the step can stream the bank in place for a contrastive loss:
         fastmine.contrastive's SupCon / NT-Xent / MS (forward and _terms not
-        overridden) on a streaming kernel that exposes its per-anchor statistics
-        (the compiled ``cpu`` backend, or ``triton``), float32 / float64 rows,
-        the memory of the same dtype and device."""
+        overridden) on a streaming backend that exposes its per-anchor statistics
+        and a reference gradient restricted to given rows (``_BANK_BACKENDS``: the
+        compiled ``cpu`` kernel, ``triton``, or the PyTorch ``chunked`` one; so every
+        backend but the full-matrix ``torch``), float32 / float64 rows, the memory
+        of the same dtype and device."""
         from . import contrastive as C
 
         loss = self.loss
@@ -389,18 +392,36 @@ class CrossBatchMemory(nn.Module):
         self.filled = min(self.filled + n, self.memory_size)
 
 
-# The contrastive backends whose ops return the per-anchor statistics and take a
-# reference gradient restricted to given rows (``_bank_ops``).
-_BANK_BACKENDS = ("cpu", "triton")
+# The contrastive backends whose forward returns the per-anchor statistics and whose
+# backward takes a reference gradient restricted to given rows (``_bank_ops``).
+_BANK_BACKENDS = ("cpu", "triton", "chunked")
 
 
 def _bank_ops(backend: str, loss, q: Tensor, refs: Tensor, labels: Tensor,
               ref_labels: Tensor, ids: Tensor, ref_ids: Tensor):
     """One streaming forward of ``loss`` on (q, refs) with backend "cpu"
-    (fastmine::contrastive) or "triton" (fastmine::contrastive_triton): returns
-    (terms [N], n_pos [N], n_neg [N], backward), where backward(gamma, r, r_labels,
-    r_ids, ref_grad) runs the backend's backward op on the forward's statistics
-    against the references r: (dL/dq [N, D], dL/dr [M_r, D] when ref_grad)."""
+    (fastmine::contrastive), "triton" (fastmine::contrastive_triton) or "chunked"
+    (``contrastive.streaming_stats``, tiles of ``loss.block_size``).
+
+    q [N, D], refs [M, D] normalised rows (float32 / float64, detached); labels,
+    ids [N] and ref_labels, ref_ids [M] int64.  Returns (terms [N] in q's dtype,
+    n_pos [N] int64, n_neg [N] int64, backward), where backward(gamma [N], r
+    [M_r, D], r_labels, r_ids [M_r], ref_grad: bool) runs the backend's backward
+    on the forward's per-anchor statistics against the references r:
+    (dL/dq [N, D], dL/dr [M_r, D] when ref_grad)."""
+    if backend == "chunked":
+        from . import contrastive as C
+
+        spec, blocks = loss._spec(), (loss.block_size, loss.block_size)
+        terms, n_pos, n_neg, saved = C.streaming_stats(spec, q, refs, labels, ref_labels, ids,
+                                                       ref_ids, *blocks)
+
+        def backward(gamma, r, r_labels, r_ids, ref_grad):
+            dq, dr = torch.zeros_like(q), (torch.zeros_like(r) if ref_grad else None)
+            C.streaming_backward(spec, saved, gamma, q, r, labels, r_labels, ids, r_ids, *blocks,
+                                 dq, dr)
+            return dq, dr
+        return terms, n_pos, n_neg, backward
     args = loss._op_args()
     if backend == "cpu":
         args = args + (loss.block_size,)
@@ -432,10 +453,11 @@ class _BankContrastive(torch.autograd.Function):
     The gradient is formed in the forward (from dL/dterms of the loss's one
     reduction, ``reference_contrastive.reduce_terms``) and only scaled in the
     backward: the ring buffer is overwritten by this step's enqueue before the
-    backward runs, so the bank cannot be read then.  Anchor role: the op's
-    backward over every reference (``fastmine::contrastive_backward`` or its Triton twin, no
-    reference gradient); reference role of the live rows j < n: the same op
-    with the references = the batch rows and ``ref_grad``, from the per-anchor
+    backward runs, so the bank cannot be read then.  Anchor role: the backend's
+    backward (``_bank_ops``: ``fastmine::contrastive_backward``, its Triton twin,
+    or ``contrastive.streaming_backward``) over every reference, no reference
+    gradient; reference role of the live rows j < n: the same backward with the
+    references = the batch rows and ``ref_grad``, from the per-anchor
     statistics of the full pass (the tile gradient g_ij depends on the
     reference j only through s_ij and the masks), so only an [n, D] reference
     gradient is formed."""

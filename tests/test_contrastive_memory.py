@@ -129,23 +129,50 @@ def test_cross_batch_memory(name):
 def _in_place_backends():
     """The backends whose CrossBatchMemory step streams the bank in place, runnable here."""
     return ((["cpu"] if _ops.has_contrastive_ops() else [])
-            + (["triton"] if triton_interpreted() else []))
+            + (["triton"] if triton_interpreted() else []) + ["chunked"])
+
+
+def _copying(cls):
+    """``cls`` with its forward overridden (same signature, same computation): a
+    CrossBatchMemory then takes the copying path, the loss on torch.cat([batch,
+    memory]) -- the formulation the in-place path must reproduce."""
+
+    class Copying(cls):
+        def forward(self, embeddings, labels, ref_emb=None, ref_labels=None, query_ids=None,
+                    ref_ids=None):
+            return super().forward(embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids)
+    return Copying
+
+
+def _fused_and_copying(name, backend, dtype=torch.float64, memory_size=25):
+    """(in-place module on ``backend``, copying module on "chunked"); the chunked
+    in-place one tiles by 3 and the copying one by 4, so neither is one tile."""
+    from fastmine import CrossBatchMemory
+
+    cls, kw = SPECS[name]
+    blocks = {"block_size": 3} if backend == "chunked" else {}
+    fused = CrossBatchMemory(cls(**kw, **blocks, backend=backend), embedding_size=5,
+                             memory_size=memory_size)
+    copying = CrossBatchMemory(_copying(cls)(**kw, backend="chunked", block_size=4),
+                               embedding_size=5, memory_size=memory_size)
+    return fused, copying
+
+
+# in-place vs copying: the same sums in another order (float64), or float32 rounding
+_TOL = {torch.float64: {"rtol": 1e-12, "atol": 1e-13},
+        torch.float32: {"rtol": 1e-5, "atol": 1e-6}}
 
 
 @pytest.mark.parametrize("backend", _in_place_backends())
 @pytest.mark.parametrize("name", ["supcon", "ntxent", "ms_mined"])
 def test_cross_batch_memory_in_place_equals_copying(name, backend):
-    """On the cpu and triton backends CrossBatchMemory streams [batch; memory] as one
-    view of its storage (no copy of the bank); the chunked backend takes the copying
-    path (torch.cat).  Values and gradients agree (float64) step after step, with the
-    ring wrapping around, ids repeated across steps (stored copies excluded), and
-    two steps in one graph (the bank is overwritten before that backward)."""
-    from fastmine import CrossBatchMemory
-
-    cls, kw = SPECS[name]
-    fused = CrossBatchMemory(cls(**kw, backend=backend), embedding_size=5, memory_size=25)
-    copying = CrossBatchMemory(cls(**kw, backend="chunked", block_size=4), embedding_size=5,
-                               memory_size=25)
+    """On the cpu, triton and chunked backends CrossBatchMemory streams [batch; memory]
+    as one view of its storage (no copy of the bank); a subclass overriding forward
+    takes the copying path (torch.cat) on the chunked backend.  Values and gradients
+    agree (float64) step after step, with the ring wrapping around, ids repeated
+    across steps (stored copies excluded), and two steps in one graph (the bank is
+    overwritten before that backward)."""
+    fused, copying = _fused_and_copying(name, backend)
     g = torch.Generator().manual_seed(6)
     for step in range(4):
         embs = [torch.randn(10, 5, generator=g, dtype=torch.float64, requires_grad=True)
@@ -159,26 +186,80 @@ def test_cross_batch_memory_in_place_equals_copying(name, backend):
             values[key] = (both.detach(),) + torch.autograd.grad(both, embs[:1 + step % 2])
         assert fused._fused.slack == 10 and copying._fused.emb is None  # the paths taken
         for a, b in zip(values["fused"], values["copying"]):
-            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+            torch.testing.assert_close(a, b, **_TOL[torch.float64])
     assert float(values["fused"][0]) > 0
     torch.testing.assert_close(fused.embedding_memory, torch.nn.functional.normalize(
         copying.embedding_memory, dim=1), atol=1e-15, rtol=0)  # the normalised rows
 
 
-@pytest.mark.skipif(not _ops.has_contrastive_ops(), reason="compiled extension not built")
+def _edge_batches(g, dtype):
+    """(rows, labels) of the steps of ``test_..._edge_batches``: a one-class batch into
+    the empty memory (no negative anywhere), singletons of new labels (no positive
+    anywhere), one row, a one-class batch of a stored label, mixed batches that fill
+    the 25-row ring and wrap it."""
+    labels = [torch.zeros(6, dtype=torch.long), 100 + torch.arange(7), torch.tensor([1]),
+              torch.full((5,), 2), torch.randint(0, 4, (10,), generator=g),
+              torch.randint(0, 4, (9,), generator=g), torch.full((8,), 101),
+              torch.randint(0, 4, (10,), generator=g)]
+    return [(torch.randn(len(y), 5, generator=g, dtype=dtype), y) for y in labels]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("user_ids", [True, False])
+@pytest.mark.parametrize("backend", _in_place_backends())
 @pytest.mark.parametrize("name", ["supcon", "ntxent", "ms_mined"])
-def test_cross_batch_memory_in_place_no_bank_allocation(name):
+def test_cross_batch_memory_in_place_edge_batches(name, backend, user_ids, dtype):
+    """The in-place step equals the copying one (values and gradients of the batch, in
+    the per-dtype tolerance) on degenerate batches -- one class, singletons, a single
+    row -- with the memory empty, partly filled, full and wrapped, with dataset ids
+    (repeated across steps) or the default counter; midway the module is replaced
+    by a new one loaded from its state_dict (the in-place path continues from the
+    checkpoint)."""
+    from fastmine import CrossBatchMemory
+
+    fused, copying = _fused_and_copying(name, backend, dtype)
+    g = torch.Generator().manual_seed(8)
+    for step, (x, y) in enumerate(_edge_batches(g, dtype)):
+        ids = torch.randint(0, 12, (len(y),), generator=g) if user_ids else None
+        if step == 4:
+            restored = CrossBatchMemory(type(fused.loss)(**SPECS[name][1], backend=backend,
+                                                         block_size=fused.loss.block_size),
+                                        embedding_size=5, memory_size=25)
+            restored.load_state_dict(fused.state_dict())
+            assert restored.filled == fused.filled == 19 and restored.queue_idx == 19
+            fused = restored
+        results = []
+        for xbm in (fused, copying):
+            e = x.clone().requires_grad_()
+            value = xbm(e, y, ids)
+            results.append((value.detach(),) + torch.autograd.grad(value, e))
+        assert fused._fused.backs(fused) and copying._fused.emb is None  # the paths taken
+        for a, b in zip(*results):
+            assert a.dtype == dtype
+            torch.testing.assert_close(a, b, **_TOL[dtype])
+        if step < 2:  # no negative (one class, empty memory) / no positive: the loss is 0
+            assert float(results[0][0]) == 0 or name == "ms_mined"
+    assert fused.filled == 25 and fused.queue_idx == 56 % 25  # full, wrapped
+    assert float(results[0][0]) > 0 and results[0][1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", [b for b in _in_place_backends() if b != "triton"])
+@pytest.mark.parametrize("name", ["supcon", "ntxent", "ms_mined"])
+def test_cross_batch_memory_in_place_no_bank_allocation(name, backend):
     """A step of 64 rows against a full bank of 8192 x 64 (2 MiB) allocates no
-    bank-sized buffer on the in-place path: the largest is a 256 x 256 tile (the
-    kernel's per-thread buffers) or the batch's rows; the copying path's torch.cat([batch; memory]) is
-    seen by the same probe."""
+    bank-sized buffer on the in-place path (the compiled kernel and the PyTorch
+    chunked one): the largest is a 256 x 256 tile (the kernel's per-thread
+    buffers; a chunked tile is 64 x 256) or the batch's rows; the copying path's
+    torch.cat([batch; memory]) is seen by the same probe."""
     from fastmine import CrossBatchMemory
 
     cls, kw = SPECS[name]
     bank, d, n = 8192, 64, 64
     g = torch.Generator().manual_seed(3)
-    xbms = {b: CrossBatchMemory(cls(**kw, backend=b), embedding_size=d, memory_size=bank)
-            for b in ("cpu", "chunked")}
+    xbms = {"in place": CrossBatchMemory(cls(**kw, backend=backend), embedding_size=d,
+                                         memory_size=bank),
+            "copying": CrossBatchMemory(_copying(cls)(**kw, backend="chunked"),
+                                        embedding_size=d, memory_size=bank)}
     fill_x = torch.randn(bank, d, generator=g)
     fill_y = torch.randint(0, 512, (bank,), generator=g)
     for xbm in xbms.values():
@@ -195,6 +276,7 @@ def test_cross_batch_memory_in_place_no_bank_allocation(name):
         return max(e.cpu_memory_usage for e in prof.events())
 
     bank_bytes = bank * d * 4
-    assert largest(xbms["cpu"]) <= 4 * max(256 * 256, n * d) < bank_bytes // 4  # float32 bytes
-    assert xbms["cpu"].filled == bank and torch.isfinite(emb.grad).all()
-    assert largest(xbms["chunked"]) >= bank_bytes
+    assert largest(xbms["in place"]) <= 4 * max(256 * 256, n * d) < bank_bytes // 4  # float32
+    assert xbms["in place"]._fused.backs(xbms["in place"])  # the in-place path ran
+    assert xbms["in place"].filled == bank and torch.isfinite(emb.grad).all()
+    assert largest(xbms["copying"]) >= bank_bytes
