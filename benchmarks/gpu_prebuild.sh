@@ -48,6 +48,8 @@ pml=$(python -c 'import pytorch_metric_learning as p; print(p.__version__)')
 rm -f .gpu_wheels/pytorch_metric_learning-*.whl
 python -m pip download -q --no-deps --only-binary=:all: -d .gpu_wheels "pytorch-metric-learning==$pml"
 
-git rev-parse HEAD > .gpu_build/built_from
+# The sources it was built from: benchmarks/gpu_session.py installs the carried
+# build only into a tree whose digest matches.
+(cd "$src" && python -m benchmarks.gpu_session digest) > .gpu_build/source_digest
 du -sh .gpu_build .gpu_wheels
 ls -l .gpu_build .gpu_wheels

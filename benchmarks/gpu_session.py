@@ -265,6 +265,13 @@ def install_carried(session: Session, log: Path, prebuilt: Path = PREBUILT,
         notes.append(f"wheels {[w.name for w in wheels]}: rc {r.returncode} {r.stderr[-500:]}")
         session.python_path = f"{session.python_path}:{site}"
     built = sorted(prebuilt.glob("_C.*.so")) if prebuilt.is_dir() else []
+    digest = prebuilt / DIGEST_FILE
+    carried = digest.read_text().strip() if digest.is_file() else None
+    if built and carried != source_digest(REPO):
+        notes.append(f"carried build NOT installed: built from sources {carried}, this tree's are "
+                     f"{source_digest(REPO)} (csrc/, the manifest or setup.py changed since "
+                     f"benchmarks/gpu_prebuild.sh ran)")
+        built = []
     for f in built + (sorted(prebuilt.glob("_build_config.py")) if built else []):
         shutil.copy2(f, REPO / "fastmine" / f.name)
         notes.append(f"installed {f.name}")
@@ -291,6 +298,28 @@ def run(args, steps: Sequence[Step] = STEPS, prebuilt: Path = PREBUILT,
             session.extension_ok = True  # built here, and check-extension passed
     print(summary_markdown(session.rows, time.monotonic() - session.t0))
     return session.rows
+
+
+# ------------------------------------------------------------------ the carried build
+
+DIGEST_FILE = "source_digest"  # in .gpu_build/, written by benchmarks/gpu_prebuild.sh
+BUILD_INPUTS = ("csrc", "fastmine/_build_manifest.json", "setup.py")
+
+
+def source_digest(root: Path) -> str:
+    """sha256 over what the compiled extension is built from (BUILD_INPUTS under
+    ``root``: each file's path relative to ``root`` and its bytes, in sorted
+    order): a carried build is used only when this matches the tree it runs in."""
+    import hashlib
+    h = hashlib.sha256()
+    files = []
+    for rel in BUILD_INPUTS:
+        p = root / rel
+        files += sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    for f in files:
+        h.update(f.relative_to(root).as_posix().encode() + b"\0")
+        h.update(f.read_bytes())
+    return h.hexdigest()
 
 
 # ------------------------------------------------------------------ probe
@@ -413,6 +442,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("probe", help="the machine and its ceilings")
     p.add_argument("--out", required=True)
     sub.add_parser("check-extension", help="exit 0 when the CUDA extension loads")
+    sub.add_parser("digest", help="the digest of the extension's sources in this tree")
     u = sub.add_parser("unpack", help="a session's archive into benchmarks/results/<gpu>-<date>/")
     u.add_argument("archive")
     u.add_argument("--results-root", default=str(REPO / "benchmarks" / "results"))
@@ -426,6 +456,9 @@ def main(argv=None) -> int:
         return 0
     if args.cmd == "check-extension":
         return check_extension()
+    if args.cmd == "digest":
+        print(source_digest(REPO))
+        return 0
     if args.cmd == "unpack":
         print(unpack(Path(args.archive), Path(args.results_root)))
         return 0

@@ -173,3 +173,36 @@ def test_results_folder_name():
     root = Path("/r")
     assert G.results_folder(dict(gpu="NVIDIA H100 80GB HBM3", date_utc="2027-02-01T00:00:00"), root) \
         == root / "h100-80gb-hbm3-2027-02-01"
+
+
+def test_source_digest_follows_the_build_inputs(tmp_path):
+    for rel, text in {"csrc/a.cpp": "int a;", "csrc/cuda/b.cu": "int b;",
+                      "fastmine/_build_manifest.json": "{}", "setup.py": "", "README.md": "x"}.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    d0 = G.source_digest(tmp_path)
+    (tmp_path / "README.md").write_text("y")  # not a build input
+    assert G.source_digest(tmp_path) == d0
+    (tmp_path / "csrc/cuda/b.cu").write_text("int b2;")
+    assert G.source_digest(tmp_path) != d0
+    (tmp_path / "csrc/cuda/b.cu").write_text("int b;")
+    assert G.source_digest(tmp_path) == d0
+    (tmp_path / "csrc/cuda/b.cu").rename(tmp_path / "csrc/cuda/c.cu")  # same bytes, other name
+    assert G.source_digest(tmp_path) != d0
+
+
+def test_a_stale_carried_build_is_not_installed(tmp_path):
+    """A carried extension built from other sources than this tree's (csrc/
+    changed after benchmarks/gpu_prebuild.sh) would run stale kernels: it is
+    left out, and the build step becomes due."""
+    prebuilt = tmp_path / "prebuilt"
+    prebuilt.mkdir()
+    fake = prebuilt / "_C.cpython-399-x86_64-linux-gnu.so"
+    fake.write_text("not a library")
+    (prebuilt / G.DIGEST_FILE).write_text("0" * 64)
+    rows = G.run(_args(tmp_path / "out"), [G.Step("x", 30, _py("pass"))], prebuilt=prebuilt,
+                 wheel_dir=tmp_path / "none")
+    assert rows[0]["status"] == "ok"
+    log = (tmp_path / "out" / "stage" / "extension.log").read_text()
+    assert "carried build NOT installed" in log and "0" * 64 in log
+    assert not (G.REPO / "fastmine" / fake.name).exists()
