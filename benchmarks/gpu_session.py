@@ -128,6 +128,8 @@ STEPS: List[Step] = [
         "--providers", "triton", "cuda", "floor", "--repeats", "5", "--warmup", "2",
         "--cell-budget-s", "8", "--out", "{stage}/run"),
          why="N = 65536 (memory beyond inputs), 8192 x bank 1,000,000 bf16"),
+    Step("tune", 90, [PY, "-m", "benchmarks.triton_tune", "--out", "{stage}"],
+         why="every Triton forward config timed alone (the data for tuning _FWD_CONFIG_PATHS)"),
     Step("sanitizer", 60, ["bash", "-c",
                            f"{PREBUILT}/fastmine_cuda_selftest && "
                            f"compute-sanitizer --tool memcheck --error-exitcode 9 "

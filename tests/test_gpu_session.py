@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from benchmarks import call_overhead, contrastive, gpu_session as G, mine as B, topk
+from benchmarks import call_overhead, contrastive, gpu_session as G, mine as B, topk, triton_tune
 
 PY = sys.executable
 
@@ -156,14 +157,15 @@ def test_step_names_and_arguments(tmp_path, monkeypatch):
     the GPU memory cap is the only thing looked up on the device)."""
     monkeypatch.setattr(B, "default_mem_cap_gb", lambda device: 100.0)
     parsers = {"benchmarks.mine": B.parse_args, "benchmarks.call_overhead": call_overhead.parse_args,
-               "benchmarks.topk": topk.parse_args, "benchmarks.contrastive": contrastive.parse_args}
+               "benchmarks.topk": topk.parse_args, "benchmarks.contrastive": contrastive.parse_args,
+               "benchmarks.triton_tune": triton_tune.parse_args}
     seen = set()
     for step in G.STEPS:
         assert re.fullmatch(r"[a-z0-9-]+", step.name)
         argv = [a.replace("{stage}", str(tmp_path / step.name)) for a in step.argv]
         if argv[:2] == [G.PY, "-m"] and argv[2] in parsers:
             args = parsers[argv[2]](argv[3:])
-            assert str(getattr(args, "device")) == "cuda", step.name
+            assert str(getattr(args, "device", "cuda")) == "cuda", step.name  # tune: GPU only
             seen.add(argv[2])
     assert seen == set(parsers)
     assert [s.name for s in G.STEPS][:3] == ["probe", "build", "bench-target"]
@@ -206,3 +208,31 @@ def test_a_stale_carried_build_is_not_installed(tmp_path):
     log = (tmp_path / "out" / "stage" / "extension.log").read_text()
     assert "carried build NOT installed" in log and "0" * 64 in log
     assert not (G.REPO / "fastmine" / fake.name).exists()
+
+
+def test_triton_tune_cell_times_every_config_of_the_path():
+    """benchmarks.triton_tune under the interpreter (tiny N; the timer counts
+    calls instead of timing them): a row per config listed for the cell's dot
+    path, the prune marked as the autotuner would apply it, the autotuned row
+    last, ratios against the fastest."""
+    pytest.importorskip("triton")
+    from benchmarks import triton_tune
+    from fastmine import _triton as ft
+    if not ft.INTERPRETED:
+        pytest.skip("runs the Triton kernels under the interpreter")
+    calls = []
+
+    def timer(fn, repeats, warmup):
+        fn()
+        calls.append(1)
+        return float(len(calls))  # 1, 2, 3, ... ms: the first config is the fastest
+    rows = triton_tune.tune_cell(40, 8, "fp32", torch.device("cpu"), 1, 0, timer=timer)
+    listed = [k for k, paths in ft._FWD_CONFIG_PATHS.items() if "fma32" in paths]
+    assert [tuple(r["config"]) for r in rows[:-1]] == listed
+    assert rows[-1]["config"] == "autotuned" and len(calls) == len(listed) + 1
+    # D = 8: BLOCK_K is capped at 16, so every fma32 config with BLOCK_K = 32 is pruned
+    assert [r["pruned"] for r in rows[:-1]] == [k[2] > 16 for k in listed]
+    assert rows[0]["over_best"] == 1.0 and rows[-1]["over_best"] == len(calls)
+    md = triton_tune.markdown(dict(environment=dict(date_utc="d", device="cpu", torch="t", triton="tr",
+                                                    fastmine_git="g"), repeats=1, rows=rows))
+    assert md.count("\n| fp32 | 8 | fma32 |") == len(rows)
