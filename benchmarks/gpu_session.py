@@ -351,31 +351,13 @@ def check_extension() -> int:
     return 0
 
 
-def _bench_ms(fn, warmup: int = 3, repeats: int = 10) -> float:
-    import statistics
-
-    import torch
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def probe(out: Path) -> dict:
     """The machine and its two ceilings, measured (METHOD.md): GEMM rates on
     random data (8192^3 bf16, tf32, fp32 'highest') and a device-to-device copy
     (bytes read + written).  Writes probe.json into ``out``."""
     import torch
 
-    from benchmarks.mine import environment
+    from benchmarks.mine import cuda_median_ms, environment
     dev = torch.device("cuda")
     info = environment(dev)
     p = torch.cuda.get_device_properties(dev)
@@ -388,13 +370,13 @@ def probe(out: Path) -> dict:
         torch.set_float32_matmul_precision(precision)
         a = torch.randn(n, n, device=dev, dtype=dtype)
         b = torch.randn(n, n, device=dev, dtype=dtype)
-        ms = _bench_ms(lambda: torch.mm(a, b))
+        ms = cuda_median_ms(lambda: torch.mm(a, b), 10, 3)
         info[f"gemm_{name}_tflops"] = round(2 * n ** 3 / ms / 1e9, 1)
         del a, b
     torch.set_float32_matmul_precision(prev)
     src = torch.randn(2 ** 29 // 2, device=dev)  # 1 GiB of float32
     dst = torch.empty_like(src)
-    ms = _bench_ms(lambda: dst.copy_(src))
+    ms = cuda_median_ms(lambda: dst.copy_(src), 10, 3)
     info["copy_tb_s"] = round(2 * src.numel() * 4 / ms / 1e9, 2)
     try:
         info["nvidia_smi"] = subprocess.run(["nvidia-smi"], capture_output=True, text=True,

@@ -454,6 +454,22 @@ def time_call(setup, fn, device: torch.device, repeats: int, warmup: int,
     return times
 
 
+def cuda_median_ms(fn: Callable[[], object], repeats: int, warmup: int) -> float:
+    """Median milliseconds of ``fn()`` on the current CUDA stream (events)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
 def time_interleaved(calls: Sequence[Callable[[], None]], device: torch.device, repeats: int,
                      warmup: int, budget_s: float = float("inf")) -> List[List[float]]:
     """Seconds per timed call of each of ``calls``, timed in rounds: each round

@@ -17,31 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 from typing import Callable, List, Optional
 
 import torch
 
-from benchmarks.mine import DTYPES, environment
+from benchmarks.mine import DTYPES, cuda_median_ms, environment
 
 SELECT_ARGS = ("easy", "hard", "squared_euclidean", None)  # pos, neg, distance, margin
-
-
-def cuda_median_ms(fn: Callable[[], object], repeats: int, warmup: int) -> float:
-    """Median milliseconds of ``fn()`` on the current CUDA stream (events)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def config_dict(key: tuple) -> dict:
