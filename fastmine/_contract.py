@@ -44,6 +44,20 @@ def check_choice(name: str, value, options) -> None:
         raise ValueError(f"{name} must be one of {sorted(options)}, got {value!r}")
 
 
+def check_bool(name: str, value) -> bool:
+    """A flag: a Python bool, a numpy bool or a 0-d bool tensor (never a
+    truthy string, number or list, which ``bool()`` would silently accept).
+    Returns a Python bool."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype != torch.bool:
+            raise TypeError(f"{name} must be a bool, got a tensor of shape "
+                            f"{tuple(value.shape)} and dtype {value.dtype}")
+        return bool(value.item())
+    if isinstance(value, bool) or type(value).__name__ == "bool_":  # numpy.bool_
+        return bool(value)
+    raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} "
+                    f"({value!r})")
+
 
 def check_real(name: str, value, *, minimum: Optional[float] = None,
                positive: bool = False) -> float:
@@ -99,10 +113,17 @@ def check_strategy(pos_strategy: str, neg_strategy: str, distance: str,
             raise ValueError(
                 f"margin is only used by neg_strategy='semihard'; got margin={margin!r} "
                 f"with neg_strategy={neg_strategy!r}")
-        check_real("margin", margin, minimum=0.0)
+        check_semihard_margin("margin", margin)
     if neg_strategy == DISTANCE_WEIGHTED and distance != "euclidean":
         raise ValueError(f"neg_strategy='distance_weighted' needs distance='euclidean', "
                          f"got distance={distance!r}")
+
+
+def check_semihard_margin(name: str, margin) -> float:
+    """The semi-hard window's upper margin: a finite real > 0.  At 0 the window
+    (d_ap, d_ap + margin) is empty and nothing would ever be mined; no upper
+    bound is spelled None, not a large number."""
+    return check_real(name, margin, positive=True)
 
 
 def check_seed(seed) -> Optional[int]:
@@ -151,15 +172,27 @@ def check_topk_args(k_pos, k_neg, pos_strategy, neg_strategy, distance, margin, 
     k_pos = check_positive_int("k_pos", k_pos)
     k_neg = check_positive_int("k_neg", k_neg)
     check_strategy(pos_strategy, neg_strategy, distance, margin)
-    margin = None if margin is None else check_real("margin", margin, minimum=0.0)
+    margin = None if margin is None else check_semihard_margin("margin", margin)
     return (k_pos, k_neg, margin) + check_sampling_args(cutoff, nonzero_loss_cutoff, seed)
 
 
 def check_sampling_args(cutoff, nonzero_loss_cutoff, seed):
-    """cutoff, nonzero_loss_cutoff: finite reals > 0; seed: ``check_seed``.
+    """cutoff, nonzero_loss_cutoff: finite reals > 0 with cutoff below both
+    nonzero_loss_cutoff and 2; seed: ``check_seed``.
+
+    The weight is 0 at every clamped distance max(d, cutoff) >= min(
+    nonzero_loss_cutoff, 2) (docs/contract.md, "Random sampling"), so a cutoff
+    at or above that bound gives every reference weight 0 and nothing would
+    ever be sampled: rejected rather than mined as all -1.
     Returns (cutoff, nonzero_loss_cutoff, seed) as float, float, int/None."""
     cutoff = check_real("cutoff", cutoff, positive=True)
     nonzero_loss_cutoff = check_real("nonzero_loss_cutoff", nonzero_loss_cutoff, positive=True)
+    bound = min(nonzero_loss_cutoff, 2.0)
+    if not cutoff < bound:
+        raise ValueError(
+            f"cutoff must be < min(nonzero_loss_cutoff, 2) = {bound:g} (at or above it every "
+            f"distance-weighted weight is 0 and nothing is sampled), got cutoff={cutoff!r} "
+            f"with nonzero_loss_cutoff={nonzero_loss_cutoff!r}")
     return cutoff, nonzero_loss_cutoff, check_seed(seed)
 
 

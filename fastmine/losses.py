@@ -33,7 +33,8 @@ from torch import Tensor, nn
 
 from . import _backends
 from ._contract import (DISTANCES, DW_CUTOFF, DW_NONZERO_LOSS_CUTOFF, check_backend_name,
-                        check_choice, check_positive_int, check_real, check_topk_args)
+                        check_choice, check_positive_int, check_real, check_semihard_margin,
+                        check_topk_args)
 from .mine import mine, mine_topk
 from .reference_topk import TopKResult
 
@@ -250,7 +251,7 @@ class TripletMarginLoss(_MinedLoss):
                 raise ValueError(f"semihard_margin is only used by neg_strategy='semihard'; got "
                                  f"semihard_margin={semihard_margin!r} with "
                                  f"neg_strategy={neg_strategy!r}")
-            semihard_margin = check_real("semihard_margin", semihard_margin, minimum=0.0)
+            semihard_margin = check_semihard_margin("semihard_margin", semihard_margin)
         self.average_nonzero = bool(average_nonzero)
         self.normalize_embeddings = bool(normalize_embeddings)
         self.semihard_margin = semihard_margin

@@ -194,7 +194,7 @@ def test_triplet_with_refs_and_ids(distance):
 @pytest.mark.parametrize("make,exc,match", [
     (lambda: losses.TripletMarginLoss(neg_strategy="hard", semihard_margin=0.2), ValueError,
      "semihard_margin is only used by neg_strategy='semihard'"),
-    (lambda: losses.TripletMarginLoss(semihard_margin=-0.1), ValueError, "semihard_margin must be >= 0"),
+    (lambda: losses.TripletMarginLoss(semihard_margin=-0.1), ValueError, "semihard_margin must be > 0"),
     (lambda: losses.TripletMarginLoss(margin=float("nan")), ValueError, "margin must be finite"),
     (lambda: losses.TripletMarginLoss(margin=-1), ValueError, "margin must be >= 0"),
     (lambda: losses.TripletMarginLoss(margin="0.1"), TypeError, "margin must be a real number"),

@@ -300,6 +300,11 @@ ARG_ERRORS = [
     (dict(cutoff="0.5"), TypeError, "cutoff must be a real number"),
     (dict(neg_strategy="distance_weighted", nonzero_loss_cutoff=0), ValueError,
      "nonzero_loss_cutoff must be > 0"),
+    (dict(neg_strategy="distance_weighted", cutoff=1.4, nonzero_loss_cutoff=1.4), ValueError,
+     r"cutoff must be < min\(nonzero_loss_cutoff, 2\) = 1.4"),
+    (dict(neg_strategy="distance_weighted", cutoff=2.0, nonzero_loss_cutoff=5.0), ValueError,
+     r"cutoff must be < min\(nonzero_loss_cutoff, 2\) = 2"),
+    (dict(cutoff=1.0, nonzero_loss_cutoff=0.5), ValueError, "cutoff must be <"),  # every rule
     (dict(neg_strategy="distance_weighted", seed=1.5), TypeError, "seed must be None or an int"),
     (dict(neg_strategy="distance_weighted", seed=True), TypeError, "seed must be None or an int"),
     (dict(neg_strategy="distance_weighted", seed="1"), TypeError, "seed must be None or an int"),

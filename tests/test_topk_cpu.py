@@ -28,7 +28,7 @@ K_MAX = 1024  # mine_topk_cpu.cpp kMaxK: min(k, M) per side
 
 # (pos, neg, margin): every deterministic rule.
 RULES = [("easy", "hard", None), ("hard", "easy", None), ("easy", "semihard", None),
-         ("hard", "semihard", 2.5), ("easy", "semihard", 0.0)]
+         ("hard", "semihard", 2.5), ("easy", "semihard", 1.0)]
 REFS = ["self", "self_ids", "bank", "bank_ids"]
 
 

@@ -504,10 +504,12 @@ def test_dw_weight_thresholds_on_the_mining_value():
     # the value itself: D = 7 at d = 1.2, against w(d) written out
     lw, _ = rt.distance_weighted_log_weight(torch.tensor([1.44], dtype=torch.float64), 7, 0.5, 1.4)
     assert math.isclose(float(lw[0]), math.log(1.2 ** -5 * (1 - 0.36) ** -2), rel_tol=1e-12)
-    # cutoff >= nonzero_loss_cutoff: nothing has weight, every pick is -1
+    # cutoff >= min(nonzero_loss_cutoff, 2) would give nothing weight: rejected
     y, ry = torch.tensor([0]), torch.tensor([1] * 7)
-    res = rt.mine_topk(x, y, r, ry, neg_strategy="distance_weighted", cutoff=1.5, seed=0)
-    assert res.neg_idx.tolist() == [[-1]]
+    for cut, nlc in ((1.5, 1.4), (1.4, 1.4), (2.0, 3.0)):
+        with pytest.raises(ValueError, match=r"cutoff must be < min\(nonzero_loss_cutoff, 2\)"):
+            rt.mine_topk(x, y, r, ry, neg_strategy="distance_weighted", cutoff=cut,
+                         nonzero_loss_cutoff=nlc, seed=0)
     # only far references: -1; one admissible reference: always it
     res = rt.mine_topk(x, y, r[[0, 2, 3]], ry[:3], k_neg=2, neg_strategy="distance_weighted",
                        seed=0)

@@ -24,7 +24,8 @@ CASES = [
     (dict(neg_strategy="random"), ValueError, "neg_strategy must be one of"),
     (dict(distance="manhattan"), ValueError, "distance must be one of"),
     (dict(backend="metal"), ValueError, "unknown backend 'metal'"),
-    (dict(neg_strategy="semihard", margin=-0.1), ValueError, "margin must be >= 0"),
+    (dict(neg_strategy="semihard", margin=-0.1), ValueError, "margin must be > 0"),
+    (dict(neg_strategy="semihard", margin=0.0), ValueError, "margin must be > 0"),  # empty window
     (dict(neg_strategy="semihard", margin=float("nan")), ValueError, "margin must be finite"),
     (dict(margin=0.2), ValueError, "margin is only used by neg_strategy='semihard'"),
     (dict(query_ids=torch.arange(5)), ValueError, "query_ids has length 5"),
