@@ -53,7 +53,8 @@ def check_bool(name: str, value) -> bool:
             raise TypeError(f"{name} must be a bool, got a tensor of shape "
                             f"{tuple(value.shape)} and dtype {value.dtype}")
         return bool(value.item())
-    if isinstance(value, bool) or type(value).__name__ == "bool_":  # numpy.bool_
+    if isinstance(value, bool) or (type(value).__module__ == "numpy"
+                                   and type(value).__name__ in ("bool", "bool_")):  # numpy.bool_
         return bool(value)
     raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} "
                     f"({value!r})")
@@ -63,13 +64,18 @@ def check_real(name: str, value, *, minimum: Optional[float] = None,
                positive: bool = False) -> float:
     """A finite real number: int, float, numpy scalar (numbers.Real) or 0-d real tensor.
 
-    bool, NaN and +-Inf are rejected; ``minimum`` (inclusive) or ``positive``
-    (> 0) bound it.  Returns it as a Python float.
+    bool, NaN, +-Inf and tensors that require grad (a learnable value read
+    once would be frozen without a word) are rejected; ``minimum`` (inclusive)
+    or ``positive`` (> 0) bound it.  Returns it as a Python float.
     """
     if isinstance(value, torch.Tensor):
         if value.dim() != 0 or value.is_complex() or value.dtype == torch.bool:
             raise TypeError(f"{name} must be a real number or a 0-d real tensor, got a tensor "
                             f"of shape {tuple(value.shape)} and dtype {value.dtype}")
+        if value.requires_grad:  # e.g. an nn.Parameter: its value would be frozen silently
+            raise TypeError(f"{name} is a tensor that requires grad, but it is read once as a "
+                            f"constant (no gradient reaches it); pass float({name}) or a "
+                            "detached tensor")
         value = value.item()
     elif isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} ({value!r})")

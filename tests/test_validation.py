@@ -100,3 +100,26 @@ def test_batch_easy_hard_miner_points_distance_weighted_to_its_miner():
     from fastmine import miners
     with pytest.raises(ValueError, match="DistanceWeightedMiner"):
         miners.BatchEasyHardMiner(neg_strategy="distance_weighted")
+
+
+# ------------------------------------------------------------------ scalar argument checks
+def test_check_bool_accepts_only_flags():
+    import numpy as np
+    from fastmine._contract import check_bool
+    for v, want in ((True, True), (False, False), (np.bool_(True), True),
+                    (torch.tensor(False), False)):
+        got = check_bool("flag", v)
+        assert got is want
+    for bad in (1, 0, "False", "yes", None, [True], 1.0, torch.tensor([True]), torch.tensor(1)):
+        with pytest.raises(TypeError, match="flag must be a bool"):
+            check_bool("flag", bad)
+
+
+def test_real_arguments_that_require_grad_are_rejected():
+    # A learnable margin would be read once as a float and never trained.
+    margin = torch.nn.Parameter(torch.tensor(0.2))
+    with pytest.raises(TypeError, match="margin is a tensor that requires grad"):
+        fastmine.mine(X, Y, neg_strategy="semihard", margin=margin)
+    res = fastmine.mine(X, Y, neg_strategy="semihard", margin=margin.detach())
+    ref = fastmine.mine(X, Y, neg_strategy="semihard", margin=0.2)
+    assert torch.equal(res.neg_idx, ref.neg_idx)
