@@ -205,7 +205,7 @@ def test_margin_accepts_real_numbers(margin):
     (True, TypeError, "margin must be a real number, got bool"),
     (float("nan"), ValueError, "margin must be finite"),
     (float("inf"), ValueError, "margin must be finite"),
-    (-0.5, ValueError, "margin must be >= 0"),
+    (-0.5, ValueError, "margin must be > 0"),
     ("0.1", TypeError, "margin must be a real number, got str"),
     (torch.tensor([0.1]), TypeError, "margin must be a real number or a 0-d real tensor"),
 ])
