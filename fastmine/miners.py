@@ -19,7 +19,7 @@ an equal distance.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Iterable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,23 +27,51 @@ from torch import Tensor, nn
 
 from . import _backends
 from ._contract import (DISTANCE_WEIGHTED, DW_CUTOFF, DW_NONZERO_LOSS_CUTOFF, NEG_STRATEGIES,
-                        POS_STRATEGIES, check_backend_name, check_choice, check_topk_args)
+                        POS_STRATEGIES, check_backend_name, check_bool, check_choice,
+                        check_embeddings, check_index_vector, check_topk_args)
 from .mine import mine, mine_topk
 
+__all__ = ["BatchEasyHardMiner", "BatchHardMiner", "DistanceWeightedMiner"]
+
 _PML_DISTANCES = {"euclidean": "euclidean", "cosine": "cosine"}
+
+
+def _reject_pml_options(cls_name: str, kwargs: dict, supported: Iterable[str]) -> None:
+    """ValueError naming the PML miner options (``kwargs``) that ``cls_name`` does not
+    take, and listing the ``supported`` ones; nothing when ``kwargs`` is empty."""
+    if kwargs:
+        *head, last = supported
+        raise ValueError(f"unsupported PML miner options {sorted(kwargs)}: fastmine's "
+                         f"{cls_name} supports {', '.join(head)} and {last}")
 
 
 def _mining_inputs(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
                    ref_labels: Optional[Tensor], normalize: bool) -> Tuple:
     """(embeddings, labels, ref_emb, ref_labels) as a miner mines them: detached,
     L2-normalised when ``normalize`` (PML's LpDistance(normalize_embeddings=True)),
-    the labels on the embeddings' device."""
+    the labels on the embeddings' device (moved there, as PML does).
+
+    embeddings [N, D] and ref_emb [M, D] float, labels [N] and ref_labels [M]
+    integer are checked first, by ``fastmine.mine``'s own checks, so that a bad
+    input gets its named error rather than one from ``F.normalize``.  The
+    pairing and the agreement of the two row sets (dim, dtype, device) are
+    left to ``fastmine.mine``."""
+    check_embeddings("embeddings", embeddings)
+    device = embeddings.device
+    if isinstance(labels, Tensor):
+        labels = labels.to(device)
+    check_index_vector("labels", labels, embeddings.shape[0], "embeddings", device)
+    if ref_emb is not None:
+        check_embeddings("ref_emb", ref_emb)
+        if ref_labels is not None:
+            if isinstance(ref_labels, Tensor):
+                ref_labels = ref_labels.to(device)
+            check_index_vector("ref_labels", ref_labels, ref_emb.shape[0], "ref_emb", device)
     if normalize:
         embeddings = F.normalize(embeddings, dim=1)
         ref_emb = None if ref_emb is None else F.normalize(ref_emb, dim=1)
-    return (embeddings.detach(), labels.to(embeddings.device),
-            None if ref_emb is None else ref_emb.detach(),
-            None if ref_labels is None else ref_labels.to(embeddings.device))
+    return (embeddings.detach(), labels, None if ref_emb is None else ref_emb.detach(),
+            ref_labels)
 
 
 class BatchEasyHardMiner(nn.Module):
@@ -53,25 +81,27 @@ class BatchEasyHardMiner(nn.Module):
         pos_strategy: "easy" or "hard".
         neg_strategy: "hard", "semihard" or "easy".
         distance: "euclidean" (PML LpDistance) or "cosine" (PML CosineSimilarity).
-        normalize_embeddings: L2-normalise first (PML's default: True).
+        normalize_embeddings: L2-normalise first (PML's default: True); a bool.
         backend: fastmine backend.
+        Any other (PML) keyword option: ValueError.
 
     Call: ``(embeddings [N, D], labels [N], ref_emb [M, D]=None, ref_labels [M]=None,
     *, query_ids [N]=None, ref_ids [M]=None)`` -> ``(a1, p, a2, n)`` int64, one
     entry per anchor that has both a positive and a negative (PML returns
     ``a, p, a, n`` for these strategies).  ``query_ids`` / ``ref_ids`` (a
     fastmine extension, see ``fastmine.mine``) exclude same-sample pairs;
-    ``fastmine.CrossBatchMemory`` passes them.
+    ``fastmine.CrossBatchMemory`` passes them.  The inputs are checked as by
+    ``fastmine.mine`` (float embeddings, integer labels; labels are moved to
+    the embeddings' device, as PML does).
     """
 
     def __init__(self, pos_strategy: str = "easy", neg_strategy: str = "semihard",
                  distance: str = "euclidean", normalize_embeddings: bool = True,
                  backend: str = "auto", **kwargs):
         super().__init__()
-        if kwargs:
-            raise ValueError(f"unsupported PML miner options {sorted(kwargs)}: fastmine's miners "
-                             "support pos_strategy, neg_strategy, distance, "
-                             "normalize_embeddings and backend")
+        _reject_pml_options("BatchEasyHardMiner", kwargs, ("pos_strategy", "neg_strategy",
+                                                          "distance", "normalize_embeddings",
+                                                          "backend"))
         for name, value, options in (("pos_strategy", pos_strategy, POS_STRATEGIES),
                                      ("neg_strategy", neg_strategy, NEG_STRATEGIES)):
             if not isinstance(value, str) or value not in options:
@@ -86,7 +116,8 @@ class BatchEasyHardMiner(nn.Module):
                              f"(PML CosineSimilarity), got {distance!r}")
         check_backend_name(backend, _backends._REGISTRY)
         self.pos_strategy, self.neg_strategy = pos_strategy, neg_strategy
-        self.distance, self.normalize_embeddings = distance, bool(normalize_embeddings)
+        self.distance = distance
+        self.normalize_embeddings = check_bool("normalize_embeddings", normalize_embeddings)
         self.backend = backend
 
     def _select(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
@@ -112,11 +143,16 @@ class BatchEasyHardMiner(nn.Module):
 class BatchHardMiner(BatchEasyHardMiner):
     """PML-compatible BatchHardMiner: hardest positive and hardest negative.
 
+    Args: ``distance``, ``normalize_embeddings``, ``backend`` as BatchEasyHardMiner;
+    any other (PML) keyword option: ValueError.
+
     Call as BatchEasyHardMiner; returns ``(a, p, n)`` int64 over valid anchors.
     """
 
     def __init__(self, distance: str = "euclidean", normalize_embeddings: bool = True,
-                 backend: str = "auto"):
+                 backend: str = "auto", **kwargs):
+        _reject_pml_options("BatchHardMiner", kwargs,
+                            ("distance", "normalize_embeddings", "backend"))
         super().__init__("hard", "hard", distance, normalize_embeddings, backend)
 
     def forward(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
@@ -154,6 +190,7 @@ class DistanceWeightedMiner(nn.Module):
             reproducible (as PML's torch.multinomial); an int in [0, 2^64)
             gives the same draws at every call on the same inputs.
         backend: fastmine backend ("auto": one that implements the rule).
+        Any other (PML) keyword option (e.g. ``t_per_anchor``): ValueError.
 
     Call: ``(embeddings [N, D], labels [N], ref_emb [M, D]=None, ref_labels
     [M]=None, *, query_ids [N]=None, ref_ids [M]=None)`` -> ``(a, p, n)``
@@ -189,11 +226,9 @@ class DistanceWeightedMiner(nn.Module):
                  distance: str = "euclidean", normalize_embeddings: bool = True,
                  seed: Optional[int] = None, backend: str = "auto", **kwargs):
         super().__init__()
-        if kwargs:
-            raise ValueError(f"unsupported PML miner options {sorted(kwargs)}: fastmine's "
-                             "DistanceWeightedMiner supports cutoff, nonzero_loss_cutoff, k_pos, "
-                             "k_neg, pos_strategy, distance, normalize_embeddings, seed and "
-                             "backend")
+        _reject_pml_options("DistanceWeightedMiner", kwargs, (
+            "cutoff", "nonzero_loss_cutoff", "k_pos", "k_neg", "pos_strategy", "distance",
+            "normalize_embeddings", "seed", "backend"))
         check_choice("pos_strategy", pos_strategy, POS_STRATEGIES)
         if distance != "euclidean":
             raise ValueError(f"distance must be 'euclidean' (PML's DistanceWeightedMiner requires "
@@ -203,7 +238,8 @@ class DistanceWeightedMiner(nn.Module):
                                       None, cutoff, nonzero_loss_cutoff, seed)
         check_backend_name(backend, _backends._REGISTRY)
         self.pos_strategy, self.distance = pos_strategy, distance
-        self.normalize_embeddings, self.backend = bool(normalize_embeddings), backend
+        self.normalize_embeddings = check_bool("normalize_embeddings", normalize_embeddings)
+        self.backend = backend
 
     def forward(self, embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
                 ref_labels: Optional[Tensor] = None, *, query_ids: Optional[Tensor] = None,
