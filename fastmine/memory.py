@@ -13,6 +13,8 @@ from ._pairs import pair_distance
 from .losses import _MinedLoss, _mines_through_hooks
 from .reference_topk import TopKResult
 
+__all__ = ["CrossBatchMemory", "all_pairs_indices"]
+
 # The two loss protocols CrossBatchMemory drives (told apart by the forward's parameters).
 _FASTMINE = "fastmine"  # forward(embeddings, labels, ref_emb, ref_labels, *, query_ids, ref_ids)
 _PML = "pml"            # forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
@@ -252,7 +254,45 @@ class CrossBatchMemory(nn.Module):
         if n > self.memory_size:
             raise ValueError(f"batch size {n} exceeds memory_size {self.memory_size}")
 
-    def forward(self, embeddings: Tensor, labels: Tensor, ids: Optional[Tensor] = None) -> Tensor:
+    @staticmethod
+    def _reject_pml_arguments(ids, kwargs: dict) -> None:
+        """TypeError for the arguments of PML's ``CrossBatchMemory.forward(embeddings,
+        labels, indices_tuple=None, enqueue_mask=None)`` that this forward does not take:
+        ``indices_tuple`` / ``enqueue_mask`` by keyword, or an indices tuple passed as the
+        third positional argument (which is ``ids`` here)."""
+        if "indices_tuple" in kwargs:
+            raise TypeError("fastmine's CrossBatchMemory takes no indices_tuple: it mines the "
+                            "batch against the memory itself (with the loss's rule, or the "
+                            "miner given to the constructor)")
+        if "enqueue_mask" in kwargs:
+            raise TypeError("enqueue_mask is not supported by fastmine's CrossBatchMemory: "
+                            "every row of the batch is enqueued")
+        if kwargs:
+            raise TypeError(f"CrossBatchMemory.forward() got unexpected keyword arguments "
+                            f"{sorted(kwargs)}: it takes (embeddings, labels, ids=None)")
+        if isinstance(ids, (tuple, list)):
+            raise TypeError(f"ids (the third argument of fastmine's CrossBatchMemory) must be "
+                            f"an integer tensor [N] of sample ids, got a {type(ids).__name__}: "
+                            f"PML's indices_tuple is not supported (the memory mines itself)")
+
+    def forward(self, embeddings: Tensor, labels: Tensor, ids: Optional[Tensor] = None,
+                **kwargs) -> Tensor:
+        """One step: the loss of the batch against [batch; memory], then the batch is
+        enqueued (see the class docstring for the order and the references).
+
+        Args:
+            embeddings: [N, D] float16/bfloat16/float32/float64, D = embedding_size,
+                N <= memory_size (else ValueError).
+            labels: [N] integer (int8 ... int64, uint8/16/32), on the embeddings' device.
+            ids: None (a running counter: fresh ids per batch) or [N] integer sample ids,
+                on the embeddings' device; a pair whose anchor id equals the reference's
+                id is never used.  Not PML's ``indices_tuple`` (a tuple or list here is a
+                TypeError); PML's ``indices_tuple=`` / ``enqueue_mask=`` keywords are
+                TypeErrors too.
+
+        Returns the loss's value (a 0-d tensor for the default reductions).
+        """
+        self._reject_pml_arguments(ids, kwargs)
         self._validate(embeddings, labels, ids)
         n = embeddings.shape[0]
         labels = widen_index_vector(labels).long()
