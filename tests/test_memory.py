@@ -82,6 +82,14 @@ def test_bad_inputs():
         xbm(torch.randn(5, 3), torch.zeros(5, dtype=torch.long))
 
 
+def test_batch_larger_than_memory_message():
+    import pytest
+    xbm = CrossBatchMemory(losses.TripletMarginLoss(), embedding_size=3, memory_size=16)
+    with pytest.raises(ValueError, match=r"^batch size 17 exceeds memory_size 16$"):
+        xbm(torch.randn(17, 3), torch.arange(17) % 4)
+    assert xbm.filled == 0 and xbm.queue_idx == 0  # checked before anything is stored
+
+
 # --- validation before anything is stored --------------------------------------
 
 import subprocess
