@@ -262,6 +262,25 @@ class TripletMarginLoss(_MinedLoss):
     Inputs: embeddings [N, D] float, labels [N] int, optional ref_emb [M, D],
     ref_labels [M], query_ids [N], ref_ids [M] (same-sample exclusion).
     ``reduction="none"`` returns [N] terms (k = 1) or [N, k_pos, k_neg].
+
+    Differences from pytorch-metric-learning's TripletMarginLoss (checked
+    against PML 2.9's source):
+
+    * Mining is built in: each anchor gets one triplet (its mined positive and
+      negative), or k_pos x k_neg.  PML's loss called without an
+      ``indices_tuple`` uses every (anchor, positive, negative) triplet of the
+      batch (``triplets_per_anchor="all"``); with one it uses the given
+      triplets.  A fastmine loss takes no ``indices_tuple``: its third
+      positional argument is ``ref_emb`` (a tuple or list there is a TypeError).
+    * Reduction: PML's default is AvgNonZeroReducer (the mean over triplets
+      with a non-zero term) = ``average_nonzero=True`` here; fastmine's
+      default averages over all valid triplets, zero-loss ones included.
+    * Distance: PML's default LpDistance(p=2) L2-normalises the embeddings;
+      here ``normalize_embeddings`` is False unless you set it.
+    * Defaults: margin 0.1 (PML: 0.05).  PML's ``swap`` and ``smooth_loss``
+      have no counterpart.
+    * With no valid triplet both return 0 (fastmine's still attached to the
+      graph).
     """
 
     def __init__(self, margin: float = 0.1, *, distance: str = "euclidean",
@@ -326,6 +345,35 @@ class MarginLoss(_MinedLoss):
 
     ``forward`` returns ``reduce_terms(...) + regularizer(labels, valid)``
     (for reduction="none", the regulariser is not added: add it yourself).
+
+    Reduction, compared with pytorch-metric-learning's MarginLoss (PML 2.9's
+    DivisorReducer; checked against its source and numerically): let the
+    valid triplets t have terms ``pos_t + neg_t`` (pos_t = relu(d_ap - beta +
+    margin), neg_t = relu(beta - d_an + margin)).
+
+    * fastmine ``reduction="mean"``: ``sum_t (pos_t + neg_t) / #valid
+      triplets``; with ``average_nonzero=True``: ``/ #{t: pos_t + neg_t > 0}``.
+    * PML: ``sum_t (pos_t + neg_t) / (#{t: pos_t > 0} + #{t: neg_t > 0})``,
+      i.e. it counts non-zero *pair* terms, up to two per triplet (0 when the
+      count is 0).  So PML's value lies between half of fastmine's
+      ``average_nonzero`` value and that value (equal to it when no triplet
+      has both terms non-zero); ``reduction="sum"`` equals PML's numerator.
+    * The per-class regulariser (``learn_beta``, ``num_classes``): PML divides
+      ``sum_t nu * beta[label of anchor t]`` by the same pair count; fastmine
+      takes its mean over valid triplets (see ``regularizer``).  The global
+      one is ``nu * beta`` in both.
+
+    Other differences from PML's MarginLoss:
+
+    * Mining is built in (one triplet per anchor, or k_pos x k_neg); PML
+      without an ``indices_tuple`` uses every triplet of the batch
+      (``triplets_per_anchor="all"``).  A fastmine loss takes no
+      ``indices_tuple``: its third positional argument is ``ref_emb``.
+    * Only ``margin`` may be positional (PML's order is margin, nu, beta, ...).
+    * PML's default LpDistance L2-normalises the embeddings; here
+      ``normalize_embeddings`` is False unless you set it.
+    * With no triplet PML returns 0 (no regulariser either); fastmine returns
+      0 plus the regulariser, i.e. ``nu * beta`` for a learnable global beta.
     """
 
     def __init__(self, margin: float = 0.2, *, beta: float = 1.2, learn_beta: bool = False,
