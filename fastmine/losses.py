@@ -33,10 +33,13 @@ from torch import Tensor, nn
 
 from . import _backends
 from ._contract import (DISTANCES, DW_CUTOFF, DW_NONZERO_LOSS_CUTOFF, check_backend_name,
-                        check_choice, check_positive_int, check_real, check_semihard_margin,
-                        check_topk_args)
+                        check_bool, check_choice, check_embeddings, check_positive_int, check_real,
+                        check_semihard_margin, check_topk_args)
 from .mine import mine, mine_topk
 from .reference_topk import TopKResult
+
+__all__ = ["reduce_terms", "TripletMarginLoss", "MarginLoss", "triplet_margin_loss", "margin_loss",
+           "MultiSimilarityLoss", "NTXentLoss", "SupConLoss"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -54,14 +57,30 @@ def reduce_terms(terms: Tensor, valid: Tensor, reduction: str = "mean",
             term is 0 count in the denominator), or over triplets with a
             non-zero term when ``average_nonzero`` (pytorch-metric-learning's
             AvgNonZeroReducer behaviour); "sum"; "none": ``terms`` unchanged.
-        average_nonzero: see ``reduction``; ignored unless reduction="mean".
+        average_nonzero: bool, see ``reduction``; ignored unless reduction="mean".
+
+    Raises:
+        TypeError: ``terms`` is not a floating tensor, ``valid`` not a bool
+            tensor, or ``average_nonzero`` not a bool.
+        ValueError: ``valid`` and ``terms`` differ in shape, or an unknown
+            ``reduction``.
 
     Returns:
         A scalar (or ``terms`` for "none") in ``terms.dtype``.  With an empty
         denominator the result is ``terms.sum() * 0`` = 0, still attached to
         the graph, never NaN.
     """
+    if not isinstance(terms, Tensor) or not terms.is_floating_point():
+        got = terms.dtype if isinstance(terms, Tensor) else type(terms).__name__
+        raise TypeError(f"terms must be a floating-point torch.Tensor, got {got}")
+    if not isinstance(valid, Tensor) or valid.dtype != torch.bool:
+        got = valid.dtype if isinstance(valid, Tensor) else type(valid).__name__
+        raise TypeError(f"valid must be a bool torch.Tensor, got {got}")
+    if valid.shape != terms.shape:
+        raise ValueError(f"valid must have the shape of terms {tuple(terms.shape)}, got "
+                         f"{tuple(valid.shape)}")
     check_choice("reduction", reduction, _REDUCTIONS)
+    average_nonzero = check_bool("average_nonzero", average_nonzero)
     if reduction == "none":
         return terms
     total = terms.sum()  # invalid anchors contribute exact zeros
@@ -145,7 +164,16 @@ class _MinedLoss(nn.Module):
                          k_neg=self.k_neg, query_ids=query_ids, ref_ids=ref_ids, **kw)
 
     def _mine(self, embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids) -> TopKResult:
+        if isinstance(ref_emb, (tuple, list)):
+            raise TypeError("fastmine losses take no PML indices_tuple: they mine their own "
+                            "triplets, and the third argument is ref_emb (reference embeddings "
+                            f"[M, D], with ref_labels [M]); got a {type(ref_emb).__name__}")
         if self.normalize_embeddings:
+            # the contract's checks first (as fastmine.mine's), so that a wrong
+            # input gets its named error rather than one from F.normalize
+            check_embeddings("embeddings", embeddings)
+            if ref_emb is not None:
+                check_embeddings("ref_emb", ref_emb)
             embeddings = F.normalize(embeddings, dim=1)
             if ref_emb is not None:
                 ref_emb = F.normalize(ref_emb, dim=1)
@@ -209,7 +237,8 @@ class TripletMarginLoss(_MinedLoss):
     admissible references than k) contributes nothing.
 
     Args:
-        margin: the triplet margin.
+        margin: the triplet margin; the only argument that may be positional
+            (the others are keyword-only: PML's positional order is a TypeError).
         distance: "euclidean", "squared_euclidean" or "cosine" (1 - cos).
         pos_strategy, neg_strategy: see ``fastmine.mine_topk``; neg_strategy
             "distance_weighted" samples the negatives (Wu et al. 2017;
@@ -233,13 +262,32 @@ class TripletMarginLoss(_MinedLoss):
     Inputs: embeddings [N, D] float, labels [N] int, optional ref_emb [M, D],
     ref_labels [M], query_ids [N], ref_ids [M] (same-sample exclusion).
     ``reduction="none"`` returns [N] terms (k = 1) or [N, k_pos, k_neg].
+
+    Differences from pytorch-metric-learning's TripletMarginLoss (checked
+    against PML 2.9's source):
+
+    * Mining is built in: each anchor gets one triplet (its mined positive and
+      negative), or k_pos x k_neg.  PML's loss called without an
+      ``indices_tuple`` uses every (anchor, positive, negative) triplet of the
+      batch (``triplets_per_anchor="all"``); with one it uses the given
+      triplets.  A fastmine loss takes no ``indices_tuple``: its third
+      positional argument is ``ref_emb`` (a tuple or list there is a TypeError).
+    * Reduction: PML's default is AvgNonZeroReducer (the mean over triplets
+      with a non-zero term) = ``average_nonzero=True`` here; fastmine's
+      default averages over all valid triplets, zero-loss ones included.
+    * Distance: PML's default LpDistance(p=2) L2-normalises the embeddings;
+      here ``normalize_embeddings`` is False unless you set it.
+    * Defaults: margin 0.1 (PML: 0.05).  PML's ``swap`` and ``smooth_loss``
+      have no counterpart.
+    * With no valid triplet both return 0 (fastmine's still attached to the
+      graph).
     """
 
-    def __init__(self, margin: float = 0.1, distance: str = "euclidean",
+    def __init__(self, margin: float = 0.1, *, distance: str = "euclidean",
                  pos_strategy: str = "easy", neg_strategy: str = "semihard",
                  reduction: str = "mean", normalize_embeddings: bool = False,
                  average_nonzero: bool = False, semihard_margin: Optional[float] = None,
-                 backend: str = "auto", *, k_pos: int = 1, k_neg: int = 1,
+                 backend: str = "auto", k_pos: int = 1, k_neg: int = 1,
                  cutoff: float = DW_CUTOFF, nonzero_loss_cutoff: float = DW_NONZERO_LOSS_CUTOFF,
                  seed: Optional[int] = None):
         super().__init__()
@@ -252,8 +300,8 @@ class TripletMarginLoss(_MinedLoss):
                                  f"semihard_margin={semihard_margin!r} with "
                                  f"neg_strategy={neg_strategy!r}")
             semihard_margin = check_semihard_margin("semihard_margin", semihard_margin)
-        self.average_nonzero = bool(average_nonzero)
-        self.normalize_embeddings = bool(normalize_embeddings)
+        self.average_nonzero = check_bool("average_nonzero", average_nonzero)
+        self.normalize_embeddings = check_bool("normalize_embeddings", normalize_embeddings)
         self.semihard_margin = semihard_margin
 
     @property
@@ -279,7 +327,9 @@ class MarginLoss(_MinedLoss):
     nothing.
 
     Args:
-        margin: the margin around the boundary beta.
+        margin: the margin around the boundary beta; the only argument that may
+            be positional (the others are keyword-only: PML's positional order,
+            ``MarginLoss(margin, nu, beta, ...)``, is a TypeError).
         beta: initial boundary; one global value, or one per class when
             ``num_classes`` is given (indexed by the anchor's label, which must
             then lie in [0, num_classes): checked eagerly on CPU, by a
@@ -295,14 +345,43 @@ class MarginLoss(_MinedLoss):
 
     ``forward`` returns ``reduce_terms(...) + regularizer(labels, valid)``
     (for reduction="none", the regulariser is not added: add it yourself).
+
+    Reduction, compared with pytorch-metric-learning's MarginLoss (PML 2.9's
+    DivisorReducer; checked against its source and numerically): let the
+    valid triplets t have terms ``pos_t + neg_t`` (pos_t = relu(d_ap - beta +
+    margin), neg_t = relu(beta - d_an + margin)).
+
+    * fastmine ``reduction="mean"``: ``sum_t (pos_t + neg_t) / #valid
+      triplets``; with ``average_nonzero=True``: ``/ #{t: pos_t + neg_t > 0}``.
+    * PML: ``sum_t (pos_t + neg_t) / (#{t: pos_t > 0} + #{t: neg_t > 0})``,
+      i.e. it counts non-zero *pair* terms, up to two per triplet (0 when the
+      count is 0).  So PML's value lies between half of fastmine's
+      ``average_nonzero`` value and that value (equal to it when no triplet
+      has both terms non-zero); ``reduction="sum"`` equals PML's numerator.
+    * The per-class regulariser (``learn_beta``, ``num_classes``): PML divides
+      ``sum_t nu * beta[label of anchor t]`` by the same pair count; fastmine
+      takes its mean over valid triplets (see ``regularizer``).  The global
+      one is ``nu * beta`` in both.
+
+    Other differences from PML's MarginLoss:
+
+    * Mining is built in (one triplet per anchor, or k_pos x k_neg); PML
+      without an ``indices_tuple`` uses every triplet of the batch
+      (``triplets_per_anchor="all"``).  A fastmine loss takes no
+      ``indices_tuple``: its third positional argument is ``ref_emb``.
+    * Only ``margin`` may be positional (PML's order is margin, nu, beta, ...).
+    * PML's default LpDistance L2-normalises the embeddings; here
+      ``normalize_embeddings`` is False unless you set it.
+    * With no triplet PML returns 0 (no regulariser either); fastmine returns
+      0 plus the regulariser, i.e. ``nu * beta`` for a learnable global beta.
     """
 
-    def __init__(self, margin: float = 0.2, beta: float = 1.2, learn_beta: bool = False,
+    def __init__(self, margin: float = 0.2, *, beta: float = 1.2, learn_beta: bool = False,
                  num_classes: Optional[int] = None, nu: float = 0.0,
                  pos_strategy: str = "easy", neg_strategy: str = "semihard",
                  distance: str = "euclidean", reduction: str = "mean",
                  normalize_embeddings: bool = False, average_nonzero: bool = False,
-                 backend: str = "auto", *, k_pos: int = 1, k_neg: int = 1,
+                 backend: str = "auto", k_pos: int = 1, k_neg: int = 1,
                  cutoff: float = DW_CUTOFF, nonzero_loss_cutoff: float = DW_NONZERO_LOSS_CUTOFF,
                  seed: Optional[int] = None):
         super().__init__()
@@ -312,15 +391,15 @@ class MarginLoss(_MinedLoss):
             num_classes = check_positive_int("num_classes", num_classes)
         self.margin = check_real("margin", margin, minimum=0.0)
         self.nu = check_real("nu", nu, minimum=0.0)
-        self.learn_beta = bool(learn_beta)
+        self.learn_beta = check_bool("learn_beta", learn_beta)
         self.num_classes = num_classes
         init = torch.full((num_classes or 1,), check_real("beta", beta))
         if self.learn_beta:
             self.beta = nn.Parameter(init)
         else:
             self.register_buffer("beta", init)
-        self.average_nonzero = bool(average_nonzero)
-        self.normalize_embeddings = bool(normalize_embeddings)
+        self.average_nonzero = check_bool("average_nonzero", average_nonzero)
+        self.normalize_embeddings = check_bool("normalize_embeddings", normalize_embeddings)
 
     def _beta_for(self, labels: Tensor, dtype) -> Tensor:
         """[N] beta of each anchor (global beta broadcast, or beta[label])."""
