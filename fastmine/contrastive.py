@@ -58,7 +58,18 @@ def prepare(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
     given ``query_ids``, for both sides); labels / ids widened to a signed
     dtype; ids None when no pair is same-sample.  ``user_ids``: the caller
     passed ids (the compiled kernel excludes self-pairs by a flag otherwise).
+
+    Raises TypeError when ``ref_emb`` is a tuple or list: a PML ``indices_tuple``
+    passed positionally (PML's ``loss(embeddings, labels, indices_tuple, ref_emb,
+    ref_labels)``), which would otherwise surface as a confusing ref_labels or
+    ref_emb error.
     """
+    if isinstance(ref_emb, (tuple, list)):
+        raise TypeError(
+            "fastmine's contrastive losses take no PML indices_tuple: the third argument is "
+            f"ref_emb (an [M, D] tensor or None), got a {type(ref_emb).__name__}; call "
+            "loss(embeddings, labels) or loss(embeddings, labels, ref_emb, ref_labels) (the "
+            "Multi-Similarity miner's selection is MultiSimilarityLoss(miner_epsilon=...))")
     from .mine import _prepare as _mine_prepare  # fastmine.mine imports the op layer
 
     (embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids, *_) = _mine_prepare(
