@@ -7,8 +7,6 @@
   anchor is valid; ``__all__`` of fastmine, fastmine.contrastive and
   fastmine.mine name exactly public, existing objects.
 """
-import re
-
 import pytest
 import torch
 
@@ -51,3 +49,35 @@ def test_ref_emb_tensor_still_accepted():
     emb, y = _batch()
     for cls in LOSSES:
         assert torch.isfinite(cls(backend="torch")(emb, y, emb[:4].clone(), y[:4]))
+
+
+def _init_example():
+    """The code lines of fastmine's module docstring (indented by 4)."""
+    lines = [ln[4:] for ln in fastmine.__doc__.splitlines() if ln.startswith("    ")]
+    assert lines, "fastmine's docstring has no example"
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("labels", [[0, 0, 1, 1, 2, 2], [0, 0, 0, 0, 0, 0], [0, 1, 2, 3, 4, 5]],
+                         ids=["valid", "no_negative", "no_positive"])
+def test_init_docstring_example_is_nan_free(labels):
+    """The package docstring's example: finite, differentiable, even when no anchor
+    is valid (a mean over the empty set of valid anchors would be NaN)."""
+    embeddings = torch.randn(6, 4, generator=torch.Generator().manual_seed(1),
+                             requires_grad=True)
+    scope = {"fastmine": fastmine, "torch": torch, "embeddings": embeddings,
+             "labels": torch.tensor(labels)}
+    exec(_init_example(), scope)
+    loss = scope["loss"]
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert torch.isfinite(embeddings.grad).all()
+
+
+def test_fastmine_all_is_every_public_name():
+    """__all__ = the public names bound by ``import fastmine`` (functions, classes and
+    the public submodules), each exactly once, none private."""
+    public = {n for n in vars(fastmine) if not n.startswith("_")} | {"__version__"}
+    assert len(fastmine.__all__) == len(set(fastmine.__all__))
+    assert set(fastmine.__all__) == public
+    assert not [n for n in fastmine.__all__ if n.startswith("_") and n != "__version__"]
