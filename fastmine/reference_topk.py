@@ -61,8 +61,9 @@ TOPK_NEG_STRATEGIES = tuple(NEG_STRATEGIES)  # includes DISTANCE_WEIGHTED
 class TopKResult(NamedTuple):
     """What ``mine_topk`` returns (N = anchors).
 
-    pos_idx: int64 [N, k_pos], neg_idx: int64 [N, k_neg]: reference indices in
-        the strategy's order; trailing -1 where fewer than k are admissible.
+    pos_idx: int64 [N, k_pos], neg_idx: int64 [N, k_neg]: row indices into the
+        references in the strategy's order; trailing -1 where fewer than k are
+        admissible (the admissible ones always come first).  Not differentiable.
     pos_dist: [N, k_pos], neg_dist: [N, k_neg], the embeddings' dtype: exact
         distances of the selected pairs (0, zero gradient, at -1), differentiable
         w.r.t. the embeddings and the references.

@@ -7,6 +7,8 @@
   anchor is valid; ``__all__`` of fastmine, fastmine.contrastive and
   fastmine.mine name exactly public, existing objects.
 """
+import importlib
+
 import pytest
 import torch
 
@@ -81,3 +83,11 @@ def test_fastmine_all_is_every_public_name():
     assert len(fastmine.__all__) == len(set(fastmine.__all__))
     assert set(fastmine.__all__) == public
     assert not [n for n in fastmine.__all__ if n.startswith("_") and n != "__version__"]
+
+
+@pytest.mark.parametrize("module", ["fastmine.contrastive", "fastmine.mine"])
+def test_module_all_names_exist_and_are_public(module):
+    mod = importlib.import_module(module)
+    assert mod.__all__, f"{module} has no __all__"
+    for name in mod.__all__:
+        assert not name.startswith("_") and hasattr(mod, name), name
