@@ -376,11 +376,13 @@ def streaming_backward(spec: _Spec, saved, gamma: Tensor, q: Tensor, r: Tensor,
     (the same tiling need not be used); saved: its fourth output; gamma [N] in q's
     dtype is dL/dterms; dq [N, D] and dr [M, D] in q's dtype (either None: not
     formed; the same tensor when r is q) are added to: the gradients w.r.t. the
-    normalised rows q and r (the normalisation's backward is autograd's).  r need not be the forward's
-    references: g_ij depends on reference j only through s_ij and the masks of
-    (i, j), so the saved statistics of the full pass and r = a subset of the
-    references (with its labels and ids) give that subset's reference gradient
-    (``memory._BankContrastive``: the live batch rows of [batch; memory])."""
+    normalised rows q and r (the normalisation's backward is autograd's).
+
+    r need not be the forward's references: g_ij depends on reference j only
+    through s_ij and the masks of (i, j), so the saved statistics of the full
+    pass and r = a subset of the references (with its labels and ids) give that
+    subset's reference gradient (``memory._BankContrastive``: the live batch
+    rows of [batch; memory])."""
     for i0, i1, j0, j1, s, pos, neg in _tiles(q, r, labels, ref_labels, query_ids, ref_ids,
                                               block_q, block_r):
         g = spec.tile_grad(s, pos, neg, saved, gamma[i0:i1, None], i0, i1)
