@@ -32,6 +32,9 @@ from ._contract import (check_choice, check_finite_async, check_positive_int, ch
                         checked_references, compute_dtype)
 from .reference_contrastive import pair_masks, reduce_terms, softplus
 
+__all__ = ["SupConLoss", "NTXentLoss", "MultiSimilarityLoss", "BACKENDS", "DEFAULT_BLOCK",
+           "prepare", "resolve_backend", "streaming_stats", "streaming_backward"]
+
 BACKENDS = ("auto", "cpu", "chunked", "triton", "torch")
 # The op's loss codes (csrc/include/fastmine/schema.h: kContrastive*).
 LOSS_CODES = {"supcon": 0, "ntxent": 1, "multi_similarity": 2}
@@ -58,7 +61,18 @@ def prepare(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
     given ``query_ids``, for both sides); labels / ids widened to a signed
     dtype; ids None when no pair is same-sample.  ``user_ids``: the caller
     passed ids (the compiled kernel excludes self-pairs by a flag otherwise).
+
+    Raises TypeError when ``ref_emb`` is a tuple or list: a PML ``indices_tuple``
+    passed positionally (PML's ``loss(embeddings, labels, indices_tuple, ref_emb,
+    ref_labels)``), which would otherwise surface as a confusing ref_labels or
+    ref_emb error.
     """
+    if isinstance(ref_emb, (tuple, list)):
+        raise TypeError(
+            "fastmine's contrastive losses take no PML indices_tuple: the third argument is "
+            f"ref_emb (an [M, D] tensor or None), got a {type(ref_emb).__name__}; call "
+            "loss(embeddings, labels) or loss(embeddings, labels, ref_emb, ref_labels) (the "
+            "Multi-Similarity miner's selection is MultiSimilarityLoss(miner_epsilon=...))")
     from .mine import _prepare as _mine_prepare  # fastmine.mine imports the op layer
 
     (embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids, *_) = _mine_prepare(
@@ -333,13 +347,17 @@ def streaming_stats(spec: _Spec, q: Tensor, r: Tensor, labels: Tensor, ref_label
                     block_r: int):
     """The forward of the streaming algorithm: ``spec.stats`` over the tiles of (q, r).
 
-    q [N, D], r [M, D] normalised rows (float32 / float64, one device); labels [N],
-    ref_labels [M] integer; query_ids [N] / ref_ids [M] integer or None (no
-    same-sample pair); tiles of block_q anchors x block_r references.  Returns
-    (terms [N] in q's dtype, n_pos [N] int64, n_neg [N] int64, saved: the
-    per-anchor statistics ``streaming_backward`` takes), in O(N + M) memory
-    beyond one tile.  No autograd: ``_StreamingTerms`` (and
-    ``memory._bank_ops``) wrap it."""
+    spec: the loss (``_SupConSpec``, ``_NTXentSpec``, ``_MultiSimilaritySpec``);
+    q [N, D], r [M, D] normalised rows (float32 / float64, one dtype and device;
+    r may be q); labels [N], ref_labels [M] integer; query_ids [N] / ref_ids [M]
+    integer or both None (no same-sample pair); tiles of block_q anchors x
+    block_r references (ints >= 1).  Returns (terms [N] in q's dtype, n_pos [N]
+    int64, n_neg [N] int64, saved): terms and counts as in
+    ``reference_contrastive`` (``reduce_terms`` makes the loss); saved is a tuple
+    of per-anchor tensors [N] in q's dtype, the statistics ``streaming_backward``
+    takes (SupCon: (LSE_i, P_i); NT-Xent: (N_i, G_i); Multi-Similarity: (A_i, B_i),
+    plus (min_pos_i, max_neg_i) with the miner).  O(N + M) memory beyond one
+    tile.  No autograd: ``_StreamingTerms`` (and ``memory._bank_ops``) wrap it."""
     tiles = lambda: _tiles(q, r, labels, ref_labels, query_ids, ref_ids,  # noqa: E731
                            block_q, block_r)
     return spec.stats(tiles, q, q.shape[0])
@@ -352,14 +370,19 @@ def streaming_backward(spec: _Spec, saved, gamma: Tensor, q: Tensor, r: Tensor,
     """The backward of the streaming algorithm, accumulated in place: every tile of
     (q, r) again, g = gamma_i dterm_i/ds_ij (``spec.tile_grad`` from ``saved``, the
     per-anchor statistics of ``streaming_stats``), then dq[i-block] += g r[j-block]
-    and dr[j-block] += g^T q[i-block].
+    and dr[j-block] += g^T q[i-block].  Returns None: the result is dq and dr.
 
-    gamma [N] is dL/dterms; dq [N, D] and dr [M, D] (either None: not formed; the
-    same tensor when r is q) are added to.  r need not be the forward's
-    references: g_ij depends on reference j only through s_ij and the masks of
-    (i, j), so the saved statistics of the full pass and r = a subset of the
-    references (with its labels and ids) give that subset's reference gradient
-    (``memory._BankContrastive``: the live batch rows of [batch; memory])."""
+    spec, q, r, labels, ref_labels, ids, block_q, block_r as in ``streaming_stats``
+    (the same tiling need not be used); saved: its fourth output; gamma [N] in q's
+    dtype is dL/dterms; dq [N, D] and dr [M, D] in q's dtype (either None: not
+    formed; the same tensor when r is q) are added to: the gradients w.r.t. the
+    normalised rows q and r (the normalisation's backward is autograd's).
+
+    r need not be the forward's references: g_ij depends on reference j only
+    through s_ij and the masks of (i, j), so the saved statistics of the full
+    pass and r = a subset of the references (with its labels and ids) give that
+    subset's reference gradient (``memory._BankContrastive``: the live batch
+    rows of [batch; memory])."""
     for i0, i1, j0, j1, s, pos, neg in _tiles(q, r, labels, ref_labels, query_ids, ref_ids,
                                               block_q, block_r):
         g = spec.tile_grad(s, pos, neg, saved, gamma[i0:i1, None], i0, i1)
@@ -458,7 +481,8 @@ class _ContrastiveLoss(nn.Module):
         optional ref_emb [M, D] / ref_labels [M] (a memory bank; default: the
         batch, self-pairs excluded) and query_ids [N] / ref_ids [M] (same-sample
         exclusion, docs/contract.md).  Returns the 0-d loss in embeddings' dtype
-        (computed in float32 for float16/bfloat16)."""
+        (computed in float32 for float16/bfloat16).  A tuple or list as ref_emb
+        (PML's positional indices_tuple) is a TypeError (``prepare``)."""
         terms, n_pos, n_neg = self._terms(embeddings, labels, ref_emb, ref_labels, query_ids,
                                           ref_ids)
         return reduce_terms(self._loss, terms, n_pos, n_neg).to(embeddings.dtype)
@@ -498,17 +522,31 @@ class SupConLoss(_PerAnchorMean, _ContrastiveLoss):
     """Supervised contrastive loss (Khosla et al. 2020; PML ``SupConLoss``).
 
     Per anchor, minus the mean over its positives of the log-softmax of s/tau
-    over its positives and negatives; averaged over the anchors with a
-    non-zero loss (PML's AvgNonZeroReducer); 0 when the batch has no positive
-    or no negative pair.  docs/contrastive.md.
+    over its positives and negatives (s: cosine similarity).  docs/contrastive.md.
 
     Args:
-        temperature: tau > 0.
+        temperature: tau, a real > 0 (default 0.1).
         backend: "auto", "cpu" (compiled kernel), "chunked" (streaming in
             PyTorch), "triton" (Triton kernels) or "torch" (full matrix); see
             the module docstring.
-        block_size: anchors and references per tile of the "chunked" and "cpu"
-            backends ("triton" runs its own power-of-two tiles).
+        block_size: int >= 1, anchors and references per tile of the "chunked"
+            and "cpu" backends ("triton" runs its own power-of-two tiles).
+
+    Call ``loss(embeddings, labels, ref_emb=None, ref_labels=None, query_ids=None,
+    ref_ids=None)`` (PML's order without ``indices_tuple``: a tuple or list as
+    the third argument is a TypeError):
+        embeddings: [N, D] float16/bfloat16/float32/float64; labels: [N] integer.
+        ref_emb, ref_labels: [M, D] (embeddings' dtype and device) and [M]
+            integer, together (e.g. a memory bank), or None: the references are
+            the batch, self-pairs excluded.
+        query_ids, ref_ids: [N], [M] integer sample ids, or None; a pair with
+            equal ids is neither positive nor negative (docs/contract.md).
+    Returns a 0-d tensor in embeddings' dtype (computed in float32 for
+    float16/bfloat16), differentiable w.r.t. embeddings and ref_emb.
+
+    Reduction: the mean over the anchors with a non-zero term (PML's
+    AvgNonZeroReducer); 0 (attached to the graph, never NaN) when the batch has
+    no positive or no negative pair.  ``per_anchor`` gives the unreduced terms.
     """
 
     def __init__(self, temperature: float = 0.1, *, backend: str = "auto",
@@ -529,9 +567,13 @@ class SupConLoss(_PerAnchorMean, _ContrastiveLoss):
 class NTXentLoss(_ContrastiveLoss):
     """NT-Xent / InfoNCE with labels (PML ``NTXentLoss``).
 
-    Per positive pair (a, p): -log(e^{s_ap/tau} / (e^{s_ap/tau} + sum_n e^{s_an/tau}));
-    the mean over all positive pairs; 0 when the batch has no positive or no
-    negative pair.  Args as SupConLoss (temperature default 0.07)."""
+    Per positive pair (a, p): -log(e^{s_ap/tau} / (e^{s_ap/tau} + sum_n e^{s_an/tau}))
+    (s: cosine similarity).  Args (temperature default 0.07), call, shapes and
+    dtypes as SupConLoss.
+
+    Reduction: the mean over all positive pairs (PML's MeanReducer over pairs);
+    0 (attached to the graph, never NaN) when the batch has no positive or no
+    negative pair.  ``per_anchor`` gives the per-anchor sums and pair counts."""
 
     def __init__(self, temperature: float = 0.07, *, backend: str = "auto",
                  block_size: int = DEFAULT_BLOCK):
@@ -565,10 +607,14 @@ class MultiSimilarityLoss(_PerAnchorMean, _ContrastiveLoss):
     """Multi-Similarity loss (Wang et al. 2019; PML ``MultiSimilarityLoss``).
 
     Per anchor (1/alpha) log(1 + sum_p e^{-alpha (s_ap - base)})
-    + (1/beta) log(1 + sum_n e^{beta (s_an - base)}), the mean over all anchors.
+    + (1/beta) log(1 + sum_n e^{beta (s_an - base)}) (s: cosine similarity).
+    Call, shapes and dtypes as SupConLoss.
+
+    Reduction: the mean over all N anchors (PML's MeanReducer); an anchor
+    without positives or negatives contributes 0 for that side.
 
     Args:
-        alpha, beta: > 0; base: real.
+        alpha, beta: reals > 0 (defaults 2, 50); base: real (default 0.5).
         miner_epsilon: None (all pairs), or the MultiSimilarityMiner's epsilon
             (>= 0; PML's default is 0.1) to fuse its pair selection: negatives
             with s_an + eps > min_p s_ap, positives with s_ap - eps < max_n s_an.

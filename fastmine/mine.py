@@ -13,16 +13,23 @@ from ._contract import (DISTANCE_WEIGHTED, DISTANCES, DW_CUTOFF, DW_NONZERO_LOSS
                         seed_as_int64, seed_from_int64, widen_index_vector)
 from .reference_topk import TopKResult
 
+__all__ = ["mine", "mine_topk", "MineFunction", "MiningResult", "TopKResult"]
+
 
 class MiningResult(NamedTuple):
     """What ``mine`` returns; every field is [N] (N = rows of ``embeddings``).
 
-    pos_idx, neg_idx: int64, index into the references (``ref_emb``, or the
-        batch itself); -1 where no admissible reference exists.
-    pos_dist, neg_dist: distance of the selected pair, recomputed exactly from
-        the rows, in the embeddings' dtype; differentiable w.r.t. embeddings and
-        ref_emb; 0 (with zero gradient) where the index is -1.
-    valid: bool, ``pos_idx >= 0 & neg_idx >= 0``.
+    pos_idx, neg_idx: int64 [N], row indices into the references (``ref_emb``,
+        or the batch itself); -1 where no admissible reference exists (no
+        same-class reference other than the anchor's own sample for pos_idx; no
+        different-class one, or none inside the semi-hard window, for neg_idx).
+        Not differentiable.
+    pos_dist, neg_dist: [N] in the embeddings' dtype, the distance of the
+        selected pair recomputed exactly from the rows; differentiable w.r.t.
+        embeddings and ref_emb; 0 (with zero gradient) where the index is -1.
+    valid: bool [N], ``(pos_idx >= 0) & (neg_idx >= 0)``: the anchor has a
+        triplet.  Reduce with it (``fastmine.losses.reduce_terms``), not with
+        ``[valid].mean()``, which is NaN when no anchor is valid.
     """
     pos_idx: Tensor
     neg_idx: Tensor
@@ -232,12 +239,27 @@ class MineFunction:
     ``MineFunction.apply(embeddings, labels, ref_emb=None, ref_labels=None,
     pos_strategy="easy", neg_strategy="hard", distance="euclidean", margin=None,
     query_ids=None, ref_ids=None, backend="auto")`` (positional, like
-    ``torch.autograd.Function.apply``) returns ``(pos_idx, neg_idx, pos_dist,
-    neg_dist)``: the indices are int64 [N] and not differentiable; the
-    distances [N] are differentiable w.r.t. ``embeddings`` and ``ref_emb``
-    through the op's one registered autograd (``fastmine::mine_backward``).
-    When the references are the batch, both halves of the gradient land in
-    ``embeddings.grad``.
+    ``torch.autograd.Function.apply``; the arguments are checked as in ``mine``):
+
+        embeddings  [N, D] float16/bfloat16/float32/float64 anchors
+        labels      [N] integer class labels
+        ref_emb     [M, D] references (embeddings' dtype and device), or None:
+                    the batch itself, self-pairs excluded
+        ref_labels  [M] integer, given exactly when ref_emb is
+        pos_strategy, neg_strategy, distance, margin: as in ``mine``
+                    ("distance_weighted" runs with the default cutoffs and a
+                    seed drawn from torch's default CPU generator)
+        query_ids   [N] integer sample ids, or None
+        ref_ids     [M] integer sample ids (with ref_emb and query_ids), or None
+        backend     "auto", "torch", "cpu", "triton" or "cuda"
+
+    Returns ``(pos_idx, neg_idx, pos_dist, neg_dist)``, the first four fields
+    of ``MiningResult``: the indices int64 [N] (-1: none admissible), not
+    differentiable; the distances [N] in the embeddings' dtype, differentiable
+    w.r.t. ``embeddings`` and ``ref_emb`` (not labels or ids) through the op's
+    one registered autograd (``fastmine::mine_backward``), 0 with zero gradient
+    at -1.  When the references are the batch, both halves of the gradient land
+    in ``embeddings.grad``.
     """
 
     @staticmethod

@@ -1,8 +1,21 @@
 """The pure-PyTorch oracle: readable full-matrix mining, no cleverness.
 
-This is ``backend="torch"`` and the oracle every other backend is tested
-against.  It materialises the N x M distance matrix, so it is O(N*M) in memory.
-The rules are the contract (``docs/contract.md``) written as tensor algebra.
+This is the naive O(N*M) oracle every backend ("cpu", "triton", "cuda") is
+tested against, and ``backend="torch"``.  It materialises the N x M matrix of
+mining values, so it is O(N*M) in time and memory.  The rules are the contract
+(``docs/contract.md``) written as tensor algebra.
+
+It does NOT validate arguments: ``fastmine.mine`` does (``fastmine._contract``:
+shapes, dtypes, devices, strategy names, ids) before anything reaches it, and
+the functions here assume valid, prepared inputs.  The one exception is
+``mine_eager``, the op's stand-in without the compiled extension, which runs
+the op's data check (``check_finite``: NaN / Inf / overflowing rows).
+
+Shapes and dtypes: x [N, D] anchors and r [M, D] references, float16 /
+bfloat16 / float32 / float64 (one dtype, one device); labels [N] and
+ref_labels [M] integer (signed, or widened: ``_contract.widen_index_vector``);
+query_ids [N] and ref_ids [M] integer, or both None (no same-sample pair).
+Indices are int64, -1 where no admissible reference exists.
 """
 from __future__ import annotations
 
@@ -64,7 +77,16 @@ def select(x: Tensor, labels: Tensor, r: Tensor, ref_labels: Tensor,
            query_ids: Optional[Tensor], ref_ids: Optional[Tensor],
            pos_strategy: str, neg_strategy: str, distance: str,
            margin: Optional[float]) -> Tuple[Tensor, Tensor]:
-    """Reference selection: (pos_idx, neg_idx), int64 [N], -1 where none exists."""
+    """Reference selection: (pos_idx, neg_idx), int64 [N], -1 where none exists.
+
+    x [N, D], r [M, D] floating (the references already expanded: the batch is
+    passed as r = x with ids, so that self-pairs are excluded); labels [N],
+    ref_labels [M] integer; query_ids [N] / ref_ids [M] integer or both None.
+    pos_strategy "easy" / "hard", neg_strategy "hard" / "semihard" / "easy",
+    distance "euclidean" / "squared_euclidean" / "cosine" (names, not the op's
+    codes); margin a float or None ("semihard" only).  Ties go to the smallest
+    reference index.  Not differentiable (integer outputs).
+    """
     n, m = x.shape[0], r.shape[0]
     if n == 0 or m == 0:
         empty = torch.full((n,), -1, dtype=torch.int64, device=x.device)
@@ -91,7 +113,16 @@ def mine_eager(x: Tensor, labels: Tensor, r: Optional[Tensor], ref_labels: Optio
                neg_strategy: int, distance: int, margin: Optional[float]):
     """The reference without the compiled op (fastmine._C missing or refused):
     the op's arguments (strategy and distance codes, ref None = the batch) ->
-    (pos_idx, neg_idx, pos_dist, neg_dist), differentiable through plain autograd."""
+    (pos_idx, neg_idx, pos_dist, neg_dist), differentiable through plain autograd.
+
+    x [N, D] floating; labels [N] integer; r [M, D] (x's dtype) and ref_labels [M],
+    or both None (the references are the batch, self-pairs excluded);
+    query_ids [N] / ref_ids [M] integer or None; pos_strategy, neg_strategy,
+    distance: the op's integer codes (``_contract.POS_STRATEGIES`` ...); margin a
+    float or None.  Returns pos_idx, neg_idx int64 [N] (-1: none) and pos_dist,
+    neg_dist [N] in x's dtype (0 with zero gradient at -1), differentiable w.r.t.
+    x and r.  Runs the op's data check (``check_finite``), not the argument checks.
+    """
     from ._contract import DISTANCES, NEG_STRATEGIES, POS_STRATEGIES, check_finite
     from ._pairs import pair_distance
 

@@ -1,12 +1,14 @@
 """Full-matrix references of the contrastive losses (docs/contrastive.md, "Definitions").
 
-Readable, float64-capable, plain autograd: the oracle the streaming
-implementation (``fastmine.contrastive``) is tested against, and itself tested
-against pytorch-metric-learning (tests/test_contrastive_reference.py).  They
-build the N x M similarity matrix: O(N * M) memory.
+Readable, float64-capable, plain autograd: the naive O(N*M) oracle every
+backend of ``fastmine.contrastive`` ("chunked", "cpu", "triton") is tested
+against, and ``backend="torch"``; itself tested against pytorch-metric-learning
+(tests/test_contrastive_reference.py).  They build the N x M similarity matrix:
+O(N*M) time and memory.
 
-Every function takes *prepared* inputs (``fastmine.contrastive.prepare`` does
-that for the modules):
+They do NOT validate arguments: the loss modules do (``contrastive.prepare``
+runs the ``fastmine._contract`` checks of shapes, dtypes, devices, ids and
+data), and every function here assumes valid, *prepared* inputs:
 
     q [N, D], r [M, D]  L2-normalised rows in the compute dtype (float32 or
                         float64); r may be q itself (references = the batch)
@@ -45,7 +47,8 @@ def pair_masks(labels: Tensor, ref_labels: Tensor, query_ids: Optional[Tensor],
 
 
 def masked_lse(x: Tensor, mask: Tensor, add_one: bool = False) -> Tensor:
-    """Row-wise log-sum-exp of ``x`` [n, m] over ``mask`` [n, m] (bool); [n].
+    """Row-wise log-sum-exp of ``x`` [n, m] (floating) over ``mask`` [n, m] (bool);
+    returns [n] in x's dtype, differentiable w.r.t. x.
 
     ``add_one``: one extra term e^0 = 1 per row (PML's ``logsumexp(add_one=True)``),
     so an empty row gives log 1 = 0.  Without it an empty row gives -inf, with
@@ -59,16 +62,18 @@ def masked_lse(x: Tensor, mask: Tensor, add_one: bool = False) -> Tensor:
 
 
 def softplus(z: Tensor) -> Tensor:
-    """log(1 + e^z), exact for every z (torch's F.softplus is linear above 20):
-    max(z, 0) + log1p(e^{-|z|}); 0 with gradient 0 at z = -inf."""
+    """log(1 + e^z), elementwise (any shape, z's floating dtype), exact for every z
+    (torch's F.softplus is linear above 20): max(z, 0) + log1p(e^{-|z|}); 0 with
+    gradient 0 at z = -inf."""
     return z.clamp_min(0) + torch.log1p(torch.exp(-z.abs()))
 
 
 def reduce_terms(loss: str, terms: Tensor, n_pos: Tensor, n_neg: Tensor) -> Tensor:
     """The reduction of each loss (PML's reducers), one definition for every backend.
 
-    terms [N]: the per-anchor terms (NT-Xent: the sum of the anchor's pair
-    terms); n_pos, n_neg [N] int: each anchor's positive / negative counts.
+    loss: "supcon", "ntxent" or "multi_similarity" (ValueError otherwise);
+    terms [N] floating: the per-anchor terms (NT-Xent: the sum of the anchor's
+    pair terms); n_pos, n_neg [N] int: each anchor's positive / negative counts.
         "supcon"            mean of the terms > 0 (AvgNonZeroReducer; the
                             selection is not differentiated)
         "ntxent"            sum of the terms / the number of positive pairs
@@ -76,7 +81,8 @@ def reduce_terms(loss: str, terms: Tensor, n_pos: Tensor, n_neg: Tensor) -> Tens
         "multi_similarity"  mean over all N anchors (MeanReducer)
     SupCon and NT-Xent are 0 when the batch has no positive pair or no
     negative pair (PML's ``_compute_loss``).  An empty denominator gives an
-    exact 0 (still attached to the graph), never NaN.  Returns a 0-d tensor.
+    exact 0 (still attached to the graph), never NaN.  Returns a 0-d tensor in
+    terms' dtype, differentiable w.r.t. terms.
     """
     if loss == "multi_similarity":
         return terms.sum() / max(terms.shape[0], 1)
@@ -99,7 +105,8 @@ def _counts(pos: Tensor, neg: Tensor) -> Tuple[Tensor, Tensor]:
 def supcon_terms(q: Tensor, r: Tensor, labels: Tensor, ref_labels: Tensor,
                  query_ids: Optional[Tensor], ref_ids: Optional[Tensor],
                  temperature: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """SupCon per anchor: (terms [N], n_pos [N], n_neg [N]);
+    """SupCon per anchor: (terms [N] in q's dtype, n_pos [N] int64, n_neg [N] int64)
+    on the prepared inputs (module docstring); temperature tau > 0.
     terms_i = LSE_{P_i u Q_i}(s/tau) - sum_{P_i} s / (tau P_i), 0 when P_i = 0."""
     pos, neg = pair_masks(labels, ref_labels, query_ids, ref_ids)
     x = (q @ r.T) / temperature
@@ -114,9 +121,10 @@ def supcon_terms(q: Tensor, r: Tensor, labels: Tensor, ref_labels: Tensor,
 def ntxent_terms(q: Tensor, r: Tensor, labels: Tensor, ref_labels: Tensor,
                  query_ids: Optional[Tensor], ref_ids: Optional[Tensor],
                  temperature: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """NT-Xent per anchor: (terms [N], n_pos, n_neg), terms_i = the sum over its
-    positives j of softplus(N_i - s_ij/tau), N_i = LSE_{Q_i}(s/tau) (0 without
-    negatives)."""
+    """NT-Xent per anchor: (terms [N] in q's dtype, n_pos [N] int64, n_neg [N] int64)
+    on the prepared inputs (module docstring); temperature tau > 0.  terms_i =
+    the sum over its positives j of softplus(N_i - s_ij/tau), N_i = LSE_{Q_i}(s/tau)
+    (0 without negatives)."""
     pos, neg = pair_masks(labels, ref_labels, query_ids, ref_ids)
     x = (q @ r.T) / temperature
     n_i = masked_lse(x, neg)  # -inf without negatives: softplus(-inf) = 0
@@ -128,7 +136,8 @@ def ms_miner_masks(s: Tensor, pos: Tensor, neg: Tensor, epsilon: float) -> Tuple
     """The Multi-Similarity miner's selection (PML ``MultiSimilarityMiner``), not
     differentiated: positives with s - eps < max over the anchor's negatives,
     negatives with s + eps > min over its positives (strict; none across an
-    empty side).  s, pos, neg: [n, m]; returns the selected (pos, neg) masks."""
+    empty side).  s [n, m] floating, pos, neg [n, m] bool; returns the selected
+    (pos, neg) masks, bool [n, m]."""
     with torch.no_grad():
         max_neg = s.masked_fill(~neg, float("-inf")).amax(dim=1, keepdim=True)
         min_pos = s.masked_fill(~pos, float("inf")).amin(dim=1, keepdim=True)
@@ -139,8 +148,9 @@ def multi_similarity_terms(q: Tensor, r: Tensor, labels: Tensor, ref_labels: Ten
                            query_ids: Optional[Tensor], ref_ids: Optional[Tensor],
                            alpha: float = 2.0, beta: float = 50.0, base: float = 0.5,
                            miner_epsilon: Optional[float] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    """Multi-Similarity per anchor: (terms [N], n_pos, n_neg) with
-    terms_i = (1/alpha) log(1 + sum_P e^{-alpha (s - base)})
+    """Multi-Similarity per anchor: (terms [N] in q's dtype, n_pos [N] int64,
+    n_neg [N] int64) on the prepared inputs (module docstring); alpha, beta > 0,
+    base real, miner_epsilon >= 0 or None; terms_i = (1/alpha) log(1 + sum_P e^{-alpha (s - base)})
     + (1/beta) log(1 + sum_Q e^{beta (s - base)}), on the MS miner's pairs when
     ``miner_epsilon`` is not None (the counts are those before the miner)."""
     pos, neg = pair_masks(labels, ref_labels, query_ids, ref_ids)
@@ -154,7 +164,11 @@ def multi_similarity_terms(q: Tensor, r: Tensor, labels: Tensor, ref_labels: Ten
 
 
 def supcon(*prepared, temperature: float = 0.1) -> Tensor:
-    """SupConLoss: ``reduce_terms("supcon", *supcon_terms(...))``."""
+    """SupConLoss: ``reduce_terms("supcon", *supcon_terms(...))``.
+
+    ``prepared`` = (q, r, labels, ref_labels, query_ids, ref_ids) as in the module
+    docstring; returns the 0-d loss in q's dtype (likewise ``ntxent``,
+    ``multi_similarity``)."""
     return reduce_terms("supcon", *supcon_terms(*prepared, temperature))
 
 

@@ -1,10 +1,20 @@
 """The pure-PyTorch oracle for top-k mining and distance-weighted sampling (issue #17).
 
 Readable full-matrix code, like ``fastmine.reference`` (whose mining values,
-semi-hard window and exact pair distances it reuses): it materialises the
-N x M matrix of mining values (and, for ``"distance_weighted"``, of keys), so
-it is O(N*M) in memory.  The fused backends must reproduce it; see
-docs/contract.md ("Random sampling (distance-weighted)") and docs/topk.md.
+semi-hard window and exact pair distances it reuses): the naive O(N*M) oracle
+every top-k backend is tested against.  It materialises the N x M matrix of
+mining values (and, for ``"distance_weighted"``, of keys), so it is O(N*M) in
+time and memory.  The fused backends must reproduce it; see docs/contract.md
+("Random sampling (distance-weighted)") and docs/topk.md.
+
+The building blocks (``topk_by_key``, ``distance_weighted_log_weight``,
+``distance_weighted_keys``, ``select_topk``, ``pair_distances``) do NOT
+validate arguments: ``fastmine.mine_topk`` does (``fastmine._contract``), and
+they assume valid, prepared inputs.  ``mine_topk`` here, the reference of that
+API, runs only the same ``_contract`` checks of the scalar arguments and the
+data (``check_topk_args``, ``check_seed``, and ``checked_references``: NaN /
+Inf / overflowing rows), defining none of its own; it does not check tensor
+shapes, dtypes or devices (``fastmine.mine_topk`` does, before the op).
 
 Rules (per anchor row i, over the admissible references j: label mask,
 same-sample exclusion, semi-hard window):
@@ -51,8 +61,9 @@ TOPK_NEG_STRATEGIES = tuple(NEG_STRATEGIES)  # includes DISTANCE_WEIGHTED
 class TopKResult(NamedTuple):
     """What ``mine_topk`` returns (N = anchors).
 
-    pos_idx: int64 [N, k_pos], neg_idx: int64 [N, k_neg]: reference indices in
-        the strategy's order; trailing -1 where fewer than k are admissible.
+    pos_idx: int64 [N, k_pos], neg_idx: int64 [N, k_neg]: row indices into the
+        references in the strategy's order; trailing -1 where fewer than k are
+        admissible (the admissible ones always come first).  Not differentiable.
     pos_dist: [N, k_pos], neg_dist: [N, k_neg], the embeddings' dtype: exact
         distances of the selected pairs (0, zero gradient, at -1), differentiable
         w.r.t. the embeddings and the references.
@@ -138,11 +149,15 @@ def select_topk(x: Tensor, labels: Tensor, r: Tensor, ref_labels: Tensor,
                 seed: Optional[int]) -> Tuple[Tensor, Tensor]:
     """Reference selection: (pos_idx int64 [N, k_pos], neg_idx int64 [N, k_neg]).
 
-    x: [N, D], r: [M, D] (the references, already expanded: the batch itself
-    is passed as r = x with ids); labels [N], ref_labels [M]; query_ids [N]
-    and ref_ids [M] (or both None: no same-sample exclusion).  Strategy and
-    distance names as in ``mine_topk``; ``seed`` (an int in [0, 2^64)) is
-    used by "distance_weighted" only.
+    x: [N, D], r: [M, D] floating, one dtype (the references, already
+    expanded: the batch itself is passed as r = x with ids); labels [N],
+    ref_labels [M] integer; query_ids [N] and ref_ids [M] integer (or both
+    None: no same-sample exclusion); k_pos, k_neg ints >= 1.  Strategy and
+    distance names as in ``mine_topk``; margin a float or None; cutoff and
+    nonzero_loss_cutoff floats > 0 and ``seed`` (an int in [0, 2^64)), used by
+    "distance_weighted" only.  Indices in the strategy's order, exact ties by
+    the smallest reference index, trailing -1 where fewer are admissible.  Not
+    differentiable (integer outputs); no argument checks.
     """
     n, m = x.shape[0], r.shape[0]
     v = mining_values(x, r, distance)  # [N, M], compute dtype, monotone in d
@@ -216,8 +231,11 @@ def mine_topk(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = No
         query_ids, ref_ids: [N], [M] sample ids, as in ``fastmine.mine``.
 
     Returns:
-        TopKResult(pos_idx [N, k_pos], neg_idx [N, k_neg], pos_dist, neg_dist).
-        The k = 1 columns equal ``fastmine.mine``'s picks; ``mine`` with
+        TopKResult(pos_idx int64 [N, k_pos], neg_idx int64 [N, k_neg], pos_dist
+        [N, k_pos], neg_dist [N, k_neg]): trailing -1 where fewer are
+        admissible; distances in the embeddings' dtype, exact, differentiable
+        (plain autograd) w.r.t. embeddings and ref_emb, 0 with zero gradient at
+        -1.  The k = 1 columns equal ``fastmine.mine``'s picks; ``mine`` with
         neg_strategy="distance_weighted" is column 0 of k_neg = 1.
     """
     margin, cutoff, nonzero_loss_cutoff = _check_args(
