@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._contract import _FLOAT_DTYPES, check_embeddings, check_index_vector
-from .losses import _REDUCTIONS, MarginLoss, _per_triplet
+from .losses import _REDUCTIONS, MarginLoss, _per_triplet, _kept_in_mean
 
 __all__ = ["gather", "GatheredBatch", "DistributedLoss"]
 
@@ -299,9 +299,9 @@ class DistributedLoss(nn.Module):
             raise ValueError(f"loss.reduction must be one of {_REDUCTIONS}, got {reduction!r}")
         if reduction == "none":
             return terms
-        # Same "kept" set as reduce_terms; invalid anchors' terms are exact 0.
+        # reduce_terms' "kept" set; invalid anchors' terms are exact 0.
         average_nonzero = reduction == "mean" and bool(getattr(self.loss, "average_nonzero", False))
-        keep = valid & (terms > 0) if average_nonzero else valid
+        keep = _kept_in_mean(terms, valid, average_nonzero)
         local_sum = torch.where(keep, terms, torch.zeros_like(terms)).sum()
         # the local share of the mean's denominator: kept terms, or their counts
         local_count = keep.sum() if counts is None else \

@@ -44,6 +44,14 @@ __all__ = ["reduce_terms", "TripletMarginLoss", "MarginLoss", "triplet_margin_lo
 _REDUCTIONS = ("mean", "sum", "none")
 
 
+def _kept_in_mean(terms: Tensor, valid: Tensor, average_nonzero: bool) -> Tensor:
+    """bool, the shape of ``terms``: the triplets a "mean" reduction averages
+    over -- the valid ones, or (``average_nonzero``) the valid ones with a
+    non-zero term.  The one definition shared by ``reduce_terms`` and
+    ``fastmine.DistributedLoss``."""
+    return valid & (terms > 0) if average_nonzero else valid
+
+
 def reduce_terms(terms: Tensor, valid: Tensor, reduction: str = "mean",
                  average_nonzero: bool = False) -> Tensor:
     """Reduce per-anchor loss terms.
@@ -86,7 +94,7 @@ def reduce_terms(terms: Tensor, valid: Tensor, reduction: str = "mean",
     total = terms.sum()  # invalid anchors contribute exact zeros
     if reduction == "sum":
         return total
-    keep = valid & (terms > 0) if average_nonzero else valid
+    keep = _kept_in_mean(terms, valid, average_nonzero)
     # clamp_min(1): when nothing is kept, total is an exact 0 (all kept-out
     # terms are 0 or excluded), so total / 1 = 0 keeps the graph without NaN.
     count = keep.sum().clamp_min(1).to(terms.dtype)
