@@ -85,20 +85,56 @@ def test_split_reference_axis_cosine(pos, neg, margin):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), splits
 
 
+def _positive_copies_under_other_labels(x, y, pos, distance):
+    """(pidx, r, ry, ids): each anchor's positive pidx (mined on the batch), and
+    references r = [x; copies], copy 60 + i an exact copy of anchor i's positive
+    under a label of no anchor's class (so it is a negative at exactly d_ap)."""
+    pidx, _ = _select(x, y, None, None, pos, "semihard", distance, None)
+    r = torch.cat([x, x[pidx.clamp_min(0)]])
+    ry = torch.cat([y, y + 100])
+    n = x.shape[0]
+    ids = (torch.arange(n, device=DEVICE), torch.arange(2 * n, device=DEVICE))
+    return pidx, r, ry, ids
+
+
 @pytest.mark.parametrize("distance", DISTANCES)
 @pytest.mark.parametrize("pos", ["easy", "hard"])
 def test_semihard_never_picks_a_copy_of_the_positive(distance, pos):
     """The window's lower bound is strict: a reference at exactly d_ap (here an
     exact copy of each anchor's positive under another label) is never the
-    semi-hard negative.  This needs the negatives pass to recompute v
-    bit-identically to the positives pass (same tiles: PASS is not an
-    autotuning key)."""
+    semi-hard negative.
+
+    Integer-valued rows make every distance exact, so a copy is at exactly d_ap
+    wherever it sits among the references.  (On random floats that holds only
+    if the GEMM rounds a dot product the same in every column: under the
+    interpreter tl.dot is numpy's BLAS, whose x86 kernels round edge columns
+    differently on some CPUs, so the copy could land just above d_ap.)  Every
+    anchor with a positive has its copy at d_ap, the nearest candidate of a
+    non-strict window, so a ">=" bound would fail here."""
+    x, y, _, _ = _data(60, 16, 3, dtype=torch.float32, integer=True)
+    pidx, r, ry, ids = _positive_copies_under_other_labels(x, y, pos, distance)
+    d64 = reference.distance_matrix(x.double(), r.double(), distance)
+    rows = torch.arange(60, device=DEVICE)
+    # squared distances of integer rows are integers: a window (v_ap, v_ap + 0.5) is empty
+    for margin in (None, 4.0 if distance == "squared_euclidean" else 0.5):
+        p2, n2 = _select(x, y, r, ry, pos, "semihard", distance, margin, ids)
+        assert torch.equal(p2, pidx)
+        picked = n2 >= 0
+        assert int(picked.sum()) >= 10  # the check below is not vacuous
+        d_ap, d_an = d64[rows, pidx.clamp_min(0)], d64[rows, n2.clamp_min(0)]
+        assert bool((d_an[picked] > d_ap[picked]).all())
+
+
+@needs_gpu
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("pos", ["easy", "hard"])
+def test_semihard_never_picks_a_copy_of_the_positive_random(distance, pos):
+    """As above on random float32 rows: this needs the negatives pass to
+    recompute v bit-identically to the positives pass (same tiles: PASS is not
+    an autotuning key) and the GPU's dot products to round alike in every
+    column."""
     x, y, _, _ = _data(60, 16, 3, dtype=torch.float32)
-    pidx, _ = _select(x, y, None, None, pos, "semihard", distance, None)
-    copies = x[pidx.clamp_min(0)]
-    r = torch.cat([x, copies])
-    ry = torch.cat([y, y + 100])  # copies belong to other classes
-    ids = (torch.arange(60, device=DEVICE), torch.arange(120, device=DEVICE))
+    pidx, r, ry, ids = _positive_copies_under_other_labels(x, y, pos, distance)
     for margin in (None, 0.5):
         p2, n2 = _select(x, y, r, ry, pos, "semihard", distance, margin, ids)
         assert torch.equal(p2, pidx)
