@@ -153,6 +153,7 @@ class CrossBatchMemory(nn.Module):
     saved checkpoint therefore also holds the spare rows); and, as extra
     state, ``queue_idx``
     (next write slot), ``filled`` (rows in use) and the default-id counter.
+    ``has_been_filled`` (PML's name) is ``filled == memory_size``.
     """
 
     def __init__(self, loss: nn.Module, embedding_size: int, memory_size: int = 1024,
@@ -228,6 +229,12 @@ class CrossBatchMemory(nn.Module):
             st.labels[lo:st.slack].copy_(labels)
             st.ids[lo:st.slack].copy_(ids)
         return st.emb[lo:hi], st.labels[lo:hi], st.ids[lo:hi]
+
+    @property
+    def has_been_filled(self) -> bool:
+        """True once every slot holds a row (PML's attribute of the same name):
+        ``filled == memory_size``.  Read-only; ``reset_queue`` makes it False."""
+        return self.filled == self.memory_size
 
     def reset_queue(self) -> None:
         """Empty the memory (ids of the default counter keep increasing)."""

@@ -104,3 +104,23 @@ def test_xbm_rejects_positional_indices_tuple(as_):
                                         "not supported"):
         xbm(x, y, as_((a, a, a)))
     assert xbm.filled == 0
+
+
+def test_xbm_has_been_filled_as_pml():
+    """PML's ``has_been_filled``: False until every slot holds a row, then True
+    (also across wrap-around), False again after reset_queue; step by step
+    against PML's own CrossBatchMemory fed the same batch sizes."""
+    pml = pytest.importorskip("pytorch_metric_learning.losses")
+    xbm = _xbm()
+    ref = pml.CrossBatchMemory(pml.TripletMarginLoss(), embedding_size=3, memory_size=16)
+    seen = []
+    for n in (6, 6, 3, 1, 6, 16):  # fills at the 4th step (16 rows), then wraps
+        x, y = torch.randn(n, 3), torch.arange(n) % 2
+        xbm(x, y)
+        ref(x, y)
+        assert xbm.has_been_filled == ref.has_been_filled
+        seen.append(xbm.has_been_filled)
+    assert seen == [False, False, False, True, True, True]
+    xbm.reset_queue()
+    ref.reset_queue()
+    assert xbm.has_been_filled is False and ref.has_been_filled is False
