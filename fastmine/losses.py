@@ -460,7 +460,12 @@ class MarginLoss(_MinedLoss):
 def triplet_margin_loss(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = None,
                         ref_labels: Optional[Tensor] = None, *, query_ids=None, ref_ids=None,
                         **kwargs) -> Tensor:
-    """Functional TripletMarginLoss; ``kwargs`` are its constructor arguments."""
+    """Functional TripletMarginLoss; ``kwargs`` are its constructor arguments.
+
+    embeddings [N, D] float16/bfloat16/float32/float64, labels [N] integer;
+    optional ref_emb [M, D] (embeddings' dtype and device) with ref_labels [M],
+    query_ids [N] / ref_ids [M] integer (same-sample exclusion).  Returns the
+    0-d loss (or the [N] / [N, k_pos, k_neg] terms for reduction="none")."""
     return TripletMarginLoss(**kwargs)(embeddings, labels, ref_emb, ref_labels,
                                        query_ids=query_ids, ref_ids=ref_ids)
 
@@ -469,7 +474,8 @@ def margin_loss(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor] = 
                 ref_labels: Optional[Tensor] = None, *, query_ids=None, ref_ids=None,
                 **kwargs) -> Tensor:
     """Functional MarginLoss (fixed beta unless you pass learn_beta, which is
-    then a fresh parameter); ``kwargs`` are its constructor arguments."""
+    then a fresh parameter); ``kwargs`` are its constructor arguments.
+    Inputs and result as ``triplet_margin_loss``."""
     return MarginLoss(**kwargs)(embeddings, labels, ref_emb, ref_labels,
                                 query_ids=query_ids, ref_ids=ref_ids)
 
