@@ -12,6 +12,7 @@ import numbers
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 POS_STRATEGIES = {"easy": 0, "hard": 1}
 # "distance_weighted" (code 3) is the random rule of issue #17: it needs a seed
@@ -216,6 +217,26 @@ def check_embeddings(name: str, emb) -> None:
         raise ValueError(f"{name} must be 2-D [rows, dim], got shape {tuple(emb.shape)}")
     if emb.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16/bfloat16/float32/float64, got {emb.dtype}")
+
+
+def l2_normalized(name: str, emb) -> torch.Tensor:
+    """``emb`` [rows, D] with unit rows (F.normalize), after ``check_embeddings``, so
+    that a wrong input gets the contract's named error rather than one from
+    F.normalize.  The normalisation of the miners' and losses'
+    ``normalize_embeddings``."""
+    check_embeddings(name, emb)
+    return F.normalize(emb, dim=1)
+
+
+def check_not_indices_tuple(who: str, ref_emb) -> None:
+    """TypeError when ``ref_emb`` is a tuple or list: a pytorch-metric-learning
+    ``indices_tuple`` passed positionally (PML calls ``loss(embeddings, labels,
+    indices_tuple, ref_emb, ref_labels)``), where fastmine's third argument is
+    ``ref_emb``.  ``who`` names the refusing losses."""
+    if isinstance(ref_emb, (tuple, list)):
+        raise TypeError(f"{who} take no PML indices_tuple: the third argument is ref_emb "
+                        f"(reference embeddings [M, D] with ref_labels [M], or None), got a "
+                        f"{type(ref_emb).__name__}; fastmine's losses select their own pairs")
 
 
 def check_index_vector(name: str, vec, n: int, owner: str, device) -> None:

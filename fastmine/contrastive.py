@@ -28,8 +28,8 @@ from torch import Tensor, nn
 
 from . import _extension, _ops
 from . import reference_contrastive as ref
-from ._contract import (check_choice, check_finite_async, check_positive_int, check_real,
-                        checked_references, compute_dtype)
+from ._contract import (check_choice, check_finite_async, check_not_indices_tuple,
+                        check_positive_int, check_real, checked_references, compute_dtype)
 from .reference_contrastive import pair_masks, reduce_terms, softplus
 
 __all__ = ["SupConLoss", "NTXentLoss", "MultiSimilarityLoss", "BACKENDS", "DEFAULT_BLOCK",
@@ -67,12 +67,7 @@ def prepare(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
     ref_labels)``), which would otherwise surface as a confusing ref_labels or
     ref_emb error.
     """
-    if isinstance(ref_emb, (tuple, list)):
-        raise TypeError(
-            "fastmine's contrastive losses take no PML indices_tuple: the third argument is "
-            f"ref_emb (an [M, D] tensor or None), got a {type(ref_emb).__name__}; call "
-            "loss(embeddings, labels) or loss(embeddings, labels, ref_emb, ref_labels) (the "
-            "Multi-Similarity miner's selection is MultiSimilarityLoss(miner_epsilon=...))")
+    check_not_indices_tuple("fastmine's contrastive losses", ref_emb)
     from .mine import _prepare as _mine_prepare  # fastmine.mine imports the op layer
 
     (embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids, *_) = _mine_prepare(

@@ -33,8 +33,8 @@ from torch import Tensor, nn
 
 from . import _backends
 from ._contract import (DISTANCES, DW_CUTOFF, DW_NONZERO_LOSS_CUTOFF, check_backend_name,
-                        check_bool, check_choice, check_embeddings, check_positive_int, check_real,
-                        check_semihard_margin, check_topk_args)
+                        check_bool, check_choice, check_not_indices_tuple, check_positive_int,
+                        check_real, check_semihard_margin, check_topk_args, l2_normalized)
 from .mine import mine, mine_topk
 from .reference_topk import TopKResult
 
@@ -87,8 +87,14 @@ def reduce_terms(terms: Tensor, valid: Tensor, reduction: str = "mean",
     if valid.shape != terms.shape:
         raise ValueError(f"valid must have the shape of terms {tuple(terms.shape)}, got "
                          f"{tuple(valid.shape)}")
+    return _reduce_terms(terms, valid, reduction, check_bool("average_nonzero", average_nonzero))
+
+
+def _reduce_terms(terms: Tensor, valid: Tensor, reduction: str, average_nonzero: bool) -> Tensor:
+    """``reduce_terms`` without its input checks: the loss modules' own path, on
+    the terms and validity they built (``reduction`` is still checked: it is a
+    mutable attribute of theirs)."""
     check_choice("reduction", reduction, _REDUCTIONS)
-    average_nonzero = check_bool("average_nonzero", average_nonzero)
     if reduction == "none":
         return terms
     total = terms.sum()  # invalid anchors contribute exact zeros
@@ -172,26 +178,18 @@ class _MinedLoss(nn.Module):
                          k_neg=self.k_neg, query_ids=query_ids, ref_ids=ref_ids, **kw)
 
     def _mine(self, embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids) -> TopKResult:
-        if isinstance(ref_emb, (tuple, list)):
-            raise TypeError("fastmine losses take no PML indices_tuple: they mine their own "
-                            "triplets, and the third argument is ref_emb (reference embeddings "
-                            f"[M, D], with ref_labels [M]); got a {type(ref_emb).__name__}")
+        check_not_indices_tuple("fastmine losses", ref_emb)
         if self.normalize_embeddings:
-            # the contract's checks first (as fastmine.mine's), so that a wrong
-            # input gets its named error rather than one from F.normalize
-            check_embeddings("embeddings", embeddings)
+            embeddings = l2_normalized("embeddings", embeddings)
             if ref_emb is not None:
-                check_embeddings("ref_emb", ref_emb)
-            embeddings = F.normalize(embeddings, dim=1)
-            if ref_emb is not None:
-                ref_emb = F.normalize(ref_emb, dim=1)
+                ref_emb = l2_normalized("ref_emb", ref_emb)
         return self._select(embeddings, labels, ref_emb, ref_labels, query_ids, ref_ids)
 
     def _anchor_terms(self, pos_dist: Tensor, neg_dist: Tensor, labels: Tensor) -> Tensor:
         raise NotImplementedError
 
     def _reduce(self, terms: Tensor, valid: Tensor, labels: Tensor) -> Tensor:
-        return reduce_terms(terms, valid, self.reduction, self.average_nonzero)
+        return _reduce_terms(terms, valid, self.reduction, self.average_nonzero)
 
     def _triplet_terms(self, sel: TopKResult, labels: Tensor) -> Tuple[Tensor, Tensor]:
         """(terms, valid) of every triplet (i, s, t) = (anchor i, positive
@@ -451,7 +449,7 @@ class MarginLoss(_MinedLoss):
         return self.nu * b.sum() / valid.sum().clamp_min(1).to(b.dtype)
 
     def _reduce(self, terms: Tensor, valid: Tensor, labels: Tensor) -> Tensor:
-        out = reduce_terms(terms, valid, self.reduction, self.average_nonzero)
+        out = _reduce_terms(terms, valid, self.reduction, self.average_nonzero)
         if self.reduction == "none":
             return out
         return out + self.regularizer(labels, valid).to(out.dtype)

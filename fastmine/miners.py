@@ -22,13 +22,12 @@ from __future__ import annotations
 from typing import Iterable, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _backends
 from ._contract import (DISTANCE_WEIGHTED, DW_CUTOFF, DW_NONZERO_LOSS_CUTOFF, NEG_STRATEGIES,
                         POS_STRATEGIES, check_backend_name, check_bool, check_choice,
-                        check_embeddings, check_index_vector, check_topk_args)
+                        check_topk_args, l2_normalized)
 from .mine import mine, mine_topk
 
 __all__ = ["BatchEasyHardMiner", "BatchHardMiner", "DistanceWeightedMiner"]
@@ -47,31 +46,18 @@ def _reject_pml_options(cls_name: str, kwargs: dict, supported: Iterable[str]) -
 
 def _mining_inputs(embeddings: Tensor, labels: Tensor, ref_emb: Optional[Tensor],
                    ref_labels: Optional[Tensor], normalize: bool) -> Tuple:
-    """(embeddings, labels, ref_emb, ref_labels) as a miner mines them: detached,
-    L2-normalised when ``normalize`` (PML's LpDistance(normalize_embeddings=True)),
-    the labels on the embeddings' device (moved there, as PML does).
-
-    embeddings [N, D] and ref_emb [M, D] float, labels [N] and ref_labels [M]
-    integer are checked first, by ``fastmine.mine``'s own checks, so that a bad
-    input gets its named error rather than one from ``F.normalize``.  The
-    pairing and the agreement of the two row sets (dim, dtype, device) are
-    left to ``fastmine.mine``."""
-    check_embeddings("embeddings", embeddings)
-    device = embeddings.device
-    if isinstance(labels, Tensor):
-        labels = labels.to(device)
-    check_index_vector("labels", labels, embeddings.shape[0], "embeddings", device)
-    if ref_emb is not None:
-        check_embeddings("ref_emb", ref_emb)
-        if ref_labels is not None:
-            if isinstance(ref_labels, Tensor):
-                ref_labels = ref_labels.to(device)
-            check_index_vector("ref_labels", ref_labels, ref_emb.shape[0], "ref_emb", device)
+    """(embeddings, labels, ref_emb, ref_labels) as a miner mines them (under
+    no_grad): L2-normalised when ``normalize`` (PML's
+    LpDistance(normalize_embeddings=True); checked first, ``l2_normalized``),
+    label tensors moved to the embeddings' device (as PML does).  Every other
+    check is ``fastmine.mine``'s."""
     if normalize:
-        embeddings = F.normalize(embeddings, dim=1)
-        ref_emb = None if ref_emb is None else F.normalize(ref_emb, dim=1)
-    return (embeddings.detach(), labels, None if ref_emb is None else ref_emb.detach(),
-            ref_labels)
+        embeddings = l2_normalized("embeddings", embeddings)
+        ref_emb = None if ref_emb is None else l2_normalized("ref_emb", ref_emb)
+    if isinstance(embeddings, Tensor):  # otherwise fastmine.mine names the error
+        labels, ref_labels = (v.to(embeddings.device) if isinstance(v, Tensor) else v
+                              for v in (labels, ref_labels))
+    return embeddings, labels, ref_emb, ref_labels
 
 
 class BatchEasyHardMiner(nn.Module):
